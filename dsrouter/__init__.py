@@ -1,0 +1,3 @@
+"""dsrouter: a router for SGLang diffusion workers."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from dsrouter.cli import main
+
+sys.exit(main())

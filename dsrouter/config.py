@@ -1,0 +1,367 @@
+"""Configuration: frozen attrs classes, one cattrs converter, TOML/YAML loading, CLI overrides.
+
+Validation lives in the types: constrained values are `NewType`s whose structure hooks raise
+`ValueError("expected ...")`, so `cattrs.transform_error` can report every problem with its key
+path (`health.interval_s: expected a number > 0, got 'ten'`). Nothing else validates config.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, NewType
+
+import attrs
+import cattrs
+from cattrs.errors import ForbiddenExtraKeysError
+
+from dsrouter.urls import InvalidWorkerURL, normalize_worker_url
+
+PositiveFloat = NewType("PositiveFloat", float)
+NonNegativeFloat = NewType("NonNegativeFloat", float)
+PositiveInt = NewType("PositiveInt", int)
+NonNegativeInt = NewType("NonNegativeInt", int)
+Port = NewType("Port", int)
+WorkerURL = NewType("WorkerURL", str)
+
+RoutingAlgorithm = Literal["least-request", "round-robin", "random"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["text", "json"]
+RestartPolicy = Literal["never", "on-failure", "always"]
+
+
+@attrs.frozen
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: Port = Port(30080)
+    max_connections: PositiveInt = PositiveInt(100)
+    request_timeout_s: PositiveFloat = PositiveFloat(120.0)
+    connect_timeout_s: PositiveFloat = PositiveFloat(5.0)
+    drain_timeout_s: NonNegativeFloat = NonNegativeFloat(30.0)
+    keep_alive_timeout_s: PositiveFloat = PositiveFloat(30.0)
+
+
+@attrs.frozen
+class RoutingConfig:
+    algorithm: RoutingAlgorithm = "least-request"
+
+
+@attrs.frozen
+class HealthConfig:
+    interval_s: PositiveFloat = PositiveFloat(10.0)
+    timeout_s: PositiveFloat = PositiveFloat(5.0)
+    failure_threshold: PositiveInt = PositiveInt(3)
+    recovery_threshold: PositiveInt = PositiveInt(2)
+
+
+@attrs.frozen
+class StaticWorker:
+    url: WorkerURL
+
+
+@attrs.frozen
+class LauncherConfig:
+    backend: Literal["local"] = "local"
+    model: str = ""
+    num_workers: NonNegativeInt = NonNegativeInt(0)
+    num_gpus_per_worker: NonNegativeInt = NonNegativeInt(1)
+    gpu_ids: list[list[str]] = attrs.Factory(list)
+    worker_host: str = "127.0.0.1"
+    worker_base_port: Port = Port(10090)
+    port_stride: PositiveInt = PositiveInt(2)
+    master_port_base: Port = Port(30005)
+    scheduler_port_base: Port = Port(5555)
+    internal_port_stride: PositiveInt = PositiveInt(1)
+    extra_args: list[str] = attrs.Factory(list)
+    env: dict[str, str] = attrs.Factory(dict)
+    command: list[str] = attrs.Factory(lambda: ["sglang", "serve"])
+    wait_timeout_s: PositiveFloat = PositiveFloat(600.0)
+    restart: RestartPolicy = "on-failure"
+    max_restarts: NonNegativeInt = NonNegativeInt(5)
+    restart_window_s: PositiveFloat = PositiveFloat(600.0)
+    backoff_initial_s: PositiveFloat = PositiveFloat(1.0)
+    backoff_max_s: PositiveFloat = PositiveFloat(60.0)
+    stop_timeout_s: PositiveFloat = PositiveFloat(30.0)
+    log_dir: str = ""
+    log_max_mb: PositiveInt = PositiveInt(64)
+
+
+@attrs.frozen
+class SecurityConfig:
+    admin_token: str = ""
+    admin_token_env: str = ""
+    admin_token_file: str = ""
+    api_keys: list[str] = attrs.Factory(list)
+    api_keys_file: str = ""
+    forward_authorization: bool = False
+    allowed_worker_networks: list[str] = attrs.Factory(list)
+
+
+@attrs.frozen
+class LoggingConfig:
+    level: LogLevel = "info"
+    format: LogFormat = "text"
+    access_log: bool = True
+
+
+@attrs.frozen
+class Config:
+    server: ServerConfig = attrs.Factory(ServerConfig)
+    routing: RoutingConfig = attrs.Factory(RoutingConfig)
+    health: HealthConfig = attrs.Factory(HealthConfig)
+    workers: list[StaticWorker] = attrs.Factory(list)
+    launcher: LauncherConfig = attrs.Factory(LauncherConfig)
+    security: SecurityConfig = attrs.Factory(SecurityConfig)
+    logging: LoggingConfig = attrs.Factory(LoggingConfig)
+
+
+class ConfigError(Exception):
+    """One or more configuration problems, each a line naming the source and the key path."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _number_hook(kind: type, minimum: float, strict: bool, what: str) -> Any:
+    def structure(value: Any, _: Any) -> Any:
+        ok_type = _is_number(value) if kind is float else isinstance(value, int) and not isinstance(
+            value, bool
+        )
+        if not ok_type or (value <= minimum if strict else value < minimum):
+            raise ValueError(f"expected {what}, got {value!r}")
+        return kind(value)
+
+    return structure
+
+
+def _strict_hook(kind: type, what: str) -> Any:
+    def structure(value: Any, _: Any) -> Any:
+        if type(value) is not kind and not (kind is float and _is_number(value)):
+            raise ValueError(f"expected {what}, got {value!r}")
+        return kind(value)
+
+    return structure
+
+
+def _port(value: Any, _: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
+        raise ValueError(f"expected a port number 0..65535, got {value!r}")
+    return value
+
+
+def _worker_url(value: Any, _: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a worker URL string, got {value!r}")
+    try:
+        return normalize_worker_url(value)
+    except InvalidWorkerURL as exc:
+        raise ValueError(f"expected a worker URL: {exc}") from None
+
+
+def _make_converter() -> cattrs.Converter:
+    conv = cattrs.Converter(forbid_extra_keys=True)
+    conv.register_structure_hook(PositiveFloat, _number_hook(float, 0, True, "a number > 0"))
+    conv.register_structure_hook(NonNegativeFloat, _number_hook(float, 0, False, "a number >= 0"))
+    conv.register_structure_hook(PositiveInt, _number_hook(int, 0, True, "an integer > 0"))
+    conv.register_structure_hook(NonNegativeInt, _number_hook(int, 0, False, "an integer >= 0"))
+    conv.register_structure_hook(Port, _port)
+    conv.register_structure_hook(WorkerURL, _worker_url)
+    conv.register_structure_hook(str, _strict_hook(str, "a string"))
+    conv.register_structure_hook(int, _strict_hook(int, "an integer"))
+    conv.register_structure_hook(float, _strict_hook(float, "a number"))
+    conv.register_structure_hook(bool, _strict_hook(bool, "true or false"))
+    return conv
+
+
+converter = _make_converter()
+
+
+def _format_exception(exc: BaseException, type_: Any) -> str:
+    if isinstance(exc, ForbiddenExtraKeysError):
+        return "unknown key(s): " + ", ".join(sorted(exc.extra_fields))
+    if isinstance(exc, ValueError) and str(exc).startswith("expected"):
+        return str(exc)
+    if isinstance(exc, KeyError):
+        return "required key missing"
+    if isinstance(exc, cattrs.errors.CattrsError) and "not in literal" in str(exc):
+        choices = ", ".join(repr(a) for a in getattr(type_, "__args__", ()))
+        return f"expected one of {choices}" if choices else str(exc)
+    return f"invalid value ({exc})"
+
+
+def _describe(line: str) -> tuple[str, str]:
+    message, _, path = line.rpartition(" @ ")
+    key = path.removeprefix("$").removeprefix(".")
+    key = key.replace(".[", "[")
+    return key, message
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML file, turning I/O and syntax errors into a `ConfigError` naming the file."""
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read config: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: invalid TOML: {exc}"]) from None
+
+
+_YAML_LAUNCHER_KEYS = {
+    "backend": "backend",
+    "model": "model",
+    "num_workers": "num_workers",
+    "num_gpus_per_worker": "num_gpus_per_worker",
+    "worker_host": "worker_host",
+    "worker_base_port": "worker_base_port",
+    "worker_gpu_ids": "gpu_ids",
+    "worker_extra_args": "extra_args",
+    "wait_timeout": "wait_timeout_s",
+    "master_port_base": "master_port_base",
+    "scheduler_port_base": "scheduler_port_base",
+    "internal_port_stride": "internal_port_stride",
+}
+
+
+def read_launcher_yaml(path: Path) -> dict[str, Any]:
+    """Read sglang-d-router's launcher YAML and map its keys onto `[launcher]` keys.
+
+    Unknown keys are passed through under their own name so the converter reports them with
+    the YAML file as source.
+    """
+    import yaml
+
+    try:
+        with path.open("rb") as fh:
+            doc = yaml.safe_load(fh)
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read launcher config: {exc.strerror}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: invalid YAML: {exc}"]) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("launcher"), dict):
+        raise ConfigError([f"{path}: launcher: expected a mapping under the key 'launcher'"])
+    mapped: dict[str, Any] = {}
+    for key, value in doc["launcher"].items():
+        target = _YAML_LAUNCHER_KEYS.get(key, key)
+        if target == "extra_args" and isinstance(value, str):
+            value = shlex.split(value)
+        if target == "gpu_ids" and isinstance(value, list):
+            value = [_gpu_group(item) for item in value]
+        mapped[target] = value
+    return mapped
+
+
+def _gpu_group(item: Any) -> Any:
+    if isinstance(item, int) and not isinstance(item, bool):
+        return [str(item)]
+    if isinstance(item, str):
+        return [part.strip() for part in item.split(",") if part.strip()]
+    if isinstance(item, list):
+        return [str(x) for x in item]
+    return item
+
+
+@attrs.frozen
+class Overrides:
+    """Command-line flags that override the file; `None` means "not given"."""
+
+    host: str | None = None
+    port: int | None = None
+    worker_urls: list[str] | None = None
+    max_connections: int | None = None
+    timeout: float | None = None
+    health_check_interval: float | None = None
+    health_check_failure_threshold: int | None = None
+    routing_algorithm: str | None = None
+    log_level: str | None = None
+    launcher_config: Path | None = None
+
+
+_FLAG_PATHS = {
+    "host": ("server", "host"),
+    "port": ("server", "port"),
+    "max_connections": ("server", "max_connections"),
+    "timeout": ("server", "request_timeout_s"),
+    "health_check_interval": ("health", "interval_s"),
+    "health_check_failure_threshold": ("health", "failure_threshold"),
+    "routing_algorithm": ("routing", "algorithm"),
+    "log_level": ("logging", "level"),
+}
+
+
+def load_config(path: Path | None, overrides: Overrides | None = None) -> Config:
+    """Load the effective configuration: file (optional), then launcher YAML, then flags.
+
+    The sources are merged into one mapping and structured once; each problem is reported
+    against the source that supplied its key (the TOML file, the YAML file, or `--flag`).
+    """
+    overrides = overrides or Overrides()
+    raw: dict[str, Any] = read_toml(path) if path is not None else {}
+    sources: dict[str, str] = {}
+    if overrides.launcher_config is not None:
+        launcher_raw = read_launcher_yaml(overrides.launcher_config)
+        section = raw.setdefault("launcher", {})
+        if not isinstance(section, dict):
+            section = raw["launcher"] = {}
+        for key, value in launcher_raw.items():
+            section[key] = value
+            sources[f"launcher.{key}"] = str(overrides.launcher_config)
+    for name, (section_name, key) in _FLAG_PATHS.items():
+        value = getattr(overrides, name)
+        if value is not None:
+            section = raw.setdefault(section_name, {})
+            if isinstance(section, dict):
+                section[key] = value
+                sources[f"{section_name}.{key}"] = "--" + name.replace("_", "-")
+    if overrides.worker_urls is not None:
+        raw["workers"] = [{"url": url} for url in overrides.worker_urls]
+        sources["workers"] = "--worker-urls"
+    default_source = str(path) if path is not None else "(defaults)"
+    try:
+        return converter.structure(raw, Config)
+    except (cattrs.BaseValidationError, ValueError, TypeError) as exc:
+        raise ConfigError(_problems(exc, sources, default_source)) from None
+
+
+def _problems(exc: Exception, sources: Mapping[str, str], default_source: str) -> list[str]:
+    problems = []
+    for line in cattrs.transform_error(exc, format_exception=_format_exception):
+        key, message = _describe(line)
+        if message.startswith("unknown key(s): "):
+            keys = [f"{key}.{n}" if key else n for n in message.split(": ", 1)[1].split(", ")]
+            pairs = [(k, "unknown key") for k in keys]
+        else:
+            pairs = [(key or "(top level)", message)]
+        for full_key, text in pairs:
+            source = next(
+                (src for prefix, src in sources.items() if full_key == prefix
+                 or full_key.startswith((prefix + ".", prefix + "["))),
+                default_source,
+            )
+            if source.startswith("--"):
+                problems.append(f"{source}: {text}")
+            else:
+                problems.append(f"{source}: {full_key}: {text}")
+    return problems
+
+
+def dump_config(config: Config) -> dict[str, Any]:
+    """The effective config as plain data (for `check-config` and `/admin/config`)."""
+    return converter.unstructure(config)
+
+
+def resolve_secret(value: str, env_name: str, file_name: str) -> str:
+    """A secret from, in order: the file, the environment variable, the literal value."""
+    if file_name:
+        return Path(file_name).read_text().strip()
+    if env_name:
+        return os.environ.get(env_name, "")
+    return value

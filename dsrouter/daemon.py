@@ -1,0 +1,122 @@
+"""The root nursery: every long-lived task of the router, and the order they stop in.
+
+    registry task      capability probes the registry asks for
+    health checker     probe rounds every `health.interval_s`
+    launcher           supervised local workers (when `[launcher]` asks for any)
+    HTTP frontend      hypercorn serving Quart (admin) + the streaming proxy
+
+Shutdown: the first SIGINT/SIGTERM sets `shutdown`, which makes hypercorn stop accepting and
+drain in-flight requests for up to `server.drain_timeout_s`; when `serve` returns, the root
+scope is cancelled, which stops probing and terminates the worker processes. A second signal
+cancels the root scope at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+
+import httpx
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from dsrouter.app import create_app
+from dsrouter.config import Config
+from dsrouter.context import RouterContext
+from dsrouter.frontend import Frontend
+from dsrouter.health import HealthChecker
+from dsrouter.launcher.local import run_pool
+from dsrouter.policies import make_policy
+from dsrouter.proxy import Proxy
+from dsrouter.registry import Registry
+
+log = logging.getLogger("dsrouter")
+
+
+def _hypercorn_config(config: Config) -> HypercornConfig:
+    hc = HypercornConfig()
+    host = config.server.host
+    hc.bind = [f"[{host}]:{config.server.port}" if ":" in host else f"{host}:{config.server.port}"]
+    hc.graceful_timeout = config.server.drain_timeout_s
+    hc.keep_alive_timeout = config.server.keep_alive_timeout_s
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("hypercorn.error")
+    return hc
+
+
+def _control_client(config: Config) -> httpx.AsyncClient:
+    """Probes, broadcasts and fan-out reads: small bodies, bounded by cancel scopes."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(connect=config.server.connect_timeout_s, read=None, write=60,
+                              pool=30),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+        follow_redirects=False,
+        trust_env=False,
+    )
+
+
+def _proxy_client(config: Config) -> httpx.AsyncClient:
+    """The hot path: no overall read timeout (routes bound time with cancel scopes)."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(connect=config.server.connect_timeout_s, read=None, write=300,
+                              pool=config.server.request_timeout_s),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256,
+                            keepalive_expiry=4.0),
+        follow_redirects=False,
+        trust_env=False,
+    )
+
+
+async def run_router(config: Config,
+                     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the router until SIGINT/SIGTERM (or cancellation); reports bound addresses."""
+    shutdown = trio.Event()
+    async with _control_client(config) as client, _proxy_client(config) as proxy_client:
+        registry = Registry(config.health, make_policy(config.routing.algorithm))
+        health = HealthChecker(registry, client, config.health)
+        context = RouterContext(config=config, registry=registry, health=health, client=client)
+        frontend = Frontend(create_app(context), Proxy(context, proxy_client))
+        async with trio.open_nursery() as root:
+            root.start_soon(_watch_signals, shutdown, root.cancel_scope)
+            await root.start(registry.run, health.capabilities)
+            for worker in config.workers:
+                registry.add(worker.url)
+            await root.start(health.run)
+            if config.launcher.num_workers:
+                await root.start(run_pool, config.launcher, registry)
+            binds = await root.start(_serve, frontend, config, shutdown, root.cancel_scope)
+            for bind in binds:
+                print(f"dsrouter listening on {bind}", flush=True)
+            task_status.started(binds)
+
+
+async def _serve(frontend: Frontend, config: Config, shutdown: trio.Event,
+                 root: trio.CancelScope,
+                 task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+    await serve(frontend, _hypercorn_config(config), shutdown_trigger=shutdown.wait,
+                task_status=task_status)
+    log.info("frontend drained; stopping workers")
+    root.cancel()
+
+
+async def _watch_signals(shutdown: trio.Event, root: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            if shutdown.is_set():
+                log.warning("second %s: stopping now", signal.Signals(signum).name)
+                root.cancel()
+                return
+            log.info("%s: draining (up to %s)", signal.Signals(signum).name,
+                     "the drain timeout")
+            shutdown.set()
+
+
+def main_run(config: Config) -> int:
+    try:
+        trio.run(run_router, config)
+    except KeyboardInterrupt:
+        return 130
+    print("dsrouter stopped", file=sys.stderr, flush=True)
+    return 0

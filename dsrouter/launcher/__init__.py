@@ -1,0 +1,1 @@
+"""Launching and supervising local worker processes."""

@@ -1,0 +1,356 @@
+"""The registry: the single owner of worker state and in-flight counts.
+
+Invariant: every mutation of a `Worker` happens inside a synchronous method of `Registry`
+(or of `Lease`, which calls back into it). Trio switches tasks only at `await`, so each such
+method runs atomically with respect to every other task: request handlers, health probes and
+the launcher can call them freely without locks, and no count can be observed half-updated.
+Code outside this module reads `Worker` fields but never assigns them.
+
+The registry task (`Registry.run`) owns the background work the registry itself triggers:
+capability probes after a worker registers, becomes healthy or recovers.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
+
+import attrs
+import trio
+
+from dsrouter.config import HealthConfig
+from dsrouter.jobs import JobMap
+from dsrouter.policies import Policy
+from dsrouter.urls import display_id_for, normalize_worker_url, worker_id_for
+
+log = logging.getLogger("dsrouter.registry")
+
+IMAGE_ONLY_TASKS = frozenset({"T2I", "I2I", "TI2I"})
+VIDEO_TASKS = frozenset({"T2V", "I2V", "TI2V", "V2V", "F2V"})
+
+
+class Health(enum.Enum):
+    STARTING = "starting"
+    HEALTHY = "healthy"
+    DEAD = "dead"
+
+
+class ProbeOutcome(enum.Enum):
+    OK = "ok"
+    REFUSED = "refused"  # nothing listens: still loading, or gone
+    WARMING = "warming"  # 503 with an empty body: up, warming up
+    FAILED = "failed"  # unhealthy answer, timeout, protocol error
+
+
+class NoWorkerAvailable(Exception):
+    """No worker satisfies the request right now; the message is safe to show to a client."""
+
+
+@attrs.frozen
+class Capabilities:
+    """What a worker can serve, read from `/model_info` and `/v1/models`."""
+
+    model_id: str | None = None
+    task_types: tuple[str, ...] = ()
+    output_types: tuple[str, ...] = ()
+    video_support: bool | None = None
+    model_info: dict[str, Any] | None = None
+
+
+@attrs.define(eq=False)
+class Worker:
+    url: str
+    worker_id: str
+    display_id: str
+    health: Health = Health.STARTING
+    sleeping: bool = False
+    draining: bool = False
+    in_flight: int = 0
+    consecutive_failures: int = 0
+    consecutive_successes: int = 0
+    capabilities: Capabilities = attrs.Factory(Capabilities)
+    last_error: str | None = None
+    last_probe_at: float | None = None
+    probe_latency_s: float | None = None
+    requests_total: int = 0
+    registered_at: float = attrs.Factory(time.time)
+    managed: dict[str, Any] | None = None
+
+    @property
+    def state(self) -> str:
+        """One word for operators; draining and sleeping win over the probe verdict."""
+        if self.draining:
+            return "draining"
+        if self.sleeping:
+            return "sleeping"
+        return self.health.value
+
+    @property
+    def routable(self) -> bool:
+        return self.health is Health.HEALTHY and not self.sleeping and not self.draining
+
+    @property
+    def video_support(self) -> bool | None:
+        return self.capabilities.video_support
+
+    def to_json(self) -> dict[str, Any]:
+        caps = self.capabilities
+        return {
+            "worker_id": self.worker_id,
+            "display_id": self.display_id,
+            "url": self.url,
+            "state": self.state,
+            "active_requests": self.in_flight,
+            "is_dead": self.health is Health.DEAD,
+            "is_sleeping": self.sleeping,
+            "is_draining": self.draining,
+            "consecutive_failures": self.consecutive_failures,
+            "consecutive_successes": self.consecutive_successes,
+            "video_support": caps.video_support,
+            "model": caps.model_id,
+            "task_types": list(caps.task_types),
+            "output_types": list(caps.output_types),
+            "last_error": self.last_error,
+            "last_probe_at": self.last_probe_at,
+            "probe_latency_ms": None
+            if self.probe_latency_s is None
+            else round(self.probe_latency_s * 1000, 2),
+            "requests_total": self.requests_total,
+            "managed": self.managed is not None,
+            **({"supervisor": self.managed} if self.managed is not None else {}),
+        }
+
+
+class Lease:
+    """One request's claim on a worker. Released exactly once, however the request ends."""
+
+    __slots__ = ("_registry", "released", "worker")
+
+    def __init__(self, registry: Registry, worker: Worker) -> None:
+        self._registry = registry
+        self.worker = worker
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._registry._release(self)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+CapabilityProber = Callable[[str], Awaitable[Capabilities | None]]
+
+
+class Registry:
+    def __init__(self, health: HealthConfig, policy: Policy, *, max_jobs: int = 100_000) -> None:
+        self.health_config = health
+        self.policy = policy
+        self.jobs = JobMap(max_jobs)
+        self._workers: dict[str, Worker] = {}
+        self._refresh_send, self._refresh_receive = trio.open_memory_channel[str](math.inf)
+        self._refreshes: dict[str, trio.Event] = {}
+        self.changed = trio.Event()
+
+    # ---- reading -------------------------------------------------------------------------
+
+    def workers(self) -> list[Worker]:
+        return list(self._workers.values())
+
+    def by_url(self, url: str) -> Worker | None:
+        return self._workers.get(url)
+
+    def by_id(self, worker_id_or_url: str) -> Worker | None:
+        """Find a worker by its decoded `worker_id` (a URL, normalised or not)."""
+        worker = self._workers.get(worker_id_or_url)
+        if worker is None:
+            try:
+                worker = self._workers.get(normalize_worker_url(worker_id_or_url))
+            except ValueError:
+                return None
+        return worker
+
+    def routable(self, accept: Callable[[Worker], bool] | None = None) -> list[Worker]:
+        return [w for w in self._workers.values() if w.routable and (accept is None or accept(w))]
+
+    def summary(self) -> dict[str, int]:
+        workers = self._workers.values()
+        return {
+            "healthy_workers": sum(1 for w in workers if w.routable),
+            "total_workers": len(self._workers),
+            "dead_workers": sum(1 for w in workers if w.health is Health.DEAD),
+            "sleeping_workers": sum(1 for w in workers if w.sleeping),
+            "draining_workers": sum(1 for w in workers if w.draining),
+            "starting_workers": sum(1 for w in workers if w.health is Health.STARTING),
+            "in_flight": sum(w.in_flight for w in workers),
+        }
+
+    # ---- membership ----------------------------------------------------------------------
+
+    def add(self, url: str, *, managed: dict[str, Any] | None = None) -> tuple[Worker, bool]:
+        """Register `url` (already normalised); returns the worker and whether it is new."""
+        existing = self._workers.get(url)
+        if existing is not None:
+            return existing, False
+        worker = Worker(url=url, worker_id=worker_id_for(url), display_id=display_id_for(url),
+                        managed=managed)
+        self._workers[url] = worker
+        log.info("worker %s registered", worker.display_id)
+        self._notify()
+        return worker, True
+
+    def remove(self, url: str) -> Worker | None:
+        worker = self._workers.pop(url, None)
+        if worker is not None:
+            forgotten = self.jobs.forget_worker(url)
+            log.info("worker %s removed (%d job ids forgotten)", worker.display_id, forgotten)
+            self._notify()
+        return worker
+
+    def update_managed(self, url: str, info: dict[str, Any]) -> None:
+        worker = self._workers.get(url)
+        if worker is not None:
+            worker.managed = info
+
+    # ---- leases --------------------------------------------------------------------------
+
+    def lease(self, accept: Callable[[Worker], bool] | None = None,
+              exclude: Iterable[Worker] = ()) -> Lease:
+        """Pick a routable worker with the policy and count the request against it."""
+        excluded = set(map(id, exclude))
+        candidates = [w for w in self.routable(accept) if id(w) not in excluded]
+        if not candidates:
+            raise NoWorkerAvailable("No healthy workers available in the pool")
+        return self.lease_worker(self.policy.choose(candidates))
+
+    def lease_worker(self, worker: Worker) -> Lease:
+        """Count a request against a specific worker (sticky jobs, broadcasts)."""
+        worker.in_flight += 1
+        worker.requests_total += 1
+        return Lease(self, worker)
+
+    def _release(self, lease: Lease) -> None:
+        lease.worker.in_flight -= 1
+        assert lease.worker.in_flight >= 0, "lease released twice"
+        self._notify()
+
+    # ---- state changes -------------------------------------------------------------------
+
+    def apply_probe(self, url: str, outcome: ProbeOutcome, error: str | None = None,
+                    latency_s: float | None = None) -> None:
+        """Fold one health-probe result into the worker's state machine.
+
+        starting --ok--> healthy --N failures--> dead --M oks--> healthy. A worker that has not
+        been healthy yet and is refused or warming stays `starting`: that is model loading,
+        not a fault. Dead workers keep being probed so they can recover on their own.
+        """
+        worker = self._workers.get(url)
+        if worker is None:
+            return
+        worker.last_probe_at = time.time()
+        if latency_s is not None:
+            worker.probe_latency_s = latency_s
+        cfg = self.health_config
+        if outcome is ProbeOutcome.OK:
+            worker.consecutive_failures = 0
+            worker.consecutive_successes += 1
+            worker.last_error = None
+            if worker.health is Health.STARTING or (
+                worker.health is Health.DEAD
+                and worker.consecutive_successes >= cfg.recovery_threshold
+            ):
+                self._set_health(worker, Health.HEALTHY)
+            return
+        worker.consecutive_successes = 0
+        worker.consecutive_failures += 1
+        worker.last_error = error or outcome.value
+        if worker.health is Health.STARTING:
+            return
+        if worker.health is Health.HEALTHY and worker.consecutive_failures >= cfg.failure_threshold:
+            self._set_health(worker, Health.DEAD)
+
+    def set_dead(self, worker: Worker, dead: bool) -> None:
+        """Operator override (`PUT /workers/{id}` with `is_dead`)."""
+        worker.consecutive_failures = 0
+        worker.consecutive_successes = 0
+        if not dead:
+            worker.last_error = None
+        self._set_health(worker, Health.DEAD if dead else Health.HEALTHY)
+
+    def set_sleeping(self, worker: Worker, sleeping: bool) -> None:
+        """Record the router's own view of sleep: workers keep `/health` at 200 while asleep."""
+        if worker.sleeping == sleeping:
+            return
+        worker.sleeping = sleeping
+        if not sleeping:
+            worker.consecutive_failures = 0
+            if worker.health is Health.DEAD:
+                self._set_health(worker, Health.HEALTHY)
+        log.info("worker %s is %s", worker.display_id, "sleeping" if sleeping else "awake")
+        self._notify()
+
+    def set_capabilities(self, url: str, caps: Capabilities) -> None:
+        worker = self._workers.get(url)
+        if worker is not None:
+            worker.capabilities = caps
+
+    def _set_health(self, worker: Worker, health: Health) -> None:
+        if worker.health is health:
+            return
+        previous, worker.health = worker.health, health
+        level = logging.WARNING if health is Health.DEAD else logging.INFO
+        log.log(level, "worker %s: %s -> %s%s", worker.display_id, previous.value, health.value,
+                f" ({worker.last_error})" if worker.last_error and health is Health.DEAD else "")
+        if health is Health.HEALTHY:
+            self.request_capability_refresh(worker.url)
+        self._notify()
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    # ---- capability refresh, owned by the registry task ----------------------------------
+
+    def request_capability_refresh(self, url: str) -> trio.Event:
+        """Ask the registry task to re-read a worker's capabilities; the event fires when done.
+
+        Requests for a worker whose refresh is still pending share that refresh.
+        """
+        event = self._refreshes.get(url)
+        if event is None:
+            event = self._refreshes[url] = trio.Event()
+            self._refresh_send.send_nowait(url)
+        return event
+
+    async def run(self, prober: CapabilityProber,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The registry task: runs the capability probes that state changes asked for."""
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            async for url in self._refresh_receive:
+                nursery.start_soon(self._refresh, prober, url)
+
+    async def _refresh(self, prober: CapabilityProber, url: str) -> None:
+        try:
+            caps = await prober(url)
+            if caps is not None:
+                self.set_capabilities(url, caps)
+        finally:
+            self._refreshes.pop(url).set()
+
+
+def video_support_from(task_types: Sequence[str], output_types: Sequence[str]) -> bool | None:
+    """Video-capable per SEEDS.md: any VIDEO output, else a first task outside the image set."""
+    if output_types:
+        return "VIDEO" in output_types
+    if task_types:
+        return any(t in VIDEO_TASKS for t in task_types) or task_types[0] not in IMAGE_ONLY_TASKS
+    return None

@@ -1,0 +1,100 @@
+"""Helpers shared by the integration tests: real router processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import attrs
+import httpx
+import trio
+
+START_TIMEOUT_S = 30.0
+
+
+@attrs.define
+class RouterProcess:
+    process: trio.Process
+    url: str
+    output: list[str]
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> int:
+        """Send `sig` and wait for the exit status (SIGKILL if it outlives the timeout)."""
+        if self.process.returncode is None:
+            self.process.send_signal(sig)
+        with trio.move_on_after(timeout_s):
+            return await self.process.wait()
+        self.process.kill()
+        await self.process.wait()
+        raise AssertionError(f"router pid {self.pid} did not stop within {timeout_s}s")
+
+
+async def _pump(stream: trio.abc.ReceiveStream, lines: list[str], ready: trio.Event,
+                marker: str) -> None:
+    buffer = b""
+    async for chunk in stream:
+        buffer += chunk
+        *complete, buffer = buffer.split(b"\n")
+        for raw in complete:
+            line = raw.decode(errors="replace")
+            lines.append(line)
+            if marker in line and not ready.is_set():
+                ready.set()
+
+
+@asynccontextmanager
+async def router_process(args: list[str], *, config: str | None = None,
+                         tmp_path: Path | None = None,
+                         env: dict[str, str] | None = None) -> AsyncIterator[RouterProcess]:
+    """Run `dsrouter run ARGS` on 127.0.0.1 with an ephemeral port; stop it afterwards."""
+    argv = [sys.executable, "-m", "dsrouter", "run", "--host", "127.0.0.1", "--port", "0", *args]
+    if config is not None:
+        assert tmp_path is not None
+        path = tmp_path / "router.toml"
+        path.write_text(config)
+        argv += ["--config", str(path)]
+    process = await trio.lowlevel.open_process(
+        argv, stdout=-1, stderr=-2, env={**os.environ, **(env or {})},
+    )
+    lines: list[str] = []
+    ready = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_pump, process.stdout, lines, ready, "dsrouter listening on ")
+        router = RouterProcess(process, "", lines)
+        try:
+            with trio.fail_after(START_TIMEOUT_S):
+                await ready.wait()
+            listening = next(line for line in lines if "dsrouter listening on " in line)
+            router.url = listening.split("dsrouter listening on ", 1)[1].strip()
+            yield router
+        finally:
+            with trio.CancelScope(shield=True):
+                if process.returncode is None:
+                    await router.stop()
+            nursery.cancel_scope.cancel()
+
+
+async def wait_until(check: Callable[[], Awaitable[bool]], timeout_s: float = 20.0,
+                     interval_s: float = 0.05) -> None:
+    """Poll `check` until it returns true; fail with a clear message at the deadline."""
+    with trio.move_on_after(timeout_s):
+        while not await check():
+            await trio.sleep(interval_s)
+        return
+    raise AssertionError(f"condition not met within {timeout_s}s")
+
+
+async def worker_state(client: httpx.AsyncClient, router: str, worker_url: str) -> dict:
+    response = await client.get(f"{router}/workers")
+    for worker in response.json()["workers"]:
+        if worker["url"] == worker_url:
+            return worker
+    raise AssertionError(f"{worker_url} is not registered")

@@ -1,0 +1,124 @@
+import pytest
+import trio
+
+from dsrouter.config import HealthConfig
+from dsrouter.policies import LeastRequest
+from dsrouter.registry import Health, ProbeOutcome, Registry, video_support_from
+
+URL = "http://w:1"
+
+
+def registry(**health: int) -> Registry:
+    reg = Registry(HealthConfig(**health), LeastRequest())
+    reg.add(URL)
+    return reg
+
+
+def test_new_worker_is_starting_until_its_first_good_probe() -> None:
+    reg = registry()
+    worker = reg.by_url(URL)
+    for outcome in (ProbeOutcome.REFUSED, ProbeOutcome.WARMING, ProbeOutcome.REFUSED):
+        reg.apply_probe(URL, outcome)
+    assert worker.health is Health.STARTING and not worker.routable
+    reg.apply_probe(URL, ProbeOutcome.OK)
+    assert worker.health is Health.HEALTHY and worker.routable
+
+
+def test_quarantine_after_threshold_and_recovery_after_successes() -> None:
+    reg = registry(failure_threshold=3, recovery_threshold=2)
+    worker = reg.by_url(URL)
+    reg.apply_probe(URL, ProbeOutcome.OK)
+    reg.apply_probe(URL, ProbeOutcome.FAILED, "boom")
+    reg.apply_probe(URL, ProbeOutcome.REFUSED)
+    assert worker.health is Health.HEALTHY
+    reg.apply_probe(URL, ProbeOutcome.FAILED)
+    assert worker.health is Health.DEAD and worker.consecutive_failures == 3
+    reg.apply_probe(URL, ProbeOutcome.OK)
+    assert worker.health is Health.DEAD
+    reg.apply_probe(URL, ProbeOutcome.OK)
+    assert worker.health is Health.HEALTHY and worker.consecutive_failures == 0
+
+
+def test_a_success_resets_the_failure_streak() -> None:
+    reg = registry(failure_threshold=2)
+    reg.apply_probe(URL, ProbeOutcome.OK)
+    for _ in range(5):
+        reg.apply_probe(URL, ProbeOutcome.FAILED)
+        reg.apply_probe(URL, ProbeOutcome.OK)
+    assert reg.by_url(URL).health is Health.HEALTHY
+
+
+def test_adding_the_same_url_twice_keeps_one() -> None:
+    reg = registry()
+    worker, created = reg.add(URL)
+    assert not created and worker is reg.by_url(URL) and len(reg.workers()) == 1
+
+
+def test_lease_releases_exactly_once() -> None:
+    reg = registry()
+    reg.apply_probe(URL, ProbeOutcome.OK)
+    lease = reg.lease()
+    lease.release()
+    lease.release()
+    assert reg.by_url(URL).in_flight == 0
+
+
+async def test_lease_is_released_when_the_request_is_cancelled() -> None:
+    reg = registry()
+    reg.apply_probe(URL, ProbeOutcome.OK)
+    entered = trio.Event()
+
+    async def request() -> None:
+        with reg.lease():
+            entered.set()
+            await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(request)
+        await entered.wait()
+        assert reg.by_url(URL).in_flight == 1
+        nursery.cancel_scope.cancel()
+    assert reg.by_url(URL).in_flight == 0
+
+
+async def test_lease_is_released_when_the_request_fails() -> None:
+    reg = registry()
+    reg.apply_probe(URL, ProbeOutcome.OK)
+    with pytest.raises(RuntimeError), reg.lease():
+        raise RuntimeError("upstream broke")
+    assert reg.by_url(URL).in_flight == 0
+
+
+def test_removing_a_worker_forgets_its_jobs() -> None:
+    reg = registry()
+    reg.jobs.remember("job-1", URL, "videos")
+    reg.jobs.remember("job-2", "http://other:1", "videos")
+    reg.remove(URL)
+    assert reg.jobs.owner("job-1") is None
+    assert reg.jobs.owner("job-2") == "http://other:1"
+
+
+def test_sleeping_worker_marked_dead_wakes_healthy() -> None:
+    reg = registry()
+    worker = reg.by_url(URL)
+    reg.apply_probe(URL, ProbeOutcome.OK)
+    reg.set_sleeping(worker, True)
+    reg.set_dead(worker, True)
+    reg.set_sleeping(worker, False)
+    assert worker.routable
+
+
+@pytest.mark.parametrize(
+    ("tasks", "outputs", "expected"),
+    [
+        (["T2I"], [], False),
+        (["TI2I"], [], False),
+        (["T2V"], [], True),
+        (["TI2V", "T2I", "V2V"], [], True),
+        (["T2I", "T2V"], ["IMAGE", "VIDEO"], True),
+        (["I2M"], ["MESH"], False),
+        ([], [], None),
+    ],
+)
+def test_video_support_follows_task_and_output_types(tasks, outputs, expected) -> None:
+    assert video_support_from(tasks, outputs) is expected
