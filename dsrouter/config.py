@@ -37,16 +37,32 @@ RestartPolicy = Literal["never", "on-failure", "always"]
 class ServerConfig:
     host: str = "0.0.0.0"
     port: Port = Port(30080)
-    max_connections: PositiveInt = PositiveInt(100)
-    request_timeout_s: PositiveFloat = PositiveFloat(120.0)
+    max_connections: PositiveInt = PositiveInt(1000)
+    request_timeout_s: PositiveFloat = PositiveFloat(1800.0)
     connect_timeout_s: PositiveFloat = PositiveFloat(5.0)
     drain_timeout_s: NonNegativeFloat = NonNegativeFloat(30.0)
     keep_alive_timeout_s: PositiveFloat = PositiveFloat(30.0)
+    max_body_mb: PositiveInt = PositiveInt(8192)
+    max_header_kb: PositiveInt = PositiveInt(64)
+    body_idle_timeout_s: PositiveFloat = PositiveFloat(60.0)
+
+
+@attrs.frozen
+class TimeoutsConfig:
+    job_s: PositiveFloat = PositiveFloat(300.0)
+    content_s: PositiveFloat = PositiveFloat(300.0)
+    control_s: PositiveFloat = PositiveFloat(1800.0)
+    idle_read_s: PositiveFloat = PositiveFloat(600.0)
+    discovery_s: PositiveFloat = PositiveFloat(10.0)
 
 
 @attrs.frozen
 class RoutingConfig:
     algorithm: RoutingAlgorithm = "least-request"
+    max_attempts: PositiveInt = PositiveInt(3)
+    retry_buffer_mb: NonNegativeInt = NonNegativeInt(16)
+    retry_backoff_s: NonNegativeFloat = NonNegativeFloat(0.05)
+    max_jobs: PositiveInt = PositiveInt(100_000)
 
 
 @attrs.frozen
@@ -55,11 +71,13 @@ class HealthConfig:
     timeout_s: PositiveFloat = PositiveFloat(5.0)
     failure_threshold: PositiveInt = PositiveInt(3)
     recovery_threshold: PositiveInt = PositiveInt(2)
+    breaker_open_s: PositiveFloat = PositiveFloat(15.0)
 
 
 @attrs.frozen
 class StaticWorker:
     url: WorkerURL
+    api_key: str = ""
 
 
 @attrs.frozen
@@ -97,6 +115,8 @@ class SecurityConfig:
     api_keys: list[str] = attrs.Factory(list)
     api_keys_file: str = ""
     forward_authorization: bool = False
+    worker_api_key: str = ""
+    protect_metrics: bool = False
     allowed_worker_networks: list[str] = attrs.Factory(list)
 
 
@@ -110,6 +130,7 @@ class LoggingConfig:
 @attrs.frozen
 class Config:
     server: ServerConfig = attrs.Factory(ServerConfig)
+    timeouts: TimeoutsConfig = attrs.Factory(TimeoutsConfig)
     routing: RoutingConfig = attrs.Factory(RoutingConfig)
     health: HealthConfig = attrs.Factory(HealthConfig)
     workers: list[StaticWorker] = attrs.Factory(list)

@@ -23,6 +23,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from dsrouter.app import create_app
+from dsrouter.auth import Auth
 from dsrouter.config import Config
 from dsrouter.context import RouterContext
 from dsrouter.frontend import Frontend
@@ -41,6 +42,7 @@ def _hypercorn_config(config: Config) -> HypercornConfig:
     hc.bind = [f"[{host}]:{config.server.port}" if ":" in host else f"{host}:{config.server.port}"]
     hc.graceful_timeout = config.server.drain_timeout_s
     hc.keep_alive_timeout = config.server.keep_alive_timeout_s
+    hc.h11_max_incomplete_size = config.server.max_header_kb * 1024
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
     return hc
@@ -74,15 +76,18 @@ async def run_router(config: Config,
     """Run the router until SIGINT/SIGTERM (or cancellation); reports bound addresses."""
     shutdown = trio.Event()
     async with _control_client(config) as client, _proxy_client(config) as proxy_client:
-        registry = Registry(config.health, make_policy(config.routing.algorithm))
+        registry = Registry(config.health, make_policy(config.routing.algorithm),
+                            max_jobs=config.routing.max_jobs)
         health = HealthChecker(registry, client, config.health)
         context = RouterContext(config=config, registry=registry, health=health, client=client)
-        frontend = Frontend(create_app(context), Proxy(context, proxy_client))
+        auth = Auth(config.security)
+        frontend = Frontend(create_app(context), Proxy(context, proxy_client), auth)
+        _warn_if_exposed(config, auth)
         async with trio.open_nursery() as root:
-            root.start_soon(_watch_signals, shutdown, root.cancel_scope)
+            root.start_soon(_watch_signals, shutdown, frontend, root.cancel_scope)
             await root.start(registry.run, health.capabilities)
             for worker in config.workers:
-                registry.add(worker.url)
+                registry.add(worker.url, api_key=worker.api_key)
             await root.start(health.run)
             if config.launcher.num_workers:
                 await root.start(run_pool, config.launcher, registry)
@@ -101,16 +106,26 @@ async def _serve(frontend: Frontend, config: Config, shutdown: trio.Event,
     root.cancel()
 
 
-async def _watch_signals(shutdown: trio.Event, root: trio.CancelScope) -> None:
+async def _watch_signals(shutdown: trio.Event, frontend: Frontend,
+                         root: trio.CancelScope) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             if shutdown.is_set():
                 log.warning("second %s: stopping now", signal.Signals(signum).name)
                 root.cancel()
                 return
-            log.info("%s: draining (up to %s)", signal.Signals(signum).name,
-                     "the drain timeout")
+            log.info("%s: draining in-flight requests", signal.Signals(signum).name)
+            frontend.draining = True
             shutdown.set()
+
+
+def _warn_if_exposed(config: Config, auth: Auth) -> None:
+    if auth.admin_token or config.server.host in ("127.0.0.1", "::1", "localhost"):
+        return
+    log.warning(
+        "!!! listening on %s with NO admin token: anyone who can reach this port can register "
+        "workers, reload weights and put the pool to sleep. Set security.admin_token "
+        "(or admin_token_env / admin_token_file). !!!", config.server.host)
 
 
 def main_run(config: Config) -> int:

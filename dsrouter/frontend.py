@@ -9,6 +9,7 @@ orphaned between a view returning and its body being iterated.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ import trio
 from quart_trio import QuartTrio
 
 from dsrouter.app import admin_paths
+from dsrouter.auth import PUBLIC_PATHS, Auth
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -34,21 +36,58 @@ def shield_final_send(send: Send) -> Send:
     return wrapped
 
 
+async def send_json(send: Send, status: int, payload: object,
+                    headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = json.dumps(payload).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        *(headers or [])]})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
 class Frontend:
-    def __init__(self, app: QuartTrio, proxy: ASGIApp) -> None:
+    """Dispatch, authentication and the draining switch, in front of Quart and the proxy."""
+
+    OPEN_ADMIN_PATHS = frozenset({"/v1/models"})
+    """Served by Quart but guarded like inference (API keys), not by the admin token."""
+
+    def __init__(self, app: QuartTrio, proxy: ASGIApp, auth: Auth) -> None:
         self.app = app
         self.proxy = proxy
+        self.auth = auth
         self.exact, self.prefixes = admin_paths(app)
+        self.draining = False
 
     def serves_admin(self, path: str) -> bool:
         return path in self.exact or path.startswith(self.prefixes)
+
+    def _allowed(self, path: str, admin: bool, authorization: bytes | None) -> bool:
+        if path in PUBLIC_PATHS or (path == "/metrics" and not self.auth.protect_metrics):
+            return True
+        if admin and path not in self.OPEN_ADMIN_PATHS:
+            return self.auth.admin_allowed(authorization)
+        return self.auth.inference_allowed(authorization)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         send = shield_final_send(send)
-        if self.serves_admin(scope["path"]):
+        path = scope["path"]
+        if self.draining:
+            if path == "/health":
+                await send_json(send, 503, {"status": "draining"})
+            else:
+                await send_json(send, 503, {"error": "router is draining (shutting down)"},
+                                [(b"retry-after", b"5")])
+            return
+        admin = self.serves_admin(path)
+        authorization = dict(scope["headers"]).get(b"authorization")
+        if not self._allowed(path, admin, authorization):
+            await send_json(send, 401, {"error": "missing or invalid bearer token"},
+                            [(b"www-authenticate", b"Bearer")])
+            return
+        if admin:
             await self.app(scope, receive, send)
         else:
             await self.proxy(scope, receive, send)

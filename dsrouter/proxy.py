@@ -1,19 +1,24 @@
 """The streaming forwarder for every inference route: a plain ASGI app.
 
-Request bodies flow from hypercorn's `receive()` straight into the upstream request, so the
-client is paused when the worker reads slowly (Quart would buffer the whole upload); response
-bodies flow back chunk by chunk with `aiter_raw`, never decoded. The only bodies the router
-reads are small JSON answers it must learn from (job ids, job status, list pages).
+Request bodies flow from hypercorn's `receive()` straight into the upstream request (small
+ones are buffered first so they can be replayed on another worker); response bodies flow back
+chunk by chunk with `aiter_raw`, never decoded. The only answers the router reads are small
+JSON ones it must learn from (job ids, job status, list pages).
 
-Lifetimes: a request holds one registry `Lease` from dispatch until its last byte is sent or
-it fails; a watcher turns the client's disconnect into cancellation of the whole exchange, so
-the upstream request is closed at once and the lease released exactly once.
+Lifetimes: each attempt holds one registry `Lease` until its last byte is sent or it fails;
+a watcher turns the client's disconnect into cancellation of the whole exchange, so the
+upstream request is closed at once and the lease released exactly once.
+
+Failover: an attempt that could not reach its worker, or got 503 from it, moves to another
+worker while nothing has been sent to the client and the body can still be replayed. Every
+outcome is also reported to the registry's circuit breaker.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -23,6 +28,7 @@ import httpx
 import trio
 
 from dsrouter import routes
+from dsrouter.body import BodyTooLarge, ClientDisconnected, ClientTooSlow, RequestBody
 from dsrouter.context import RouterContext
 from dsrouter.frontend import Receive, Scope, Send
 from dsrouter.listing import merged_job_list
@@ -38,18 +44,16 @@ HOP_BY_HOP = frozenset({
 PEEK_LIMIT = 1024 * 1024
 """Largest answer the router reads to learn a job id or status; bigger ones just stream."""
 BODYLESS_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
-
-
-class ClientDisconnected(Exception):
-    """The client went away while the router was still reading its request."""
+MiB = 1024 * 1024
 
 
 class UpstreamFailed(Exception):
-    """The worker could not be reached or broke the exchange before answering."""
+    """The exchange with the worker failed; `status` is what the client gets."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, retryable: bool = False) -> None:
         super().__init__(message)
         self.status = status
+        self.retryable = retryable
 
 
 @attrs.define
@@ -57,55 +61,42 @@ class Exchange:
     """One client request as it passes through the proxy."""
 
     scope: Scope
-    receive: Receive
     send: Send
     request_id: str
     route: Route
-    body_done: trio.Event = attrs.Factory(trio.Event)
+    body: RequestBody
+    attempts: int = 0
     response_started: bool = False
 
     @property
     def method(self) -> str:
         return self.scope["method"]
 
-    def has_body(self) -> bool:
-        if self.method not in BODYLESS_METHODS:
-            return True
-        return any(k in (b"content-length", b"transfer-encoding")
-                   for k, _ in self.scope["headers"])
-
-    async def body(self) -> AsyncIterator[bytes]:
-        while True:
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                raise ClientDisconnected
-            chunk = message.get("body", b"")
-            if chunk:
-                yield chunk
-            if not message.get("more_body", False):
-                self.body_done.set()
-                return
-
     async def respond(self, status: int, headers: list[tuple[bytes, bytes]],
                       body: bytes = b"", more: bool = False) -> None:
-        headers = [*headers, (b"x-request-id", self.request_id.encode())]
+        headers = [*headers, (b"x-request-id", self.request_id.encode()),
+                   (b"x-dsrouter-attempts", str(self.attempts).encode())]
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
         self.response_started = True
         await self.send({"type": "http.response.body", "body": body, "more_body": more})
 
-    async def respond_json(self, status: int, payload: Any) -> None:
+    async def respond_json(self, status: int, payload: Any,
+                           headers: list[tuple[bytes, bytes]] | None = None) -> None:
         body = json.dumps(payload).encode()
         await self.respond(status, [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode())], body)
+                                    (b"content-length", str(len(body)).encode()),
+                                    *(headers or [])], body)
 
-    async def respond_error(self, status: int, message: str, **extra: Any) -> None:
+    async def respond_error(self, status: int, message: str,
+                            headers: list[tuple[bytes, bytes]] | None = None) -> None:
         log.log(logging.WARNING if status >= 500 else logging.INFO,
                 "%s %s -> %d: %s [%s]", self.method, self.scope["path"], status, message,
                 self.request_id)
-        await self.respond_json(status, {"error": message, **extra})
+        if not self.response_started:
+            await self.respond_json(status, {"error": message}, headers)
 
 
-def _accept(output: str | None) -> Callable[[Worker], bool] | None:
+def accept_for(output: str | None) -> Callable[[Worker], bool] | None:
     """Which workers can produce `output`; unknown capabilities count as image-capable."""
     if output == "IMAGE":
         return lambda w: not w.capabilities.output_types or "IMAGE" in w.capabilities.output_types
@@ -118,7 +109,11 @@ def _accept(output: str | None) -> Callable[[Worker], bool] | None:
 
 def job_id_from(payload: Any) -> str | None:
     """The id in a create answer: `id`, `video_id` or `job_id`, also inside `data[0]`."""
-    for source in (payload, *(payload.get("data") or [])[:1]) if isinstance(payload, dict) else ():
+    if not isinstance(payload, dict):
+        return None
+    data = payload.get("data")
+    first = data[0] if isinstance(data, list) and data else None
+    for source in (payload, first):
         if isinstance(source, dict):
             for key in ("id", "video_id", "job_id"):
                 value = source.get(key)
@@ -130,39 +125,79 @@ def job_id_from(payload: Any) -> str | None:
 class Proxy:
     def __init__(self, context: RouterContext, client: httpx.AsyncClient) -> None:
         self.context = context
+        self.config = context.config
         self.registry = context.registry
         self.client = client
         """The hot-path client; probes and broadcasts use `context.client`."""
+        self.active = 0
+        self._rng = random.Random()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request_id = _header(scope, b"x-request-id") or uuid.uuid4().hex
+        headers = dict(scope["headers"])
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex
         route = routes.classify(scope["method"], scope["path"], scope["query_string"])
-        exchange = Exchange(scope, receive, send, request_id, route)
-        if not exchange.has_body():
-            exchange.body_done.set()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_disconnect, exchange, nursery.cancel_scope)
-            try:
-                await self._dispatch(exchange)
-            except ClientDisconnected:
-                log.info("client went away during upload [%s]", request_id)
-            except NoWorkerAvailable as exc:
-                await exchange.respond_error(503, str(exc))
-            except UpstreamFailed as exc:
-                if exchange.response_started:
-                    log.warning("worker broke a response mid-stream: %s [%s]", exc, request_id)
-                else:
-                    await exchange.respond_error(exc.status, str(exc))
-            nursery.cancel_scope.cancel()
+        length = headers.get(b"content-length")
+        content_length = int(length) if length and length.isdigit() else None
+        present = scope["method"] not in BODYLESS_METHODS or (
+            b"content-length" in headers or b"transfer-encoding" in headers)
+        body = RequestBody(receive, present=present, content_length=content_length,
+                           max_bytes=self.config.server.max_body_mb * MiB,
+                           idle_s=self.config.server.body_idle_timeout_s)
+        exchange = Exchange(scope, send, request_id, route, body)
+        if content_length is not None and content_length > body.max_bytes:
+            await exchange.respond_error(413, str(BodyTooLarge(body.max_bytes)))
+            return
+        if self.active >= self.config.server.max_connections:
+            await exchange.respond_error(
+                429, f"Too many concurrent requests (limit {self.config.server.max_connections})",
+                [(b"retry-after", b"1")])
+            return
+        self.active += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_disconnect, exchange, receive,
+                                   nursery.cancel_scope)
+                await self._handle(exchange)
+                nursery.cancel_scope.cancel()
+        finally:
+            self.active -= 1
 
-    async def _watch_disconnect(self, exchange: Exchange, scope: trio.CancelScope) -> None:
-        await exchange.body_done.wait()
+    async def _handle(self, exchange: Exchange) -> None:
+        try:
+            await self._dispatch(exchange)
+        except ClientDisconnected:
+            log.info("client went away during upload [%s]", exchange.request_id)
+        except NoWorkerAvailable as exc:
+            await exchange.respond_error(503, str(exc))
+        except BodyTooLarge as exc:
+            await exchange.respond_error(413, str(exc))
+        except ClientTooSlow as exc:
+            await exchange.respond_error(408, str(exc))
+        except UpstreamFailed as exc:
+            if exchange.response_started:
+                log.warning("worker broke a response mid-stream: %s [%s]", exc,
+                            exchange.request_id)
+            else:
+                await exchange.respond_error(exc.status, str(exc))
+
+    async def _watch_disconnect(self, exchange: Exchange, receive: Receive,
+                                scope: trio.CancelScope) -> None:
+        await exchange.body.done.wait()
         while True:
-            message = await exchange.receive()
+            message = await receive()
             if message["type"] == "http.disconnect":
                 log.info("client disconnected [%s]", exchange.request_id)
                 scope.cancel()
                 return
+
+    def _timeout(self, route: Route) -> float:
+        """Seconds a worker may take to start answering, by route."""
+        if route.job_kind in ("videos", "meshes"):
+            return self.config.timeouts.job_s if not route.path.endswith(
+                "/content") else self.config.timeouts.content_s
+        if route.kind == routes.STICKY:
+            return self.config.timeouts.content_s
+        return self.config.server.request_timeout_s
 
     async def _dispatch(self, exchange: Exchange) -> None:
         route = exchange.route
@@ -170,14 +205,43 @@ class Proxy:
             await self._sticky(exchange)
         elif route.kind == routes.LIST:
             await self._merged_list(exchange)
+        elif route.output == "VIDEO" and not any(w.video_support for w in self.registry.workers()):
+            await exchange.respond_error(400, "No video-capable workers available")
         else:
-            accept = _accept(route.output)
-            if route.output == "VIDEO" and not any(
-                    w.video_support for w in self.registry.workers()):
-                await exchange.respond_error(400, "No video-capable workers available")
-                return
-            with self.registry.lease(accept) as lease:
-                await self._forward(exchange, lease.worker, learn=route.kind == routes.CREATE)
+            await self._with_failover(exchange, accept_for(route.output))
+
+    async def _with_failover(self, exchange: Exchange,
+                             accept: Callable[[Worker], bool] | None) -> None:
+        """Try suitable workers one after another until one answers (not 503)."""
+        body = exchange.body
+        if body.present and self.config.routing.retry_buffer_mb:
+            await body.buffer_up_to(self.config.routing.retry_buffer_mb * MiB)
+        tried: list[Worker] = []
+        last_error: UpstreamFailed | None = None
+        max_attempts = self.config.routing.max_attempts
+        learn = exchange.route.kind == routes.CREATE
+        while True:
+            try:
+                lease = self.registry.lease(accept, exclude=tried)
+            except NoWorkerAvailable:
+                if last_error is None:
+                    raise
+                raise last_error from None
+            worker = lease.worker
+            with lease:
+                try:
+                    await self._attempt(exchange, worker, learn=learn)
+                    return
+                except UpstreamFailed as exc:
+                    if not (exc.retryable and body.replayable and not exchange.response_started
+                            and exchange.attempts < max_attempts):
+                        raise
+                    last_error = exc
+            tried.append(worker)
+            log.info("attempt %d on %s failed (%s); trying another worker [%s]",
+                     exchange.attempts, worker.display_id, last_error, exchange.request_id)
+            backoff = self.config.routing.retry_backoff_s * 2 ** (exchange.attempts - 1)
+            await trio.sleep(backoff * self._rng.uniform(0.5, 1.5))
 
     async def _sticky(self, exchange: Exchange) -> None:
         route = exchange.route
@@ -188,7 +252,7 @@ class Proxy:
             await exchange.respond_error(404, f"{noun} not found: {route.job_id}")
             return
         with self.registry.lease_worker(worker):
-            status = await self._forward(exchange, worker, learn=False,
+            status = await self._attempt(exchange, worker, learn=False,
                                          watch_status=not route.path.endswith("/content"))
         if exchange.method == "DELETE" and status == 200:
             self.registry.jobs.forget(route.job_id)
@@ -202,17 +266,16 @@ class Proxy:
             if worker is not None:
                 return worker
             self.registry.jobs.forget(route.job_id)
-        candidates = [w for w in self.registry.routable() if w.health.value == "healthy"]
         probe_path = (f"/v1/images/{route.job_id}/content" if route.job_kind == "images"
                       else f"/v1/{route.job_kind}/{route.job_id}")
         found: list[Worker] = []
-        timeout = self.context.config.health.timeout_s
 
         async def ask(worker: Worker, cancel: trio.CancelScope) -> None:
-            with trio.move_on_after(timeout):
+            with trio.move_on_after(self.config.timeouts.discovery_s):
                 try:
                     async with self.context.client.stream(
-                            "GET", worker.url + probe_path) as response:
+                            "GET", worker.url + probe_path,
+                            headers=self._worker_auth(worker)) as response:
                         if response.status_code == 200:
                             found.append(worker)
                             cancel.cancel()
@@ -220,66 +283,97 @@ class Proxy:
                     return
 
         async with trio.open_nursery() as nursery:
-            for worker in candidates:
-                nursery.start_soon(ask, worker, nursery.cancel_scope)
+            for worker in self.registry.workers():
+                if worker.health.value != "dead":
+                    nursery.start_soon(ask, worker, nursery.cancel_scope)
         if not found:
             return None
         self.registry.jobs.remember(route.job_id, found[0].url, route.job_kind or "")
         log.info("learned owner of %s %s: %s", route.job_kind, route.job_id, found[0].display_id)
         return found[0]
 
-    async def _forward(self, exchange: Exchange, worker: Worker, *, learn: bool,
+    async def _attempt(self, exchange: Exchange, worker: Worker, *, learn: bool,
                        watch_status: bool = False) -> int:
         """Send the request to `worker` and stream its answer back; returns the status."""
+        exchange.attempts += 1
         request = self._build_request(exchange, worker)
-        timeout = self.context.config.server.request_timeout_s
+        timeout = self._timeout(exchange.route)
+        response: httpx.Response | None = None
         with trio.move_on_after(timeout) as deadline:
             try:
                 response = await self.client.send(request, stream=True)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                raise UpstreamFailed(
-                    502, f"Worker request failed: {exc!s} ({worker.url})") from None
+                self._fail(worker, f"connect failed: {exc}")
+                raise UpstreamFailed(502, f"Worker request failed: {exc!s} ({worker.url})",
+                                     retryable=True) from None
             except httpx.HTTPError as exc:
+                self._fail(worker, f"{type(exc).__name__}: {exc}")
                 raise UpstreamFailed(
-                    502, f"Worker request failed: {type(exc).__name__}: {exc} ({worker.url})"
+                    502, f"Worker request failed: {type(exc).__name__}: {exc} ({worker.url})",
+                    retryable=isinstance(exc, httpx.RemoteProtocolError),
                 ) from None
-        if deadline.cancelled_caught:
+        if response is None:
+            assert deadline.cancelled_caught
+            self._fail(worker, f"no answer within {timeout:g}s")
             raise UpstreamFailed(504, f"Worker did not answer within {timeout:g}s ({worker.url})")
         try:
+            if response.status_code >= 500:
+                self._fail(worker, f"answered {response.status_code}")
+            else:
+                self.registry.record_result(worker, True)
+            if response.status_code == 503:
+                raise UpstreamFailed(503, f"Worker {worker.display_id} is unavailable (503)",
+                                     retryable=True)
             await self._relay(exchange, worker, response, learn or watch_status)
         finally:
             with trio.CancelScope(shield=True):
                 await response.aclose()
         return response.status_code
 
+    def _fail(self, worker: Worker, error: str) -> None:
+        self.registry.record_result(worker, False, error)
+
+    def _worker_auth(self, worker: Worker) -> list[tuple[bytes, bytes]]:
+        key = worker.api_key or self.config.security.worker_api_key
+        return [(b"authorization", b"Bearer " + key.encode())] if key else []
+
     def _build_request(self, exchange: Exchange, worker: Worker) -> httpx.Request:
         scope = exchange.scope
-        headers = _forward_headers(scope["headers"])
+        forward_auth = self.config.security.forward_authorization
+        headers = _forward_headers(scope["headers"], keep_authorization=forward_auth)
+        if not forward_auth:
+            headers.extend(self._worker_auth(worker))
         headers.append((b"x-request-id", exchange.request_id.encode()))
         url = worker.url + exchange.route.path
         query = scope["query_string"]
         if query:
             url = f"{url}?{query.decode('latin-1')}"
-        content = exchange.body() if exchange.has_body() else None
-        return self.client.build_request(exchange.method, url, headers=headers, content=content)
+        return self.client.build_request(exchange.method, url, headers=headers,
+                                         content=exchange.body.content())
 
     async def _relay(self, exchange: Exchange, worker: Worker, response: httpx.Response,
                      learn: bool) -> None:
         headers = [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_BY_HOP]
         headers.append((b"x-dsrouter-worker", worker.display_id.encode()))
         chunks = response.aiter_raw()
-        peeked = b""
-        if learn and response.status_code == 200 and _is_json(response):
-            length = response.headers.get("content-length")
-            if length is None or int(length) <= PEEK_LIMIT:
-                peeked = await _read_up_to(chunks, PEEK_LIMIT)
-                self._learn(exchange.route, worker, peeked)
+        idle_s = self.config.timeouts.idle_read_s
         try:
+            peeked = b""
+            if learn and response.status_code == 200 and _is_json(response):
+                length = response.headers.get("content-length")
+                if length is None or int(length) <= PEEK_LIMIT:
+                    peeked = await _read_up_to(chunks, PEEK_LIMIT, idle_s)
+                    self._learn(exchange.route, worker, peeked)
             await exchange.respond(response.status_code, headers, peeked, more=True)
-            async for chunk in chunks:
+            while True:
+                with trio.fail_after(idle_s):
+                    chunk = await anext(chunks, None)
+                if chunk is None:
+                    break
                 await exchange.send({"type": "http.response.body", "body": chunk,
                                      "more_body": True})
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, trio.TooSlowError) as exc:
+            self._fail(worker, f"broke its answer: {type(exc).__name__}")
             raise UpstreamFailed(502, f"Worker broke the response: {type(exc).__name__}: {exc}"
                                  ) from None
         await exchange.send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -299,23 +393,24 @@ class Proxy:
 
     async def _merged_list(self, exchange: Exchange) -> None:
         """`GET /v1/videos` (or meshes) without an id: every suitable worker's jobs, merged."""
-        workers = self.registry.routable(_accept(exchange.route.output))
+        workers = self.registry.routable(accept_for(exchange.route.output))
         if not workers:
             raise NoWorkerAvailable("No healthy workers available in the pool")
+        exchange.attempts = len(workers)
         status, payload = await merged_job_list(
             self.context.client, workers, exchange.route.path, exchange.scope["query_string"],
-            self.context.config.server.request_timeout_s)
+            self.config.timeouts.discovery_s)
         for worker_url, job_id in payload.pop("_owners", []):
             self.registry.jobs.remember(job_id, worker_url, exchange.route.job_kind or "")
         await exchange.respond_json(status, payload)
 
 
-async def _read_up_to(chunks: AsyncIterator[bytes], limit: int) -> bytes:
+async def _read_up_to(chunks: AsyncIterator[bytes], limit: int, idle_s: float) -> bytes:
     buffer = bytearray()
     while len(buffer) < limit:
-        try:
-            chunk = await chunks.__anext__()
-        except StopAsyncIteration:
+        with trio.fail_after(idle_s):
+            chunk = await anext(chunks, None)
+        if chunk is None:
             break
         buffer += chunk
     return bytes(buffer)
@@ -325,16 +420,12 @@ def _is_json(response: httpx.Response) -> bool:
     return response.headers.get("content-type", "").startswith("application/json")
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")
-    return None
-
-
-def _forward_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """Drop hop-by-hop headers, those the `Connection` header names, and the client's id."""
+def _forward_headers(raw: list[tuple[bytes, bytes]], *,
+                     keep_authorization: bool) -> list[tuple[bytes, bytes]]:
+    """Drop hop-by-hop headers, those `Connection` names, the client's id and credentials."""
     named = {b"x-request-id"}
+    if not keep_authorization:
+        named.add(b"authorization")
     for key, value in raw:
         if key.lower() == b"connection":
             named.update(v.strip().lower() for v in value.split(b","))

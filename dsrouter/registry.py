@@ -79,6 +79,13 @@ class Worker:
     requests_total: int = 0
     registered_at: float = attrs.Factory(time.time)
     managed: dict[str, Any] | None = None
+    api_key: str = ""
+    quarantined_by_operator: bool = False
+    remove_when_idle: bool = False
+    opened_at: float = 0.0
+    """When the breaker last opened (trio clock); a trial is allowed `breaker_open_s` later."""
+    trial_in_flight: bool = False
+    half_open_after: float = math.inf
 
     @property
     def state(self) -> str:
@@ -120,6 +127,7 @@ class Worker:
             if self.probe_latency_s is None
             else round(self.probe_latency_s * 1000, 2),
             "requests_total": self.requests_total,
+            "quarantined_by_operator": self.quarantined_by_operator,
             "managed": self.managed is not None,
             **({"supervisor": self.managed} if self.managed is not None else {}),
         }
@@ -128,12 +136,14 @@ class Worker:
 class Lease:
     """One request's claim on a worker. Released exactly once, however the request ends."""
 
-    __slots__ = ("_registry", "released", "worker")
+    __slots__ = ("_registry", "released", "trial", "worker")
 
     def __init__(self, registry: Registry, worker: Worker) -> None:
         self._registry = registry
         self.worker = worker
         self.released = False
+        self.trial = False
+        """True when this request is the half-open breaker's one trial."""
 
     def release(self) -> None:
         if not self.released:
@@ -151,9 +161,11 @@ CapabilityProber = Callable[[str], Awaitable[Capabilities | None]]
 
 
 class Registry:
-    def __init__(self, health: HealthConfig, policy: Policy, *, max_jobs: int = 100_000) -> None:
+    def __init__(self, health: HealthConfig, policy: Policy, *, max_jobs: int = 100_000,
+                 clock: Callable[[], float] = trio.current_time) -> None:
         self.health_config = health
         self.policy = policy
+        self.clock = clock
         self.jobs = JobMap(max_jobs)
         self._workers: dict[str, Worker] = {}
         self._refresh_send, self._refresh_receive = trio.open_memory_channel[str](math.inf)
@@ -179,7 +191,16 @@ class Registry:
         return worker
 
     def routable(self, accept: Callable[[Worker], bool] | None = None) -> list[Worker]:
-        return [w for w in self._workers.values() if w.routable and (accept is None or accept(w))]
+        """Workers a request may go to: healthy ones, plus half-open ones awaiting a trial."""
+        return [w for w in self._workers.values()
+                if (w.routable or (self._half_open(w) and not w.trial_in_flight
+                                   and not w.sleeping and not w.draining))
+                and (accept is None or accept(w))]
+
+    def _half_open(self, worker: Worker) -> bool:
+        """Dead by faults (not by an operator) long enough to deserve one trial request."""
+        return (worker.health is Health.DEAD and not worker.quarantined_by_operator
+                and self.clock() >= worker.half_open_after)
 
     def summary(self) -> dict[str, int]:
         workers = self._workers.values()
@@ -195,13 +216,14 @@ class Registry:
 
     # ---- membership ----------------------------------------------------------------------
 
-    def add(self, url: str, *, managed: dict[str, Any] | None = None) -> tuple[Worker, bool]:
+    def add(self, url: str, *, managed: dict[str, Any] | None = None,
+            api_key: str = "") -> tuple[Worker, bool]:
         """Register `url` (already normalised); returns the worker and whether it is new."""
         existing = self._workers.get(url)
         if existing is not None:
             return existing, False
         worker = Worker(url=url, worker_id=worker_id_for(url), display_id=display_id_for(url),
-                        managed=managed)
+                        managed=managed, api_key=api_key)
         self._workers[url] = worker
         log.info("worker %s registered", worker.display_id)
         self._notify()
@@ -235,12 +257,46 @@ class Registry:
         """Count a request against a specific worker (sticky jobs, broadcasts)."""
         worker.in_flight += 1
         worker.requests_total += 1
-        return Lease(self, worker)
+        lease = Lease(self, worker)
+        if self._half_open(worker):
+            worker.trial_in_flight = True
+            lease.trial = True
+        return lease
 
     def _release(self, lease: Lease) -> None:
-        lease.worker.in_flight -= 1
-        assert lease.worker.in_flight >= 0, "lease released twice"
+        worker = lease.worker
+        worker.in_flight -= 1
+        assert worker.in_flight >= 0, "lease released twice"
+        if lease.trial:
+            worker.trial_in_flight = False
+        if worker.draining and worker.remove_when_idle and worker.in_flight == 0:
+            self.remove(worker.url)
         self._notify()
+
+    def record_result(self, worker: Worker, ok: bool, error: str | None = None) -> None:
+        """Passive health: a request's outcome counts like a probe's (the circuit breaker).
+
+        A worker that fails fast would otherwise attract ever more traffic under
+        least-request; `failure_threshold` failures in a row open its breaker (dead), and
+        after `breaker_open_s` one trial request may close it again.
+        """
+        if ok:
+            worker.consecutive_failures = 0
+            if worker.health is Health.DEAD and not worker.quarantined_by_operator:
+                self._set_health(worker, Health.HEALTHY)
+            return
+        worker.consecutive_successes = 0
+        worker.consecutive_failures += 1
+        worker.last_error = error
+        if worker.health is Health.DEAD:
+            self._open_breaker(worker)
+        elif (worker.health is Health.HEALTHY
+              and worker.consecutive_failures >= self.health_config.failure_threshold):
+            self._set_health(worker, Health.DEAD)
+
+    def _open_breaker(self, worker: Worker) -> None:
+        worker.opened_at = self.clock()
+        worker.half_open_after = worker.opened_at + self.health_config.breaker_open_s
 
     # ---- state changes -------------------------------------------------------------------
 
@@ -265,7 +321,9 @@ class Registry:
             worker.last_error = None
             if worker.health is Health.STARTING or (
                 worker.health is Health.DEAD
-                and worker.consecutive_successes >= cfg.recovery_threshold
+                and not worker.quarantined_by_operator
+                and (worker.consecutive_successes >= cfg.recovery_threshold
+                     or self._half_open(worker))
             ):
                 self._set_health(worker, Health.HEALTHY)
             return
@@ -274,16 +332,28 @@ class Registry:
         worker.last_error = error or outcome.value
         if worker.health is Health.STARTING:
             return
-        if worker.health is Health.HEALTHY and worker.consecutive_failures >= cfg.failure_threshold:
+        if worker.health is Health.DEAD:
+            self._open_breaker(worker)
+        elif worker.consecutive_failures >= cfg.failure_threshold:
             self._set_health(worker, Health.DEAD)
 
     def set_dead(self, worker: Worker, dead: bool) -> None:
-        """Operator override (`PUT /workers/{id}` with `is_dead`)."""
+        """Operator override (`PUT /workers/{id}` with `is_dead`): sticky until undone."""
         worker.consecutive_failures = 0
         worker.consecutive_successes = 0
+        worker.quarantined_by_operator = dead
         if not dead:
             worker.last_error = None
         self._set_health(worker, Health.DEAD if dead else Health.HEALTHY)
+
+    def set_draining(self, worker: Worker, draining: bool, remove_when_idle: bool) -> None:
+        """Take a worker out of rotation for maintenance; optionally forget it once idle."""
+        worker.draining = draining
+        worker.remove_when_idle = draining and remove_when_idle
+        log.info("worker %s %s", worker.display_id, "draining" if draining else "undrained")
+        if worker.remove_when_idle and worker.in_flight == 0:
+            self.remove(worker.url)
+        self._notify()
 
     def set_sleeping(self, worker: Worker, sleeping: bool) -> None:
         """Record the router's own view of sleep: workers keep `/health` at 200 while asleep."""
@@ -306,6 +376,10 @@ class Registry:
         if worker.health is health:
             return
         previous, worker.health = worker.health, health
+        if health is Health.DEAD:
+            self._open_breaker(worker)
+        else:
+            worker.half_open_after = math.inf
         level = logging.WARNING if health is Health.DEAD else logging.INFO
         log.log(level, "worker %s: %s -> %s%s", worker.display_id, previous.value, health.value,
                 f" ({worker.last_error})" if worker.last_error and health is Health.DEAD else "")

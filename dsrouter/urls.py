@@ -75,3 +75,42 @@ def worker_id_for(url: str) -> str:
 def display_id_for(url: str) -> str:
     """The human id of a worker: `host:port` as written in the URL."""
     return urlsplit(url).netloc
+
+
+async def check_allowlist(url: str, allowed: list[str]) -> None:
+    """With `security.allowed_worker_networks` set, the worker must be inside one of them.
+
+    Entries are CIDRs or host names. A host given by name passes when it is listed by name,
+    or when every address it resolves to lies in a listed network (so a name cannot be used
+    to smuggle in an address outside the allowlist).
+    """
+    if not allowed:
+        return
+    import trio
+
+    host = (urlsplit(url).hostname or "").lower()
+    names = {entry.lower() for entry in allowed if not _is_network(entry)}
+    networks = [ipaddress.ip_network(entry, strict=False) for entry in allowed
+                if _is_network(entry)]
+    if host in names:
+        return
+    try:
+        addresses = [ipaddress.ip_address(host)]
+    except ValueError:
+        try:
+            infos = await trio.socket.getaddrinfo(host, None)
+        except OSError as exc:
+            raise InvalidWorkerURL(f"worker host {host!r} does not resolve: {exc}") from None
+        addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    if addresses and all(any(a in net for net in networks) for a in addresses):
+        return
+    raise InvalidWorkerURL(
+        f"worker host {host!r} is blocked: not in security.allowed_worker_networks")
+
+
+def _is_network(entry: str) -> bool:
+    try:
+        ipaddress.ip_network(entry, strict=False)
+    except ValueError:
+        return False
+    return True

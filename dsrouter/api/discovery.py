@@ -24,7 +24,7 @@ async def list_models() -> Any:
     failures: dict[str, str] = {}
 
     async def ask(url: str) -> None:
-        with trio.move_on_after(context.config.server.request_timeout_s):
+        with trio.move_on_after(context.config.timeouts.discovery_s):
             try:
                 response = await context.client.get(f"{url}/v1/models")
                 response.raise_for_status()

@@ -30,7 +30,7 @@ async def broadcast(workers: list[Worker], method: str, path: str,
                     body: bytes | None) -> list[dict[str, Any]]:
     """Send one control call to each worker concurrently, each bounded by the route timeout."""
     context = ctx()
-    timeout = context.config.server.request_timeout_s
+    timeout = context.config.timeouts.control_s
     results: dict[str, dict[str, Any]] = {}
 
     async def one(worker: Worker) -> None:
@@ -40,8 +40,7 @@ async def broadcast(workers: list[Worker], method: str, path: str,
             try:
                 response = await context.client.request(
                     method, f"{worker.url}{path}", content=body,
-                    headers={"content-type": "application/json"} if body is not None else None,
-                )
+                    headers=_headers(worker, json_body=body is not None))
             except httpx.HTTPError as exc:
                 entry["error"] = f"Worker request failed: {type(exc).__name__}: {exc}"
                 return
@@ -57,6 +56,14 @@ async def broadcast(workers: list[Worker], method: str, path: str,
         for worker in workers:
             nursery.start_soon(one, worker)
     return [results[w.url] for w in workers]
+
+
+def _headers(worker: Worker, *, json_body: bool) -> dict[str, str]:
+    headers = {"content-type": "application/json"} if json_body else {}
+    key = worker.api_key or ctx().config.security.worker_api_key
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    return headers
 
 
 async def _body() -> bytes:

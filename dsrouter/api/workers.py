@@ -12,11 +12,12 @@ from quart import Blueprint, Response, current_app, jsonify, request
 from dsrouter.api.errors import error
 from dsrouter.context import RouterContext
 from dsrouter.registry import Worker
-from dsrouter.urls import InvalidWorkerURL, normalize_worker_url
+from dsrouter.urls import InvalidWorkerURL, check_allowlist, normalize_worker_url
 
 bp = Blueprint("workers", __name__)
 
-PUT_FIELDS = {"is_dead": bool, "refresh_video_support": bool}
+PUT_FIELDS = {"is_dead": bool, "refresh_video_support": bool, "draining": bool,
+              "remove_when_drained": bool}
 
 
 def ctx() -> RouterContext:
@@ -57,9 +58,11 @@ async def _url_from_request() -> str:
     if not isinstance(url, str):
         raise BadRequest("worker url must be a string")
     try:
-        return normalize_worker_url(url)
+        normalized = normalize_worker_url(url)
+        await check_allowlist(normalized, ctx().config.security.allowed_worker_networks)
     except InvalidWorkerURL as exc:
         raise BadRequest(str(exc)) from None
+    return normalized
 
 
 async def _register() -> Worker:
@@ -151,8 +154,8 @@ async def update_worker(_worker_id: str) -> Any:
     worker = _worker_from_path()
     body = await _json_body(required=True)
     if not isinstance(body, dict) or not body:
-        raise BadRequest("body must be a non-empty JSON object with is_dead and/or "
-                         "refresh_video_support")
+        raise BadRequest("body must be a non-empty JSON object with any of: "
+                         + ", ".join(PUT_FIELDS))
     for key, value in body.items():
         if key not in PUT_FIELDS:
             raise BadRequest(f"unknown field {key!r}; allowed: {', '.join(PUT_FIELDS)}")
@@ -161,6 +164,9 @@ async def update_worker(_worker_id: str) -> Any:
     context = ctx()
     if "is_dead" in body:
         context.registry.set_dead(worker, body["is_dead"])
+    if "draining" in body:
+        remove = body.get("remove_when_drained", True) and worker.managed is None
+        context.registry.set_draining(worker, body["draining"], remove_when_idle=remove)
     if body.get("refresh_video_support"):
         with trio.move_on_after(context.config.health.timeout_s * 2):
             await context.registry.request_capability_refresh(worker.url).wait()

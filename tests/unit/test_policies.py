@@ -9,7 +9,7 @@ from dsrouter.registry import Health, NoWorkerAvailable, Registry
 
 
 def pool(n: int, policy_name: str = "least-request") -> Registry:
-    registry = Registry(HealthConfig(), make_policy(policy_name))
+    registry = Registry(HealthConfig(), make_policy(policy_name), clock=lambda: 0.0)
     for i in range(n):
         worker, _ = registry.add(f"http://w{i}:1")
         worker.health = Health.HEALTHY

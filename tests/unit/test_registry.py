@@ -8,8 +8,16 @@ from dsrouter.registry import Health, ProbeOutcome, Registry, video_support_from
 URL = "http://w:1"
 
 
-def registry(**health: int) -> Registry:
-    reg = Registry(HealthConfig(**health), LeastRequest())
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def registry(clock: Clock | None = None, **health: float) -> Registry:
+    reg = Registry(HealthConfig(**health), LeastRequest(), clock=clock or Clock())
     reg.add(URL)
     return reg
 
@@ -122,3 +130,77 @@ def test_sleeping_worker_marked_dead_wakes_healthy() -> None:
 )
 def test_video_support_follows_task_and_output_types(tasks, outputs, expected) -> None:
     assert video_support_from(tasks, outputs) is expected
+
+
+def test_request_failures_open_the_breaker_and_a_trial_closes_it() -> None:
+    clock = Clock()
+    reg = registry(clock, failure_threshold=2, breaker_open_s=10)
+    reg.add("http://other:1")
+    worker, other = reg.workers()
+    for w in (worker, other):
+        reg.apply_probe(w.url, ProbeOutcome.OK)
+    reg.record_result(worker, False, "connect refused")
+    assert worker.routable
+    reg.record_result(worker, False, "connect refused")
+    assert worker.health is Health.DEAD
+    assert reg.routable() == [other]
+    clock.now = 9.9
+    assert reg.routable() == [other]
+    clock.now = 10.0
+    assert reg.routable() == [worker, other]
+    trial = reg.lease_worker(worker)
+    assert trial.trial and reg.routable() == [other]
+    reg.record_result(worker, True)
+    trial.release()
+    assert worker.health is Health.HEALTHY and reg.routable() == [worker, other]
+
+
+def test_a_failed_trial_reopens_the_breaker() -> None:
+    clock = Clock()
+    reg = registry(clock, failure_threshold=1, breaker_open_s=5)
+    worker = reg.by_url(URL)
+    reg.apply_probe(URL, ProbeOutcome.OK)
+    reg.record_result(worker, False)
+    clock.now = 6
+    with reg.lease_worker(worker):
+        reg.record_result(worker, False)
+    assert worker.health is Health.DEAD and reg.routable() == []
+    clock.now = 10.9
+    assert reg.routable() == []
+    clock.now = 11
+    assert reg.routable() == [worker]
+
+
+def test_operator_quarantine_never_half_opens() -> None:
+    clock = Clock()
+    reg = registry(clock, breaker_open_s=1)
+    worker = reg.by_url(URL)
+    reg.apply_probe(URL, ProbeOutcome.OK)
+    reg.set_dead(worker, True)
+    clock.now = 100
+    for _ in range(5):
+        reg.apply_probe(URL, ProbeOutcome.OK)
+    assert worker.health is Health.DEAD and reg.routable() == []
+    reg.set_dead(worker, False)
+    assert worker.routable
+
+
+def test_draining_worker_takes_no_new_requests_and_leaves_once_idle() -> None:
+    reg = registry()
+    worker = reg.by_url(URL)
+    reg.apply_probe(URL, ProbeOutcome.OK)
+    lease = reg.lease()
+    reg.set_draining(worker, True, remove_when_idle=True)
+    assert reg.routable() == [] and reg.by_url(URL) is worker
+    lease.release()
+    assert reg.by_url(URL) is None
+
+
+def test_draining_worker_can_be_kept_and_undrained() -> None:
+    reg = registry()
+    worker = reg.by_url(URL)
+    reg.apply_probe(URL, ProbeOutcome.OK)
+    reg.set_draining(worker, True, remove_when_idle=False)
+    assert reg.by_url(URL) is worker and not worker.routable and worker.state == "draining"
+    reg.set_draining(worker, False, remove_when_idle=False)
+    assert worker.routable

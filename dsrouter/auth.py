@@ -1,0 +1,52 @@
+"""Who may call what: an admin token for the control plane, API keys for inference.
+
+Secrets come from router.toml, an environment variable or a file (so they need not sit in
+the config), are compared in constant time, and are never logged or forwarded to workers.
+"""
+
+from __future__ import annotations
+
+import hmac
+from pathlib import Path
+
+from dsrouter.config import ConfigError, SecurityConfig, resolve_secret
+
+PUBLIC_PATHS = frozenset({"/health", "/openapi.json"})
+"""Reachable without credentials: load balancers and orchestrators probe /health."""
+
+
+class Auth:
+    def __init__(self, security: SecurityConfig) -> None:
+        try:
+            self.admin_token = resolve_secret(security.admin_token, security.admin_token_env,
+                                              security.admin_token_file)
+            keys = list(security.api_keys)
+            if security.api_keys_file:
+                keys += [line.strip() for line in Path(security.api_keys_file).read_text()
+                         .splitlines() if line.strip() and not line.startswith("#")]
+        except OSError as exc:
+            raise ConfigError([f"security: cannot read secret file: {exc}"]) from None
+        self.api_keys = [key.encode() for key in keys if key]
+        self.protect_metrics = security.protect_metrics
+
+    def admin_allowed(self, authorization: bytes | None) -> bool:
+        if not self.admin_token:
+            return True
+        return _matches(authorization, [self.admin_token.encode()])
+
+    def inference_allowed(self, authorization: bytes | None) -> bool:
+        """API keys guard inference; the admin token is accepted there too."""
+        if not self.api_keys:
+            return True
+        allowed = [*self.api_keys, *([self.admin_token.encode()] if self.admin_token else [])]
+        return _matches(authorization, allowed)
+
+
+def _matches(authorization: bytes | None, secrets: list[bytes]) -> bool:
+    if not authorization or authorization[:7].lower() != b"bearer ":
+        return False
+    presented = authorization[7:].strip()
+    ok = False
+    for secret in secrets:
+        ok |= hmac.compare_digest(presented, secret)
+    return ok
