@@ -27,7 +27,7 @@ NonNegativeInt = NewType("NonNegativeInt", int)
 Port = NewType("Port", int)
 WorkerURL = NewType("WorkerURL", str)
 
-RoutingAlgorithm = Literal["least-request", "round-robin", "random"]
+RoutingAlgorithm = Literal["least-work", "least-request", "round-robin", "random"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
 RestartPolicy = Literal["never", "on-failure", "always"]
@@ -58,11 +58,28 @@ class TimeoutsConfig:
 
 @attrs.frozen
 class RoutingConfig:
-    algorithm: RoutingAlgorithm = "least-request"
+    algorithm: RoutingAlgorithm = "least-work"
+    max_inflight_per_worker: NonNegativeInt = NonNegativeInt(0)
+    queue_size: NonNegativeInt = NonNegativeInt(1024)
+    queue_timeout_s: PositiveFloat = PositiveFloat(600.0)
+    queue_while_asleep: bool = False
     max_attempts: PositiveInt = PositiveInt(3)
     retry_buffer_mb: NonNegativeInt = NonNegativeInt(16)
     retry_backoff_s: NonNegativeFloat = NonNegativeFloat(0.05)
     max_jobs: PositiveInt = PositiveInt(100_000)
+
+
+@attrs.frozen
+class CostConfig:
+    default_steps: PositiveInt = PositiveInt(30)
+    image_width: PositiveInt = PositiveInt(1024)
+    image_height: PositiveInt = PositiveInt(1024)
+    video_width: PositiveInt = PositiveInt(832)
+    video_height: PositiveInt = PositiveInt(480)
+    video_seconds: PositiveFloat = PositiveFloat(4.0)
+    video_fps: PositiveFloat = PositiveFloat(24.0)
+    default_seconds_per_unit: PositiveFloat = PositiveFloat(0.01)
+    models: dict[str, dict[str, int]] = attrs.Factory(dict)
 
 
 @attrs.frozen
@@ -132,6 +149,7 @@ class Config:
     server: ServerConfig = attrs.Factory(ServerConfig)
     timeouts: TimeoutsConfig = attrs.Factory(TimeoutsConfig)
     routing: RoutingConfig = attrs.Factory(RoutingConfig)
+    cost: CostConfig = attrs.Factory(CostConfig)
     health: HealthConfig = attrs.Factory(HealthConfig)
     workers: list[StaticWorker] = attrs.Factory(list)
     launcher: LauncherConfig = attrs.Factory(LauncherConfig)

@@ -77,7 +77,8 @@ async def run_router(config: Config,
     shutdown = trio.Event()
     async with _control_client(config) as client, _proxy_client(config) as proxy_client:
         registry = Registry(config.health, make_policy(config.routing.algorithm),
-                            max_jobs=config.routing.max_jobs)
+                            routing=config.routing, max_jobs=config.routing.max_jobs,
+                            default_spu=config.cost.default_seconds_per_unit)
         health = HealthChecker(registry, client, config.health)
         context = RouterContext(config=config, registry=registry, health=health, client=client)
         auth = Auth(config.security)

@@ -1,8 +1,9 @@
 """Routing policies: pick one worker from the routable candidates.
 
-A policy sees only the candidates the registry hands it (already filtered for routability and
-capability) and their load; adding a policy means one class here and one line in `POLICIES`.
-Policies are called synchronously from `Registry.lease`, so their own state cannot race.
+A policy sees only the candidates the registry hands it (already filtered for routability,
+capability and per-worker limits), their load, and the request's estimated cost; adding a
+policy means one class here and one line in `POLICIES`. Policies are called synchronously
+from the registry, so their own state cannot race.
 """
 
 from __future__ import annotations
@@ -18,9 +19,39 @@ if TYPE_CHECKING:
 class Policy(Protocol):
     name: str
 
-    def choose(self, candidates: Sequence[Worker]) -> Worker:
-        """Return one of `candidates` (never empty)."""
+    def choose(self, candidates: Sequence[Worker], cost: float, default_spu: float) -> Worker:
+        """Return one of `candidates` (never empty).
+
+        `cost` is the request's estimated work; `default_spu` the seconds per cost unit to
+        assume for a worker that has not been measured yet.
+        """
         ...
+
+
+class LeastWork:
+    """Earliest predicted finish: (work already assigned + this request) x seconds per unit.
+
+    Unlike least-request it knows that a 4K video is not a thumbnail and that a worker twice
+    as fast should take twice the work.
+    """
+
+    name = "least-work"
+
+    def __init__(self) -> None:
+        self._turn = 0
+
+    def choose(self, candidates: Sequence[Worker], cost: float, default_spu: float) -> Worker:
+        best: list[Worker] = []
+        best_finish = float("inf")
+        for worker in candidates:
+            spu = worker.speed.seconds_per_unit or default_spu
+            finish = (worker.outstanding_cost + cost) * spu
+            if finish < best_finish * (1 - 1e-9):
+                best, best_finish = [worker], finish
+            elif finish <= best_finish * (1 + 1e-9):
+                best.append(worker)
+        self._turn += 1
+        return best[self._turn % len(best)]
 
 
 class LeastRequest:
@@ -31,7 +62,7 @@ class LeastRequest:
     def __init__(self) -> None:
         self._turn = 0
 
-    def choose(self, candidates: Sequence[Worker]) -> Worker:
+    def choose(self, candidates: Sequence[Worker], cost: float, default_spu: float) -> Worker:
         lowest = min(w.in_flight for w in candidates)
         tied = [w for w in candidates if w.in_flight == lowest]
         self._turn += 1
@@ -44,7 +75,7 @@ class RoundRobin:
     def __init__(self) -> None:
         self._turn = -1
 
-    def choose(self, candidates: Sequence[Worker]) -> Worker:
+    def choose(self, candidates: Sequence[Worker], cost: float, default_spu: float) -> Worker:
         self._turn += 1
         return candidates[self._turn % len(candidates)]
 
@@ -55,11 +86,12 @@ class Random:
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
 
-    def choose(self, candidates: Sequence[Worker]) -> Worker:
+    def choose(self, candidates: Sequence[Worker], cost: float, default_spu: float) -> Worker:
         return self._rng.choice(candidates)
 
 
 POLICIES: dict[str, Callable[[], Policy]] = {
+    LeastWork.name: LeastWork,
     LeastRequest.name: LeastRequest,
     RoundRobin.name: RoundRobin,
     Random.name: Random,

@@ -30,9 +30,10 @@ import trio
 from dsrouter import routes
 from dsrouter.body import BodyTooLarge, ClientDisconnected, ClientTooSlow, RequestBody
 from dsrouter.context import RouterContext
+from dsrouter.cost import CostModel
 from dsrouter.frontend import Receive, Scope, Send
 from dsrouter.listing import merged_job_list
-from dsrouter.registry import NoWorkerAvailable, Worker
+from dsrouter.registry import NoWorkerAvailable, QueueFull, QueueTimeout, Worker
 from dsrouter.routes import Route
 
 log = logging.getLogger("dsrouter.proxy")
@@ -131,6 +132,7 @@ class Proxy:
         """The hot-path client; probes and broadcasts use `context.client`."""
         self.active = 0
         self._rng = random.Random()
+        self.cost_model = CostModel(context.config.cost)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope["headers"])
@@ -167,8 +169,10 @@ class Proxy:
             await self._dispatch(exchange)
         except ClientDisconnected:
             log.info("client went away during upload [%s]", exchange.request_id)
-        except NoWorkerAvailable as exc:
+        except (NoWorkerAvailable, QueueTimeout) as exc:
             await exchange.respond_error(503, str(exc))
+        except QueueFull as exc:
+            await exchange.respond_error(429, str(exc), [(b"retry-after", b"1")])
         except BodyTooLarge as exc:
             await exchange.respond_error(413, str(exc))
         except ClientTooSlow as exc:
@@ -216,13 +220,18 @@ class Proxy:
         body = exchange.body
         if body.present and self.config.routing.retry_buffer_mb:
             await body.buffer_up_to(self.config.routing.retry_buffer_mb * MiB)
+        route = exchange.route
+        headers = dict(exchange.scope["headers"])
+        cost = self.cost_model.estimate(
+            route.path, body.buffered, headers.get(b"content-type", b"").decode("latin-1"))
+        priority = _int_header(headers.get(b"x-dsrouter-priority"))
         tried: list[Worker] = []
         last_error: UpstreamFailed | None = None
         max_attempts = self.config.routing.max_attempts
-        learn = exchange.route.kind == routes.CREATE
+        learn = route.kind == routes.CREATE
         while True:
             try:
-                lease = self.registry.lease(accept, exclude=tried)
+                lease = await self.registry.acquire(accept, tried, cost, priority)
             except NoWorkerAvailable:
                 if last_error is None:
                     raise
@@ -230,7 +239,10 @@ class Proxy:
             worker = lease.worker
             with lease:
                 try:
-                    await self._attempt(exchange, worker, learn=learn)
+                    started = trio.current_time()
+                    status = await self._attempt(exchange, worker, learn=learn)
+                    if status == 200 and route.path in routes.SYNCHRONOUS_GENERATIONS:
+                        self.registry.observe(worker, cost, started, trio.current_time())
                     return
                 except UpstreamFailed as exc:
                     if not (exc.retryable and body.replayable and not exchange.response_started
@@ -414,6 +426,13 @@ async def _read_up_to(chunks: AsyncIterator[bytes], limit: int, idle_s: float) -
             break
         buffer += chunk
     return bytes(buffer)
+
+
+def _int_header(value: bytes | None) -> int:
+    try:
+        return int(value) if value else 0
+    except ValueError:
+        return 0
 
 
 def _is_json(response: httpx.Response) -> bool:

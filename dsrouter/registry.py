@@ -13,6 +13,8 @@ capability probes after a worker registers, becomes healthy or recovers.
 from __future__ import annotations
 
 import enum
+import heapq
+import itertools
 import logging
 import math
 import time
@@ -22,9 +24,10 @@ from typing import Any
 import attrs
 import trio
 
-from dsrouter.config import HealthConfig
+from dsrouter.config import HealthConfig, RoutingConfig
 from dsrouter.jobs import JobMap
 from dsrouter.policies import Policy
+from dsrouter.speed import SpeedEstimate, pool_median
 from dsrouter.urls import display_id_for, normalize_worker_url, worker_id_for
 
 log = logging.getLogger("dsrouter.registry")
@@ -48,6 +51,14 @@ class ProbeOutcome(enum.Enum):
 
 class NoWorkerAvailable(Exception):
     """No worker satisfies the request right now; the message is safe to show to a client."""
+
+
+class QueueFull(Exception):
+    """The router queue is at `routing.queue_size`: the client should retry later (429)."""
+
+
+class QueueTimeout(Exception):
+    """A request waited `routing.queue_timeout_s` without a worker freeing up (503)."""
 
 
 @attrs.frozen
@@ -86,6 +97,10 @@ class Worker:
     """When the breaker last opened (trio clock); a trial is allowed `breaker_open_s` later."""
     trial_in_flight: bool = False
     half_open_after: float = math.inf
+    outstanding_cost: float = 0.0
+    """Estimated work of the requests this worker is serving now (see `cost.py`)."""
+    speed: SpeedEstimate = attrs.Factory(SpeedEstimate)
+    last_completion_at: float = -math.inf
 
     @property
     def state(self) -> str:
@@ -127,6 +142,8 @@ class Worker:
             if self.probe_latency_s is None
             else round(self.probe_latency_s * 1000, 2),
             "requests_total": self.requests_total,
+            "outstanding_cost": round(self.outstanding_cost, 3),
+            "seconds_per_unit": self.speed.seconds_per_unit,
             "quarantined_by_operator": self.quarantined_by_operator,
             "managed": self.managed is not None,
             **({"supervisor": self.managed} if self.managed is not None else {}),
@@ -136,11 +153,12 @@ class Worker:
 class Lease:
     """One request's claim on a worker. Released exactly once, however the request ends."""
 
-    __slots__ = ("_registry", "released", "trial", "worker")
+    __slots__ = ("_registry", "cost", "released", "trial", "worker")
 
-    def __init__(self, registry: Registry, worker: Worker) -> None:
+    def __init__(self, registry: Registry, worker: Worker, cost: float) -> None:
         self._registry = registry
         self.worker = worker
+        self.cost = cost
         self.released = False
         self.trial = False
         """True when this request is the half-open breaker's one trial."""
@@ -160,12 +178,30 @@ class Lease:
 CapabilityProber = Callable[[str], Awaitable[Capabilities | None]]
 
 
+@attrs.define(eq=False)
+class _Waiter:
+    """A request queued in the router until a worker has room (late binding)."""
+
+    accept: Callable[[Worker], bool] | None
+    exclude: frozenset[int]
+    cost: float
+    event: trio.Event = attrs.Factory(trio.Event)
+    lease: Lease | None = None
+
+
 class Registry:
-    def __init__(self, health: HealthConfig, policy: Policy, *, max_jobs: int = 100_000,
+    def __init__(self, health: HealthConfig, policy: Policy, *,
+                 routing: RoutingConfig | None = None, max_jobs: int = 100_000,
+                 default_spu: float = 0.01,
                  clock: Callable[[], float] = trio.current_time) -> None:
         self.health_config = health
+        self.routing = routing or RoutingConfig()
         self.policy = policy
         self.clock = clock
+        self.default_spu = default_spu
+        self._spu_cache: float | None = None
+        self._queue: list[tuple[int, int, _Waiter]] = []
+        self._seq = itertools.count()
         self.jobs = JobMap(max_jobs)
         self._workers: dict[str, Worker] = {}
         self._refresh_send, self._refresh_receive = trio.open_memory_channel[str](math.inf)
@@ -212,6 +248,7 @@ class Registry:
             "draining_workers": sum(1 for w in workers if w.draining),
             "starting_workers": sum(1 for w in workers if w.health is Health.STARTING),
             "in_flight": sum(w.in_flight for w in workers),
+            "queued": len(self._queue),
         }
 
     # ---- membership ----------------------------------------------------------------------
@@ -245,19 +282,89 @@ class Registry:
     # ---- leases --------------------------------------------------------------------------
 
     def lease(self, accept: Callable[[Worker], bool] | None = None,
-              exclude: Iterable[Worker] = ()) -> Lease:
-        """Pick a routable worker with the policy and count the request against it."""
-        excluded = set(map(id, exclude))
+              exclude: Iterable[Worker] = (), cost: float = 1.0) -> Lease:
+        """Pick a routable worker now, ignoring per-worker limits and the queue."""
+        excluded = frozenset(map(id, exclude))
         candidates = [w for w in self.routable(accept) if id(w) not in excluded]
         if not candidates:
             raise NoWorkerAvailable("No healthy workers available in the pool")
-        return self.lease_worker(self.policy.choose(candidates))
+        return self.lease_worker(self._choose(candidates, cost), cost)
 
-    def lease_worker(self, worker: Worker) -> Lease:
+    async def acquire(self, accept: Callable[[Worker], bool] | None = None,
+                      exclude: Iterable[Worker] = (), cost: float = 1.0,
+                      priority: int = 0) -> Lease:
+        """A lease on the best worker with room, waiting in the router queue if none has.
+
+        FIFO within a priority (higher first). A waiter that is cancelled (client gone,
+        queue timeout) leaves the queue at once, and a lease handed to it in the meantime is
+        released, so no slot is lost.
+        """
+        excluded = frozenset(map(id, exclude))
+        if not self._candidates(accept, excluded, limit=False):
+            raise NoWorkerAvailable("No healthy workers available in the pool")
+        if not self._queue:
+            free = self._candidates(accept, excluded, limit=True)
+            if free:
+                return self.lease_worker(self._choose(free, cost), cost)
+        if len(self._queue) >= self.routing.queue_size:
+            raise QueueFull(f"Router queue is full ({self.routing.queue_size} waiting)")
+        waiter = _Waiter(accept, excluded, cost)
+        entry = (-priority, next(self._seq), waiter)
+        heapq.heappush(self._queue, entry)
+        self._notify()
+        try:
+            with trio.move_on_after(self.routing.queue_timeout_s):
+                await waiter.event.wait()
+        except BaseException:
+            if waiter.lease is not None:
+                waiter.lease.release()
+            else:
+                self._leave_queue(entry)
+            raise
+        if waiter.lease is None:
+            self._leave_queue(entry)
+            raise QueueTimeout(
+                f"No worker became free within {self.routing.queue_timeout_s:g}s")
+        return waiter.lease
+
+    def _leave_queue(self, entry: tuple[int, int, _Waiter]) -> None:
+        self._queue.remove(entry)
+        heapq.heapify(self._queue)
+
+    def _candidates(self, accept: Callable[[Worker], bool] | None, excluded: frozenset[int],
+                    *, limit: bool) -> list[Worker]:
+        cap = self.routing.max_inflight_per_worker
+        return [w for w in self.routable(accept) if id(w) not in excluded
+                and (not limit or not cap or w.in_flight < cap)]
+
+    def _dispatch_queue(self) -> None:
+        """Hand freed capacity to queued requests, in priority then arrival order."""
+        if not self._queue:
+            return
+        served = []
+        for entry in sorted(self._queue):
+            waiter = entry[2]
+            free = self._candidates(waiter.accept, waiter.exclude, limit=True)
+            if free:
+                waiter.lease = self.lease_worker(self._choose(free, waiter.cost), waiter.cost)
+                waiter.event.set()
+                served.append(entry)
+        if served:
+            self._queue = [e for e in self._queue if e not in served]
+            heapq.heapify(self._queue)
+
+    def _choose(self, candidates: list[Worker], cost: float) -> Worker:
+        if self._spu_cache is None:
+            self._spu_cache = pool_median([w.speed for w in self._workers.values()],
+                                          self.default_spu)
+        return self.policy.choose(candidates, cost, self._spu_cache)
+
+    def lease_worker(self, worker: Worker, cost: float = 0.0) -> Lease:
         """Count a request against a specific worker (sticky jobs, broadcasts)."""
         worker.in_flight += 1
         worker.requests_total += 1
-        lease = Lease(self, worker)
+        worker.outstanding_cost += cost
+        lease = Lease(self, worker, cost)
         if self._half_open(worker):
             worker.trial_in_flight = True
             lease.trial = True
@@ -266,12 +373,24 @@ class Registry:
     def _release(self, lease: Lease) -> None:
         worker = lease.worker
         worker.in_flight -= 1
+        worker.outstanding_cost = max(0.0, worker.outstanding_cost - lease.cost)
         assert worker.in_flight >= 0, "lease released twice"
         if lease.trial:
             worker.trial_in_flight = False
         if worker.draining and worker.remove_when_idle and worker.in_flight == 0:
             self.remove(worker.url)
         self._notify()
+
+    def observe(self, worker: Worker, cost: float, started: float, finished: float) -> None:
+        """Learn a worker's speed from one completed request.
+
+        A worker runs one generation at a time, so a request that waited behind another one
+        in the worker started its real work when the previous one finished.
+        """
+        begin = max(started, worker.last_completion_at)
+        worker.last_completion_at = finished
+        worker.speed.observe(cost, finished - begin)
+        self._spu_cache = None
 
     def record_result(self, worker: Worker, ok: bool, error: str | None = None) -> None:
         """Passive health: a request's outcome counts like a probe's (the circuit breaker).
@@ -388,6 +507,8 @@ class Registry:
         self._notify()
 
     def _notify(self) -> None:
+        """Something changed that may free capacity: serve the queue, wake watchers."""
+        self._dispatch_queue()
         self.changed.set()
         self.changed = trio.Event()
 

@@ -20,6 +20,8 @@ _IMAGE_CONTENT = re.compile(r"^/v1/images/([^/]+)/content$")
 _ALIASES = {"/generate": "/v1/images/generations", "/generate_video": "/v1/videos"}
 _KIND_OUTPUT = {"videos": "VIDEO", "meshes": "MESH", "images": "IMAGE"}
 _IMAGE_POSTS = frozenset({"/v1/images/generations", "/v1/images/edits"})
+SYNCHRONOUS_GENERATIONS = frozenset({*_IMAGE_POSTS, "/rollout/generate", "/v1/diffusion/generate"})
+"""Routes whose answer arrives when the GPU work is done: their latency teaches speed."""
 
 
 @attrs.frozen

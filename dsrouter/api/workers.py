@@ -96,7 +96,9 @@ async def miles_add_worker() -> Any:
 
 @bp.get("/workers")
 async def list_workers() -> Any:
-    return {"workers": [w.to_json() for w in ctx().registry.workers()]}
+    registry = ctx().registry
+    return {"workers": [w.to_json() for w in registry.workers()],
+            "queued": registry.summary()["queued"]}
 
 
 @bp.get("/list_workers")

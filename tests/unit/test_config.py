@@ -18,7 +18,7 @@ def test_example_config_loads_and_matches_defaults() -> None:
     config = load_config(REPO / "router.toml.example")
     assert isinstance(config, Config)
     assert config.server.port == 30080
-    assert config.routing.algorithm == "least-request"
+    assert config.routing.algorithm == "least-work"
 
 
 def test_every_problem_is_one_line_naming_file_and_key(tmp_path: Path) -> None:
@@ -41,7 +41,7 @@ url = "http://169.254.169.254"
     text = "\n".join(problems)
     assert "health.interval_s: expected a number > 0, got 'ten'" in text
     assert "health.failure_treshold: unknown key" in text
-    assert "routing.algorithm: expected one of 'least-request'" in text
+    assert "routing.algorithm: expected one of 'least-work', 'least-request'" in text
     assert "server.port: expected a port number" in text
     assert "workers[0].url: expected a worker URL" in text and "blocked" in text
 

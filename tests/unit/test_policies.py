@@ -71,6 +71,6 @@ def test_unroutable_workers_are_never_chosen() -> None:
 
 
 def test_every_policy_is_registered() -> None:
-    assert set(POLICIES) == {"least-request", "round-robin", "random"}
+    assert set(POLICIES) == {"least-work", "least-request", "round-robin", "random"}
     assert isinstance(make_policy("least-request"), LeastRequest)
     assert isinstance(make_policy("round-robin"), RoundRobin)

@@ -1,0 +1,157 @@
+import math
+
+import pytest
+import trio
+import trio.testing
+
+from dsrouter.config import CostConfig, HealthConfig, RoutingConfig
+from dsrouter.cost import CostModel
+from dsrouter.policies import LeastWork
+from dsrouter.registry import (
+    NoWorkerAvailable,
+    ProbeOutcome,
+    QueueFull,
+    QueueTimeout,
+    Registry,
+)
+from dsrouter.speed import SpeedEstimate, pool_median
+
+
+def pool(n: int, **routing: object) -> Registry:
+    registry = Registry(HealthConfig(), LeastWork(), routing=RoutingConfig(**routing))
+    for i in range(n):
+        registry.add(f"http://w{i}:1")
+        registry.apply_probe(f"http://w{i}:1", ProbeOutcome.OK)
+    return registry
+
+
+def test_cost_grows_with_pixels_steps_frames_and_outputs() -> None:
+    model = CostModel(CostConfig())
+    small = model.estimate("/v1/images/generations",
+                           b'{"size": "512x512", "num_inference_steps": 10}', "application/json")
+    assert small == pytest.approx(0.512 * 0.512 * 10)
+    big = model.estimate("/v1/images/generations",
+                         b'{"width": 1024, "height": 1024, "num_inference_steps": 10, "n": 4}',
+                         "application/json")
+    assert big == pytest.approx(16 * small)
+    video = model.estimate("/v1/videos", b'{"size": "832x480", "seconds": 2, "fps": 16}',
+                           "application/json")
+    assert video == pytest.approx(0.832 * 0.48 * 30 * 32)
+
+
+def test_cost_falls_back_to_defaults_and_per_model_overrides() -> None:
+    model = CostModel(CostConfig(default_steps=20, models={"m": {"steps": 50}}))
+    default = model.estimate("/v1/images/generations", None, "multipart/form-data")
+    assert default == pytest.approx(1.048576 * 20)
+    assert model.estimate("/v1/images/generations", b"not json", "application/json") == default
+    tuned = model.estimate("/v1/images/generations", b'{"model": "m"}', "application/json")
+    assert tuned == pytest.approx(1.048576 * 50)
+
+
+def test_speed_estimate_resists_outliers_and_tracks_slowdowns() -> None:
+    speed = SpeedEstimate()
+    for _ in range(20):
+        speed.observe(10, 1.0)
+    assert speed.seconds_per_unit == pytest.approx(0.1)
+    speed.observe(10, 1000.0)
+    assert speed.seconds_per_unit < 0.2
+    for _ in range(20):
+        speed.observe(10, 3.0)
+    assert speed.seconds_per_unit == pytest.approx(0.3, rel=0.05)
+    assert pool_median([SpeedEstimate(), speed], 1.0) == speed.seconds_per_unit
+    assert pool_median([SpeedEstimate()], 1.0) == 1.0
+
+
+def test_least_work_prefers_the_faster_worker_until_its_backlog_outweighs_it() -> None:
+    registry = pool(2)
+    fast, slow = registry.workers()
+    fast.speed.observe(1, 1.0)
+    slow.speed.observe(1, 4.0)
+    picks = [registry.lease(cost=1.0).worker for _ in range(5)]
+    assert picks[:4] == [fast] * 4
+    assert picks[4] is slow
+
+
+def test_observe_discounts_time_spent_behind_the_previous_request() -> None:
+    registry = pool(1)
+    worker = registry.workers()[0]
+    registry.observe(worker, 1.0, started=0.0, finished=2.0)
+    registry.observe(worker, 1.0, started=0.0, finished=4.0)
+    assert worker.speed.seconds_per_unit == pytest.approx(2.0)
+
+
+async def test_queue_binds_late_to_the_first_worker_that_frees() -> None:
+    registry = pool(2, max_inflight_per_worker=1)
+    first = await registry.acquire()
+    second = await registry.acquire()
+    assert {first.worker, second.worker} == set(registry.workers())
+    got: list[object] = []
+
+    async def wait() -> None:
+        got.append(await registry.acquire())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait)
+        await trio.testing.wait_all_tasks_blocked()
+        assert registry.summary()["queued"] == 1 and not got
+        second.release()
+    assert got[0].worker is second.worker and registry.summary()["queued"] == 0
+
+
+async def test_queue_is_fifo_within_priority_and_priority_goes_first() -> None:
+    registry = pool(1, max_inflight_per_worker=1)
+    holder = await registry.acquire()
+    order: list[str] = []
+
+    async def wait(name: str, priority: int) -> None:
+        lease = await registry.acquire(priority=priority)
+        order.append(name)
+        lease.release()
+
+    async with trio.open_nursery() as nursery:
+        for name, priority in (("a", 0), ("b", 0), ("urgent", 5), ("c", 0)):
+            nursery.start_soon(wait, name, priority)
+            await trio.testing.wait_all_tasks_blocked()
+        holder.release()
+    assert order == ["urgent", "a", "b", "c"]
+
+
+async def test_full_queue_refuses_and_timeout_gives_up() -> None:
+    registry = pool(1, max_inflight_per_worker=1, queue_size=1, queue_timeout_s=5)
+    await registry.acquire()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(registry.acquire)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(QueueFull):
+            await registry.acquire()
+        nursery.cancel_scope.cancel()
+    assert registry.summary()["queued"] == 0
+
+
+async def test_queue_timeout(autojump_clock: trio.abc.Clock) -> None:
+    registry = pool(1, max_inflight_per_worker=1, queue_timeout_s=5)
+    await registry.acquire()
+    with pytest.raises(QueueTimeout):
+        await registry.acquire()
+    assert registry.summary()["queued"] == 0
+
+
+async def test_cancelled_waiter_leaves_the_queue_and_loses_no_slot() -> None:
+    registry = pool(1, max_inflight_per_worker=1)
+    holder = await registry.acquire()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(registry.acquire)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    holder.release()
+    assert registry.summary()["queued"] == 0
+    assert registry.workers()[0].in_flight == 0
+    lease = await registry.acquire()
+    assert lease.worker.in_flight == 1
+
+
+async def test_no_worker_at_all_fails_at_once() -> None:
+    registry = pool(0)
+    with pytest.raises(NoWorkerAvailable):
+        await registry.acquire()
+    assert math.isfinite(registry.routing.queue_timeout_s)
