@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from quart_trio import QuartTrio
 
-from dsrouter.api import discovery, rl, workers
+from dsrouter.api import discovery, ops, rl, workers
 from dsrouter.context import RouterContext
 
 ADMIN_BODY_LIMIT = 64 * 1024 * 1024
@@ -30,6 +30,7 @@ def create_app(context: RouterContext) -> QuartTrio:
     app.register_blueprint(workers.bp)
     app.register_blueprint(discovery.bp)
     app.register_blueprint(rl.bp)
+    app.register_blueprint(ops.bp)
     return app
 
 

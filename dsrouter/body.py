@@ -42,7 +42,7 @@ class RequestBody:
         """Set once the client's last body message was read: disconnects are watched after."""
         self.buffered: bytes | None = None if present else b""
         self._prefix = b""
-        self._received = 0
+        self.received = 0
         self.started = False
         if not present:
             self.done.set()
@@ -89,8 +89,8 @@ class RequestBody:
             if message["type"] == "http.disconnect":
                 raise ClientDisconnected
             chunk = message.get("body", b"")
-            self._received += len(chunk)
-            if self._received > self.max_bytes:
+            self.received += len(chunk)
+            if self.received > self.max_bytes:
                 raise BodyTooLarge(self.max_bytes)
             if not message.get("more_body", False):
                 self.done.set()

@@ -8,6 +8,7 @@ import trio
 
 from dsrouter.config import Config
 from dsrouter.health import HealthChecker
+from dsrouter.metrics import Metrics
 from dsrouter.registry import Registry
 
 
@@ -18,5 +19,6 @@ class RouterContext:
     health: HealthChecker
     client: httpx.AsyncClient
     """For probes, broadcasts and fan-out reads: small JSON bodies only, never the hot path."""
+    metrics: Metrics
     control_lock: trio.Lock = attrs.Factory(trio.Lock)
     """Held by every control broadcast so two of them never interleave on the pool."""

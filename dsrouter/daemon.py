@@ -29,6 +29,7 @@ from dsrouter.context import RouterContext
 from dsrouter.frontend import Frontend
 from dsrouter.health import HealthChecker
 from dsrouter.launcher.local import run_pool
+from dsrouter.metrics import Metrics
 from dsrouter.policies import make_policy
 from dsrouter.proxy import Proxy
 from dsrouter.registry import Registry
@@ -80,7 +81,8 @@ async def run_router(config: Config,
                             routing=config.routing, max_jobs=config.routing.max_jobs,
                             default_spu=config.cost.default_seconds_per_unit)
         health = HealthChecker(registry, client, config.health)
-        context = RouterContext(config=config, registry=registry, health=health, client=client)
+        context = RouterContext(config=config, registry=registry, health=health, client=client,
+                                metrics=Metrics(registry))
         auth = Auth(config.security)
         frontend = Frontend(create_app(context), Proxy(context, proxy_client), auth)
         _warn_if_exposed(config, auth)

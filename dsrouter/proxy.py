@@ -37,11 +37,14 @@ from dsrouter.registry import NoWorkerAvailable, QueueFull, QueueTimeout, Worker
 from dsrouter.routes import Route
 
 log = logging.getLogger("dsrouter.proxy")
+access_log = logging.getLogger("dsrouter.access")
 
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
-    b"trailer", b"transfer-encoding", b"upgrade", b"host", b"remote-addr",
+    b"trailer", b"transfer-encoding", b"upgrade", b"host", b"remote-addr", b"expect",
 })
+RESPONSE_DROP = HOP_BY_HOP | {b"date", b"server"}
+"""hypercorn writes its own Date and Server; the worker's would be duplicates."""
 PEEK_LIMIT = 1024 * 1024
 """Largest answer the router reads to learn a job id or status; bigger ones just stream."""
 BODYLESS_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
@@ -68,6 +71,12 @@ class Exchange:
     body: RequestBody
     attempts: int = 0
     response_started: bool = False
+    status: int = 0
+    finished: bool = False
+    bytes_out: int = 0
+    worker: str = "-"
+    started_at: float = attrs.Factory(trio.current_time)
+    first_byte_at: float | None = None
 
     @property
     def method(self) -> str:
@@ -145,7 +154,8 @@ class Proxy:
         body = RequestBody(receive, present=present, content_length=content_length,
                            max_bytes=self.config.server.max_body_mb * MiB,
                            idle_s=self.config.server.body_idle_timeout_s)
-        exchange = Exchange(scope, send, request_id, route, body)
+        exchange = Exchange(scope, _counting(send, lambda m: _observe(exchange, m)),
+                            request_id, route, body)
         if content_length is not None and content_length > body.max_bytes:
             await exchange.respond_error(413, str(BodyTooLarge(body.max_bytes)))
             return
@@ -163,6 +173,28 @@ class Proxy:
                 nursery.cancel_scope.cancel()
         finally:
             self.active -= 1
+            self._account(exchange)
+
+    def _account(self, exchange: Exchange) -> None:
+        """Metrics and the access line, once per request however it ended."""
+        metrics = self.context.metrics
+        label = routes.label(exchange.route)
+        status = str(exchange.status) if exchange.status else "aborted"
+        elapsed = trio.current_time() - exchange.started_at
+        metrics.requests.labels(label, status).inc()
+        metrics.duration.labels(label).observe(elapsed)
+        if exchange.first_byte_at is not None:
+            metrics.ttfb.labels(label).observe(exchange.first_byte_at - exchange.started_at)
+        if exchange.attempts > 1:
+            metrics.retries.inc(exchange.attempts - 1)
+        metrics.bytes.labels("in").inc(exchange.body.received)
+        metrics.bytes.labels("out").inc(exchange.bytes_out)
+        if self.config.logging.access_log:
+            access_log.info(
+                "%s %s %s %s worker=%s attempts=%d in=%d out=%d %.1fms",
+                exchange.request_id, exchange.method, exchange.scope["path"], status,
+                exchange.worker, exchange.attempts, exchange.body.received, exchange.bytes_out,
+                elapsed * 1000)
 
     async def _handle(self, exchange: Exchange) -> None:
         try:
@@ -190,8 +222,9 @@ class Proxy:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                log.info("client disconnected [%s]", exchange.request_id)
-                scope.cancel()
+                if not exchange.finished:
+                    log.info("client disconnected mid-request [%s]", exchange.request_id)
+                    scope.cancel()
                 return
 
     def _timeout(self, route: Route) -> float:
@@ -308,6 +341,7 @@ class Proxy:
                        watch_status: bool = False) -> int:
         """Send the request to `worker` and stream its answer back; returns the status."""
         exchange.attempts += 1
+        exchange.worker = worker.display_id
         request = self._build_request(exchange, worker)
         timeout = self._timeout(exchange.route)
         response: httpx.Response | None = None
@@ -365,7 +399,7 @@ class Proxy:
 
     async def _relay(self, exchange: Exchange, worker: Worker, response: httpx.Response,
                      learn: bool) -> None:
-        headers = [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_BY_HOP]
+        headers = [(k, v) for k, v in response.headers.raw if k.lower() not in RESPONSE_DROP]
         headers.append((b"x-dsrouter-worker", worker.display_id.encode()))
         chunks = response.aiter_raw()
         idle_s = self.config.timeouts.idle_read_s
@@ -426,6 +460,23 @@ async def _read_up_to(chunks: AsyncIterator[bytes], limit: int, idle_s: float) -
             break
         buffer += chunk
     return bytes(buffer)
+
+
+def _counting(send: Send, observe: Callable[[dict[str, Any]], None]) -> Send:
+    async def wrapped(message: dict[str, Any]) -> None:
+        observe(message)
+        await send(message)
+
+    return wrapped
+
+
+def _observe(exchange: Exchange, message: dict[str, Any]) -> None:
+    if message["type"] == "http.response.start":
+        exchange.status = message["status"]
+        exchange.first_byte_at = trio.current_time()
+    else:
+        exchange.bytes_out += len(message.get("body", b""))
+        exchange.finished = not message.get("more_body", False)
 
 
 def _int_header(value: bytes | None) -> int:

@@ -12,6 +12,7 @@ capability probes after a worker registers, becomes healthy or recovers.
 
 from __future__ import annotations
 
+import collections
 import enum
 import heapq
 import itertools
@@ -202,6 +203,8 @@ class Registry:
         self._spu_cache: float | None = None
         self._queue: list[tuple[int, int, _Waiter]] = []
         self._seq = itertools.count()
+        self.probe_counts: collections.Counter[str] = collections.Counter()
+        self.transition_counts: collections.Counter[str] = collections.Counter()
         self.jobs = JobMap(max_jobs)
         self._workers: dict[str, Worker] = {}
         self._refresh_send, self._refresh_receive = trio.open_memory_channel[str](math.inf)
@@ -431,6 +434,7 @@ class Registry:
         if worker is None:
             return
         worker.last_probe_at = time.time()
+        self.probe_counts[outcome.value] += 1
         if latency_s is not None:
             worker.probe_latency_s = latency_s
         cfg = self.health_config
@@ -495,6 +499,7 @@ class Registry:
         if worker.health is health:
             return
         previous, worker.health = worker.health, health
+        self.transition_counts[health.value] += 1
         if health is Health.DEAD:
             self._open_breaker(worker)
         else:

@@ -64,3 +64,22 @@ def _id_from_query(query_string: bytes) -> str | None:
         if query.get(key):
             return query[key][0]
     return None
+
+
+_LABELS = frozenset({
+    "/v1/images/generations", "/v1/images/edits", "/v1/videos", "/v1/meshes",
+    "/rollout/generate", "/v1/diffusion/generate", "/vertex_generate", "/v1/model_info",
+    "/model_info", "/server_info",
+})
+
+
+def label(route: Route) -> str:
+    """A bounded-cardinality name for metrics: ids become `{id}`, unknown paths `other`."""
+    if route.job_id is not None and route.path != f"/v1/{route.job_kind}":
+        suffix = "/content" if route.path.endswith("/content") else ""
+        return f"/v1/{route.job_kind}/{{id}}{suffix}"
+    if route.path in _LABELS:
+        return route.path
+    if route.path.startswith("/v1/models/"):
+        return "/v1/models/{model}"
+    return "other"

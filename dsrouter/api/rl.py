@@ -55,7 +55,10 @@ async def broadcast(workers: list[Worker], method: str, path: str,
     async with trio.open_nursery() as nursery:
         for worker in workers:
             nursery.start_soon(one, worker)
-    return [results[w.url] for w in workers]
+    answers = [results[w.url] for w in workers]
+    ok = all(r["status_code"] == 200 for r in answers)
+    context.metrics.broadcasts.labels(path, "ok" if ok else "partial").inc()
+    return answers
 
 
 def _headers(worker: Worker, *, json_body: bool) -> dict[str, str]:
