@@ -363,11 +363,20 @@ def load_config(path: Path | None, overrides: Overrides | None = None) -> Config
     if overrides.worker_urls is not None:
         raw["workers"] = [{"url": url} for url in overrides.worker_urls]
         sources["workers"] = "--worker-urls"
-    default_source = str(path) if path is not None else "(defaults)"
+    return structure_config(raw, str(path) if path is not None else "(defaults)", sources)
+
+
+def structure_config(raw: Mapping[str, Any], source: str,
+                     sources: Mapping[str, str] | None = None) -> Config:
+    """Turn plain data into a `Config` or raise `ConfigError` listing every problem.
+
+    `sources` maps key paths to where their values came from (a flag, another file);
+    anything not listed is attributed to `source`.
+    """
     try:
-        return converter.structure(raw, Config)
+        return converter.structure(dict(raw), Config)
     except (cattrs.BaseValidationError, ValueError, TypeError) as exc:
-        raise ConfigError(_problems(exc, sources, default_source)) from None
+        raise ConfigError(_problems(exc, sources or {}, source)) from None
 
 
 def _problems(exc: Exception, sources: Mapping[str, str], default_source: str) -> list[str]:

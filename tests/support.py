@@ -86,7 +86,7 @@ async def wait_until(check: Callable[[], Awaitable[bool]], timeout_s: float = 20
                      interval_s: float = 0.05) -> None:
     """Poll `check` until it returns true; fail with a clear message at the deadline."""
     with trio.move_on_after(timeout_s):
-        while not await check():
+        while not await check():  # noqa: ASYNC110 - polling another process, no event to wait on
             await trio.sleep(interval_s)
         return
     raise AssertionError(f"condition not met within {timeout_s}s")
@@ -98,3 +98,57 @@ async def worker_state(client: httpx.AsyncClient, router: str, worker_url: str) 
         if worker["url"] == worker_url:
             return worker
     raise AssertionError(f"{worker_url} is not registered")
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (the kernel's choice for an ephemeral bind)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@attrs.define
+class SimWorker:
+    process: trio.Process
+    port: int
+    args: list[str]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    async def kill(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()
+        await self.process.wait()
+
+
+async def start_simworker(nursery: trio.Nursery, *args: str, port: int | None = None,
+                          wait_listening: bool = True) -> SimWorker:
+    """Start `python -m dsrouter.simworker` on 127.0.0.1; killed when `nursery` is cancelled."""
+    port = port or free_port()
+    argv = [sys.executable, "-m", "dsrouter.simworker", "--host", "127.0.0.1",
+            "--port", str(port), *args]
+    process = await trio.lowlevel.open_process(argv, stdout=-1, stderr=-2)
+    worker = SimWorker(process, port, list(args))
+    lines: list[str] = []
+    ready = trio.Event()
+
+    async def pump_and_reap() -> None:
+        try:
+            await _pump(process.stdout, lines, ready, "simworker listening on")
+        finally:
+            with trio.CancelScope(shield=True):
+                await worker.kill()
+
+    nursery.start_soon(pump_and_reap)
+    if wait_listening:
+        with trio.fail_after(START_TIMEOUT_S):
+            await ready.wait()
+    return worker
