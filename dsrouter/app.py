@@ -10,16 +10,18 @@ from quart_trio import QuartTrio
 
 from dsrouter.api import discovery, ops, rl, workers
 from dsrouter.context import RouterContext
+from dsrouter.control import PoolControl
 
 ADMIN_BODY_LIMIT = 64 * 1024 * 1024
 
 
-def create_app(context: RouterContext) -> QuartTrio:
+def create_app(context: RouterContext, control: PoolControl) -> QuartTrio:
     app = QuartTrio("dsrouter", static_folder=None)
     app.url_map.merge_slashes = False
     app.url_map.strict_slashes = False
     app.config.update(
         DSROUTER=context,
+        DSROUTER_CONTROL=control,
         MAX_CONTENT_LENGTH=ADMIN_BODY_LIMIT,
         RESPONSE_TIMEOUT=None,
         BODY_TIMEOUT=context.config.server.request_timeout_s,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import attrs
 import httpx
-import trio
 
 from dsrouter.config import Config
 from dsrouter.health import HealthChecker
@@ -20,5 +19,3 @@ class RouterContext:
     client: httpx.AsyncClient
     """For probes, broadcasts and fan-out reads: small JSON bodies only, never the hot path."""
     metrics: Metrics
-    control_lock: trio.Lock = attrs.Factory(trio.Lock)
-    """Held by every control broadcast so two of them never interleave on the pool."""

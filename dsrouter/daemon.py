@@ -26,6 +26,7 @@ from dsrouter.app import create_app
 from dsrouter.auth import Auth
 from dsrouter.config import Config
 from dsrouter.context import RouterContext
+from dsrouter.control import PoolControl
 from dsrouter.frontend import Frontend
 from dsrouter.health import HealthChecker
 from dsrouter.launcher.local import run_pool
@@ -84,11 +85,12 @@ async def run_router(config: Config,
         context = RouterContext(config=config, registry=registry, health=health, client=client,
                                 metrics=Metrics(registry))
         auth = Auth(config.security)
-        frontend = Frontend(create_app(context), Proxy(context, proxy_client), auth)
+        control = PoolControl(registry, client, config, context.metrics)
+        frontend = Frontend(create_app(context, control), Proxy(context, proxy_client), auth)
         _warn_if_exposed(config, auth)
         async with trio.open_nursery() as root:
             root.start_soon(_watch_signals, shutdown, frontend, root.cancel_scope)
-            await root.start(registry.run, health.capabilities)
+            await root.start(registry.run, health.capabilities, control.catch_up)
             for worker in config.workers:
                 registry.add(worker.url, api_key=worker.api_key)
             await root.start(health.run)

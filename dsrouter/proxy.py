@@ -33,7 +33,7 @@ from dsrouter.context import RouterContext
 from dsrouter.cost import CostModel
 from dsrouter.frontend import Receive, Scope, Send
 from dsrouter.listing import merged_job_list
-from dsrouter.registry import NoWorkerAvailable, QueueFull, QueueTimeout, Worker
+from dsrouter.registry import NoWorkerAvailable, PoolAsleep, QueueFull, QueueTimeout, Worker
 from dsrouter.routes import Route
 
 log = logging.getLogger("dsrouter.proxy")
@@ -203,6 +203,8 @@ class Proxy:
             log.info("client went away during upload [%s]", exchange.request_id)
         except (NoWorkerAvailable, QueueTimeout) as exc:
             await exchange.respond_error(503, str(exc))
+        except PoolAsleep as exc:
+            await exchange.respond_error(503, str(exc), [(b"retry-after", b"10")])
         except QueueFull as exc:
             await exchange.respond_error(429, str(exc), [(b"retry-after", b"1")])
         except BodyTooLarge as exc:

@@ -7,7 +7,12 @@ the launcher can call them freely without locks, and no count can be observed ha
 Code outside this module reads `Worker` fields but never assigns them.
 
 The registry task (`Registry.run`) owns the background work the registry itself triggers:
-capability probes after a worker registers, becomes healthy or recovers.
+capability probes after a worker registers, becomes healthy or recovers, and weight catch-up
+of workers that are stale (they missed a refit, or recovered and may have restarted).
+
+Weights: once a refit has set the pool's target version, a worker whose confirmed version
+differs is `stale` and not routable, so no request is ever served by weights the trainer
+has moved past.
 """
 
 from __future__ import annotations
@@ -62,6 +67,10 @@ class QueueTimeout(Exception):
     """A request waited `routing.queue_timeout_s` without a worker freeing up (503)."""
 
 
+class PoolAsleep(Exception):
+    """Every worker sleeps (released its GPU memory); the client should come back (503)."""
+
+
 @attrs.frozen
 class Capabilities:
     """What a worker can serve, read from `/model_info` and `/v1/models`."""
@@ -98,6 +107,10 @@ class Worker:
     """When the breaker last opened (trio clock); a trial is allowed `breaker_open_s` later."""
     trial_in_flight: bool = False
     half_open_after: float = math.inf
+    weights: str | None = None
+    """The weight version this worker last confirmed (None: its launch weights)."""
+    stale: bool = False
+    """A refit moved the pool past `weights`: not routable until caught up."""
     outstanding_cost: float = 0.0
     """Estimated work of the requests this worker is serving now (see `cost.py`)."""
     speed: SpeedEstimate = attrs.Factory(SpeedEstimate)
@@ -105,16 +118,19 @@ class Worker:
 
     @property
     def state(self) -> str:
-        """One word for operators; draining and sleeping win over the probe verdict."""
+        """One word for operators; draining, sleeping and stale win over the probe verdict."""
         if self.draining:
             return "draining"
         if self.sleeping:
             return "sleeping"
+        if self.stale and self.health is Health.HEALTHY:
+            return "stale"
         return self.health.value
 
     @property
     def routable(self) -> bool:
-        return self.health is Health.HEALTHY and not self.sleeping and not self.draining
+        return (self.health is Health.HEALTHY and not self.sleeping and not self.draining
+                and not self.stale)
 
     @property
     def video_support(self) -> bool | None:
@@ -131,6 +147,8 @@ class Worker:
             "is_dead": self.health is Health.DEAD,
             "is_sleeping": self.sleeping,
             "is_draining": self.draining,
+            "is_stale": self.stale,
+            "weight_version": self.weights,
             "consecutive_failures": self.consecutive_failures,
             "consecutive_successes": self.consecutive_successes,
             "video_support": caps.video_support,
@@ -177,6 +195,19 @@ class Lease:
 
 
 CapabilityProber = Callable[[str], Awaitable[Capabilities | None]]
+CatchUp = Callable[[str], Awaitable[None]]
+
+
+class _Pause:
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def __enter__(self) -> None:
+        self.registry._paused += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.registry._paused -= 1
+        self.registry._notify()
 
 
 @attrs.define(eq=False)
@@ -207,9 +238,16 @@ class Registry:
         self.transition_counts: collections.Counter[str] = collections.Counter()
         self.jobs = JobMap(max_jobs)
         self._workers: dict[str, Worker] = {}
-        self._refresh_send, self._refresh_receive = trio.open_memory_channel[str](math.inf)
+        self._refresh_send, self._refresh_receive = trio.open_memory_channel[tuple[str, str]](
+            math.inf)
         self._refreshes: dict[str, trio.Event] = {}
+        self._catching_up: set[str] = set()
         self.changed = trio.Event()
+        self.control_lock = trio.Lock()
+        """Held by every control broadcast and catch-up, so they never interleave."""
+        self.target_version: str | None = None
+        self.pool_sleeping = False
+        self._paused = 0
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -252,6 +290,7 @@ class Registry:
             "starting_workers": sum(1 for w in workers if w.health is Health.STARTING),
             "in_flight": sum(w.in_flight for w in workers),
             "queued": len(self._queue),
+            "stale_workers": sum(1 for w in workers if w.stale),
         }
 
     # ---- membership ----------------------------------------------------------------------
@@ -303,9 +342,12 @@ class Registry:
         released, so no slot is lost.
         """
         excluded = frozenset(map(id, exclude))
-        if not self._candidates(accept, excluded, limit=False):
-            raise NoWorkerAvailable("No healthy workers available in the pool")
-        if not self._queue:
+        if not self._candidates(accept, excluded, limit=False) and not self._paused:
+            if self.pool_sleeping and not self.routing.queue_while_asleep:
+                raise PoolAsleep("pool is asleep")
+            if not self.pool_sleeping:
+                raise NoWorkerAvailable("No healthy workers available in the pool")
+        if not self._queue and not self._paused:
             free = self._candidates(accept, excluded, limit=True)
             if free:
                 return self.lease_worker(self._choose(free, cost), cost)
@@ -336,6 +378,8 @@ class Registry:
 
     def _candidates(self, accept: Callable[[Worker], bool] | None, excluded: frozenset[int],
                     *, limit: bool) -> list[Worker]:
+        if limit and self._paused:
+            return []
         cap = self.routing.max_inflight_per_worker
         return [w for w in self.routable(accept) if id(w) not in excluded
                 and (not limit or not cap or w.in_flight < cap)]
@@ -487,6 +531,8 @@ class Registry:
             worker.consecutive_failures = 0
             if worker.health is Health.DEAD:
                 self._set_health(worker, Health.HEALTHY)
+            if worker.stale:
+                self.request_catch_up(worker.url)
         log.info("worker %s is %s", worker.display_id, "sleeping" if sleeping else "awake")
         self._notify()
 
@@ -509,7 +555,44 @@ class Registry:
                 f" ({worker.last_error})" if worker.last_error and health is Health.DEAD else "")
         if health is Health.HEALTHY:
             self.request_capability_refresh(worker.url)
+            if self.target_version is not None and previous is Health.DEAD:
+                worker.weights = None
+            self._update_staleness(worker)
+            if worker.stale:
+                self.request_catch_up(worker.url)
         self._notify()
+
+    # ---- weights and sleep of the whole pool ---------------------------------------------
+
+    def _update_staleness(self, worker: Worker) -> None:
+        worker.stale = self.target_version is not None and worker.weights != self.target_version
+
+    def set_target(self, version: str) -> None:
+        """A refit moved the pool to `version`: every worker not confirmed on it is stale."""
+        self.target_version = version
+        for worker in self._workers.values():
+            self._update_staleness(worker)
+        self._notify()
+
+    def confirm_weights(self, worker: Worker, version: str) -> None:
+        worker.weights = version
+        self._update_staleness(worker)
+        self._notify()
+
+    def mark_stale(self, worker: Worker, reason: str) -> None:
+        """A refit failed on this worker: keep it out of rotation until it catches up."""
+        worker.weights = None
+        worker.last_error = reason
+        self._update_staleness(worker)
+        self._notify()
+
+    def set_pool_sleeping(self, sleeping: bool) -> None:
+        self.pool_sleeping = sleeping
+        self._notify()
+
+    def pause(self) -> _Pause:
+        """Stop dispatching (requests wait in the queue) for the duration of a `with`."""
+        return _Pause(self)
 
     def _notify(self) -> None:
         """Something changed that may free capacity: serve the queue, wake watchers."""
@@ -527,16 +610,31 @@ class Registry:
         event = self._refreshes.get(url)
         if event is None:
             event = self._refreshes[url] = trio.Event()
-            self._refresh_send.send_nowait(url)
+            self._refresh_send.send_nowait(("capabilities", url))
         return event
 
-    async def run(self, prober: CapabilityProber,
+    def request_catch_up(self, url: str) -> None:
+        """Ask the registry task to bring a stale worker to the pool's weights (and sleep)."""
+        if url not in self._catching_up:
+            self._catching_up.add(url)
+            self._refresh_send.send_nowait(("catch-up", url))
+
+    async def run(self, prober: CapabilityProber, catch_up: CatchUp,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The registry task: runs the capability probes that state changes asked for."""
+        """The registry task: runs the capability probes and catch-ups state changes ask for."""
         async with trio.open_nursery() as nursery:
             task_status.started()
-            async for url in self._refresh_receive:
-                nursery.start_soon(self._refresh, prober, url)
+            async for kind, url in self._refresh_receive:
+                if kind == "capabilities":
+                    nursery.start_soon(self._refresh, prober, url)
+                else:
+                    nursery.start_soon(self._catch_up, catch_up, url)
+
+    async def _catch_up(self, catch_up: CatchUp, url: str) -> None:
+        try:
+            await catch_up(url)
+        finally:
+            self._catching_up.discard(url)
 
     async def _refresh(self, prober: CapabilityProber, url: str) -> None:
         try:

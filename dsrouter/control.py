@@ -1,0 +1,297 @@
+"""The RL control plane: refits as transactions, pool sleep/wake, and catch-up of workers.
+
+The routers we succeed broadcast a refit, answer 200 whatever happened, and keep routing to
+workers whose update failed. Here the pool's weights are a versioned state: a refit takes
+the control lock, (by default) drains the pool, applies the update everywhere, records each
+worker's confirmed version and makes every worker that did not confirm `stale` (not
+routable) until the registry task catches it up. Requests that arrive meanwhile wait in
+the router queue instead of failing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import random
+from typing import Any
+
+import attrs
+import httpx
+import trio
+
+from dsrouter.config import Config
+from dsrouter.metrics import Metrics
+from dsrouter.registry import Health, Registry, Worker
+
+log = logging.getLogger("dsrouter.control")
+
+ROUTER_FIELDS = frozenset({"mode", "strict", "verify_checksum", "drain_timeout_s",
+                           "weight_version"})
+"""Refit options for the router itself; workers would reject unknown fields."""
+WEIGHT_ROUTES = frozenset({"/update_weights_from_disk", "/update_weights_from_tensor",
+                           "/v1/set_lora", "/v1/merge_lora_weights", "/v1/unmerge_lora_weights"})
+REPLAYABLE = frozenset(WEIGHT_ROUTES - {"/update_weights_from_tensor"})
+"""Tensor payloads are CUDA IPC handles of a co-located trainer: they cannot be replayed."""
+
+
+class ControlError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@attrs.frozen
+class Step:
+    """One weight change the pool went through, kept so late workers can replay it."""
+
+    path: str
+    body: bytes
+
+
+def active(worker: Worker) -> bool:
+    return worker.health is not Health.DEAD and not worker.sleeping and not worker.draining
+
+
+class PoolControl:
+    def __init__(self, registry: Registry, client: httpx.AsyncClient, config: Config,
+                 metrics: Metrics) -> None:
+        self.registry = registry
+        self.client = client
+        self.config = config
+        self.metrics = metrics
+        self.recipe: list[Step] = []
+        """Weight changes since the last refit from disk: what a late worker must replay."""
+        self._rng = random.Random()
+
+    # ---- broadcasting --------------------------------------------------------------------
+
+    async def broadcast(self, workers: list[Worker], method: str, path: str,
+                        body: bytes | None) -> list[dict[str, Any]]:
+        """One call to each worker, concurrently, each bounded by `timeouts.control_s`."""
+        results = await trio_gather([self._call(w, method, path, body) for w in workers])
+        ok = all(r["status_code"] == 200 for r in results)
+        self.metrics.broadcasts.labels(path, "ok" if ok else "partial").inc()
+        return results
+
+    async def _call(self, worker: Worker, method: str, path: str,
+                    body: bytes | None) -> dict[str, Any]:
+        entry: dict[str, Any] = {"worker_url": worker.url, "status_code": None, "body": None}
+        timeout = self.config.timeouts.control_s
+        headers = {"content-type": "application/json"} if body is not None else {}
+        key = worker.api_key or self.config.security.worker_api_key
+        if key:
+            headers["authorization"] = f"Bearer {key}"
+        with self.registry.lease_worker(worker), trio.move_on_after(timeout) as scope:
+            try:
+                response = await self.client.request(method, worker.url + path, content=body,
+                                                     headers=headers)
+            except httpx.HTTPError as exc:
+                entry["error"] = f"Worker request failed: {type(exc).__name__}: {exc}"
+                return entry
+            entry["status_code"] = response.status_code
+            try:
+                entry["body"] = response.json()
+            except ValueError:
+                entry["body"] = response.text
+        if scope.cancelled_caught:
+            entry["error"] = f"Worker request timed out after {timeout:g}s"
+        return entry
+
+    # ---- refit ---------------------------------------------------------------------------
+
+    async def change_weights(self, path: str, raw: bytes) -> tuple[int, dict[str, Any]]:
+        """A weight change (disk, tensor, LoRA) applied to the pool as one transaction."""
+        options = _json_object(raw)
+        version = options.get("weight_version")
+        if version is not None and not isinstance(version, str):
+            raise ControlError(400, "weight_version must be a string")
+        mode = options.get("mode", "drain")
+        if mode not in ("drain", "immediate"):
+            raise ControlError(400, "mode must be 'drain' or 'immediate'")
+        forwarded = json.dumps({k: v for k, v in options.items()
+                                if k not in ROUTER_FIELDS}).encode()
+        version = version or _derive_version(path, forwarded, self.registry.target_version)
+        async with self.registry.control_lock:
+            targets = [w for w in self.registry.workers() if active(w)]
+            if not targets:
+                raise ControlError(503, "No healthy workers available in the pool")
+            with self.registry.pause() if mode == "drain" else contextlib.nullcontext():
+                if mode == "drain":
+                    await self._drain(targets, options.get("drain_timeout_s"))
+                results = await self.broadcast(targets, "POST", path, forwarded)
+                confirmed = [w for w, r in zip(targets, results, strict=True) if _succeeded(r)]
+                if confirmed:
+                    self._commit(path, forwarded, version, confirmed, targets, results)
+                if confirmed and options.get("verify_checksum"):
+                    await self._verify(confirmed)
+        stale = [w.url for w in self.registry.workers() if w.stale]
+        success = len(confirmed) == len(targets) and not any(
+            w.url in stale for w in confirmed)
+        answer = {"results": results, "success": success,
+                  "version": self.registry.target_version, "stale_workers": stale}
+        if not confirmed:
+            answer["message"] = "no worker applied the update; the pool keeps its weights"
+        status = 200
+        if options.get("strict") and not success:
+            status = 207 if confirmed else 500
+        log.info("%s -> version %s: %d/%d workers confirmed", path,
+                 self.registry.target_version, len(confirmed), len(targets))
+        return status, answer
+
+    def _commit(self, path: str, body: bytes, version: str, confirmed: list[Worker],
+                targets: list[Worker], results: list[dict[str, Any]]) -> None:
+        if path == "/update_weights_from_disk":
+            self.recipe = []
+        self.recipe.append(Step(path, body))
+        self.registry.set_target(version)
+        for worker in confirmed:
+            self.registry.confirm_weights(worker, version)
+        for worker, result in zip(targets, results, strict=True):
+            if worker not in confirmed:
+                self.registry.mark_stale(worker, f"refit failed: {_reason(result)}")
+
+    async def _drain(self, workers: list[Worker], limit_s: Any = None) -> None:
+        """Wait until the workers finish what they are serving, at most `limit_s`."""
+        if not (isinstance(limit_s, int | float) and limit_s > 0):
+            limit_s = self.config.server.drain_timeout_s
+        with trio.move_on_after(limit_s):
+            while any(w.in_flight for w in workers):
+                await self.registry.changed.wait()
+
+    async def _verify(self, workers: list[Worker]) -> None:
+        """Checksums after a refit: workers disagreeing with the majority become stale."""
+        results = await self.broadcast(workers, "POST", "/get_weights_checksum", b"{}")
+        sums = [json.dumps(r["body"], sort_keys=True) if r["status_code"] == 200 else None
+                for r in results]
+        counted = [s for s in sums if s is not None]
+        if not counted:
+            return
+        majority = max(set(counted), key=counted.count)
+        for worker, checksum in zip(workers, sums, strict=True):
+            if checksum != majority:
+                self.registry.mark_stale(worker, "weights checksum differs from the pool")
+
+    # ---- sleep and wake ------------------------------------------------------------------
+
+    async def release(self, raw: bytes) -> dict[str, Any]:
+        async with self.registry.control_lock:
+            workers = self.registry.workers()
+            targets = [w for w in workers if active(w)]
+            if not targets:
+                if any(w.sleeping for w in workers):
+                    return {"results": [], "message": "All workers are already sleeping"}
+                raise ControlError(503, "No healthy workers available in the pool")
+            with self.registry.pause():
+                await self._drain(targets)
+                results = await self.broadcast(targets, "POST", "/release_memory_occupation",
+                                               raw or b"{}")
+                for worker, result in zip(targets, results, strict=True):
+                    if result["status_code"] == 200:
+                        self.registry.set_sleeping(worker, True)
+                self.registry.set_pool_sleeping(
+                    all(w.sleeping for w in self.registry.workers() if active(w) or w.sleeping))
+        return {"results": results}
+
+    async def resume(self, raw: bytes) -> dict[str, Any]:
+        async with self.registry.control_lock:
+            targets = [w for w in self.registry.workers() if w.sleeping]
+            self.registry.set_pool_sleeping(False)
+            if not targets:
+                return {"results": [], "message": "No sleeping workers to resume"}
+            results = await self.broadcast(targets, "POST", "/resume_memory_occupation",
+                                           raw or b"{}")
+            for worker, result in zip(targets, results, strict=True):
+                if result["status_code"] == 200:
+                    self.registry.set_sleeping(worker, False)
+        return {"results": results}
+
+    # ---- catch-up (run by the registry task) ---------------------------------------------
+
+    async def catch_up(self, url: str) -> None:
+        """Replay the pool's weight changes on a stale worker, retrying with backoff."""
+        delay = 1.0
+        while True:
+            worker = self.registry.by_url(url)
+            if worker is None or not worker.stale or worker.health is not Health.HEALTHY:
+                return
+            if worker.sleeping:
+                return
+            if any(step.path not in REPLAYABLE for step in self.recipe):
+                self.registry.mark_stale(worker, "cannot catch up: the pool's weights came "
+                                         "from a tensor update, which cannot be replayed")
+                return
+            async with self.registry.control_lock:
+                if await self._replay(worker):
+                    return
+            await trio.sleep(delay * self._rng.uniform(0.8, 1.2))
+            delay = min(delay * 2, 60.0)
+
+    async def _replay(self, worker: Worker) -> bool:
+        version = self.registry.target_version
+        if version is None or not self.recipe:
+            return True
+        for step in self.recipe:
+            result = await self._call(worker, "POST", step.path, step.body)
+            if not _succeeded(result):
+                worker.last_error = f"catch-up failed: {_reason(result)}"
+                log.warning("catch-up of %s failed: %s", worker.display_id, _reason(result))
+                return False
+        self.registry.confirm_weights(worker, version)
+        log.info("worker %s caught up to %s", worker.display_id, version)
+        if self.registry.pool_sleeping:
+            result = await self._call(worker, "POST", "/release_memory_occupation", b"{}")
+            if result["status_code"] == 200:
+                self.registry.set_sleeping(worker, True)
+        return True
+
+
+async def trio_gather(calls: list[Any]) -> list[Any]:
+    """Await coroutines concurrently; results in input order."""
+    results: list[Any] = [None] * len(calls)
+
+    async def run(index: int, call: Any) -> None:
+        results[index] = await call
+
+    async with trio.open_nursery() as nursery:
+        for index, call in enumerate(calls):
+            nursery.start_soon(run, index, call)
+    return results
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    if not raw.strip():
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise ControlError(400, f"invalid JSON body: {exc}") from None
+    if not isinstance(value, dict):
+        raise ControlError(400, "request body must be a JSON object")
+    return value
+
+
+def _succeeded(result: dict[str, Any]) -> bool:
+    body = result["body"]
+    if result["status_code"] != 200:
+        return False
+    return not (isinstance(body, dict) and body.get("success") is False)
+
+
+def _reason(result: dict[str, Any]) -> str:
+    if result.get("error"):
+        return str(result["error"])
+    body = result["body"]
+    message = body.get("message") or body.get("detail") if isinstance(body, dict) else body
+    return f"{result['status_code']}: {str(message)[:200]}"
+
+
+def _derive_version(path: str, body: bytes, current: str | None) -> str:
+    """A version name when the trainer gave none: the model path for a disk refit."""
+    if path == "/update_weights_from_disk":
+        model_path = json.loads(body).get("model_path")
+        if isinstance(model_path, str) and model_path:
+            return model_path
+    digest = hashlib.sha256(body).hexdigest()[:12]
+    return f"{current or 'base'}+{path.rsplit('/', 1)[1]}:{digest}"
