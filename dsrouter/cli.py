@@ -84,6 +84,6 @@ def main(argv: list[str] | None = None) -> int:
     from dsrouter.logs import setup_logging
 
     setup_logging(config.logging)
-    return main_run(config)
+    return main_run(config, lambda: _load(args))
 
 

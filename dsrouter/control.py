@@ -22,8 +22,8 @@ import httpx
 import trio
 
 from dsrouter.config import Config
-from dsrouter.metrics import Metrics
-from dsrouter.registry import Health, Registry, Worker
+from dsrouter.context import RouterContext
+from dsrouter.registry import Health, Worker
 
 log = logging.getLogger("dsrouter.control")
 
@@ -55,15 +55,18 @@ def active(worker: Worker) -> bool:
 
 
 class PoolControl:
-    def __init__(self, registry: Registry, client: httpx.AsyncClient, config: Config,
-                 metrics: Metrics) -> None:
-        self.registry = registry
-        self.client = client
-        self.config = config
-        self.metrics = metrics
+    def __init__(self, context: RouterContext) -> None:
+        self.context = context
+        self.registry = context.registry
+        self.client = context.client
+        self.metrics = context.metrics
         self.recipe: list[Step] = []
         """Weight changes since the last refit from disk: what a late worker must replay."""
         self._rng = random.Random()
+
+    @property
+    def config(self) -> Config:
+        return self.context.config
 
     # ---- broadcasting --------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+from collections.abc import Callable
 
 import httpx
 import trio
@@ -34,6 +35,7 @@ from dsrouter.metrics import Metrics
 from dsrouter.policies import make_policy
 from dsrouter.proxy import Proxy
 from dsrouter.registry import Registry
+from dsrouter.reload import Reloader
 
 log = logging.getLogger("dsrouter")
 
@@ -73,9 +75,12 @@ def _proxy_client(config: Config) -> httpx.AsyncClient:
     )
 
 
-async def run_router(config: Config,
+async def run_router(config: Config, loader: Callable[[], Config] | None = None,
                      task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-    """Run the router until SIGINT/SIGTERM (or cancellation); reports bound addresses."""
+    """Run the router until SIGINT/SIGTERM (or cancellation); reports bound addresses.
+
+    `loader` re-reads the configuration for SIGHUP and `POST /admin/reload`.
+    """
     shutdown = trio.Event()
     async with _control_client(config) as client, _proxy_client(config) as proxy_client:
         registry = Registry(config.health, make_policy(config.routing.algorithm),
@@ -85,14 +90,18 @@ async def run_router(config: Config,
         context = RouterContext(config=config, registry=registry, health=health, client=client,
                                 metrics=Metrics(registry))
         auth = Auth(config.security)
-        control = PoolControl(registry, client, config, context.metrics)
-        frontend = Frontend(create_app(context, control), Proxy(context, proxy_client), auth)
+        control = PoolControl(context)
+        app = create_app(context, control)
+        frontend = Frontend(app, Proxy(context, proxy_client), auth)
+        reloader = Reloader(context, frontend, loader or (lambda: config))
+        app.config["DSROUTER_RELOAD"] = reloader
         _warn_if_exposed(config, auth)
         async with trio.open_nursery() as root:
             root.start_soon(_watch_signals, shutdown, frontend, root.cancel_scope)
+            root.start_soon(_watch_reload_signal, reloader)
             await root.start(registry.run, health.capabilities, control.catch_up)
             for worker in config.workers:
-                registry.add(worker.url, api_key=worker.api_key)
+                registry.add(worker.url, api_key=worker.api_key, source="config")
             await root.start(health.run)
             if config.launcher.num_workers:
                 await root.start(run_pool, config.launcher, registry)
@@ -124,6 +133,13 @@ async def _watch_signals(shutdown: trio.Event, frontend: Frontend,
             shutdown.set()
 
 
+async def _watch_reload_signal(reloader: Reloader) -> None:
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            log.info("SIGHUP: reloading the configuration")
+            reloader.reload()
+
+
 def _warn_if_exposed(config: Config, auth: Auth) -> None:
     if auth.admin_token or config.server.host in ("127.0.0.1", "::1", "localhost"):
         return
@@ -133,9 +149,9 @@ def _warn_if_exposed(config: Config, auth: Auth) -> None:
         "(or admin_token_env / admin_token_file). !!!", config.server.host)
 
 
-def main_run(config: Config) -> int:
+def main_run(config: Config, loader: Callable[[], Config]) -> int:
     try:
-        trio.run(run_router, config)
+        trio.run(run_router, config, loader)
     except KeyboardInterrupt:
         return 130
     print("dsrouter stopped", file=sys.stderr, flush=True)

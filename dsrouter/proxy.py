@@ -29,6 +29,7 @@ import trio
 
 from dsrouter import routes
 from dsrouter.body import BodyTooLarge, ClientDisconnected, ClientTooSlow, RequestBody
+from dsrouter.config import Config
 from dsrouter.context import RouterContext
 from dsrouter.cost import CostModel
 from dsrouter.frontend import Receive, Scope, Send
@@ -135,13 +136,16 @@ def job_id_from(payload: Any) -> str | None:
 class Proxy:
     def __init__(self, context: RouterContext, client: httpx.AsyncClient) -> None:
         self.context = context
-        self.config = context.config
         self.registry = context.registry
         self.client = client
         """The hot-path client; probes and broadcasts use `context.client`."""
         self.active = 0
         self._rng = random.Random()
-        self.cost_model = CostModel(context.config.cost)
+
+    @property
+    def config(self) -> Config:
+        """Read at use, so a reload takes effect for the next request."""
+        return self.context.config
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope["headers"])
@@ -257,7 +261,7 @@ class Proxy:
             await body.buffer_up_to(self.config.routing.retry_buffer_mb * MiB)
         route = exchange.route
         headers = dict(exchange.scope["headers"])
-        cost = self.cost_model.estimate(
+        cost = CostModel(self.config.cost).estimate(
             route.path, body.buffered, headers.get(b"content-type", b"").decode("latin-1"))
         priority = _int_header(headers.get(b"x-dsrouter-priority"))
         tried: list[Worker] = []

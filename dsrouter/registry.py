@@ -100,6 +100,8 @@ class Worker:
     requests_total: int = 0
     registered_at: float = attrs.Factory(time.time)
     managed: dict[str, Any] | None = None
+    source: str = "api"
+    """Who registered it: "api", "config" (router.toml / --worker-urls) or "launcher"."""
     api_key: str = ""
     quarantined_by_operator: bool = False
     remove_when_idle: bool = False
@@ -164,6 +166,7 @@ class Worker:
             "outstanding_cost": round(self.outstanding_cost, 3),
             "seconds_per_unit": self.speed.seconds_per_unit,
             "quarantined_by_operator": self.quarantined_by_operator,
+            "source": self.source,
             "managed": self.managed is not None,
             **({"supervisor": self.managed} if self.managed is not None else {}),
         }
@@ -295,14 +298,15 @@ class Registry:
 
     # ---- membership ----------------------------------------------------------------------
 
-    def add(self, url: str, *, managed: dict[str, Any] | None = None,
-            api_key: str = "") -> tuple[Worker, bool]:
+    def add(self, url: str, *, managed: dict[str, Any] | None = None, api_key: str = "",
+            source: str = "api") -> tuple[Worker, bool]:
         """Register `url` (already normalised); returns the worker and whether it is new."""
         existing = self._workers.get(url)
         if existing is not None:
             return existing, False
         worker = Worker(url=url, worker_id=worker_id_for(url), display_id=display_id_for(url),
-                        managed=managed, api_key=api_key)
+                        managed=managed, api_key=api_key,
+                        source="launcher" if managed is not None else source)
         self._workers[url] = worker
         log.info("worker %s registered", worker.display_id)
         self._notify()

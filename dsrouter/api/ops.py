@@ -1,11 +1,14 @@
-"""Operator endpoints: Prometheus metrics and the OpenAPI description."""
+"""Operator endpoints: Prometheus metrics, the OpenAPI description, config reload."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
-from quart import Blueprint, Response
+from quart import Blueprint, Response, current_app
 
 from dsrouter.api.workers import ctx
+from dsrouter.config import dump_config
 from dsrouter.openapi import build_openapi
 
 bp = Blueprint("ops", __name__)
@@ -19,3 +22,17 @@ async def metrics() -> Response:
 @bp.get("/openapi.json")
 async def openapi() -> dict:
     return build_openapi()
+
+
+@bp.post("/admin/reload")
+async def reload() -> Any:
+    ok, answer = current_app.config["DSROUTER_RELOAD"].reload()
+    return answer, 200 if ok else 400
+
+
+@bp.get("/admin/config")
+async def effective_config() -> Any:
+    config = dump_config(ctx().config)
+    config["security"] = {k: ("***" if v and ("token" in k or "key" in k) else v)
+                          for k, v in config["security"].items()}
+    return config

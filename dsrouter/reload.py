@@ -1,0 +1,79 @@
+"""Reloading router.toml while serving (SIGHUP or `POST /admin/reload`).
+
+The new file is loaded with the same flags as at start-up; if it is invalid the reasons are
+logged and returned, and the running configuration is kept. A valid one is applied at once:
+static workers are added and removed (workers registered through the API or launched by the
+router are left alone), routing, health, timeouts, limits and security take effect for the
+next request or probe round. Settings that need a new socket or new processes are reported
+as needing a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from dsrouter.auth import Auth
+from dsrouter.config import Config, ConfigError
+from dsrouter.context import RouterContext
+from dsrouter.frontend import Frontend
+from dsrouter.policies import make_policy
+
+log = logging.getLogger("dsrouter.reload")
+
+RESTART_ONLY = ("server.host", "server.port", "server.keep_alive_timeout_s",
+                "server.max_header_kb", "launcher", "logging.format")
+
+
+class Reloader:
+    def __init__(self, context: RouterContext, frontend: Frontend,
+                 loader: Callable[[], Config]) -> None:
+        self.context = context
+        self.frontend = frontend
+        self.loader = loader
+
+    def reload(self) -> tuple[bool, dict[str, Any]]:
+        try:
+            new = self.loader()
+            auth = Auth(new.security)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("reload rejected: %s", problem)
+            return False, {"status": "rejected", "errors": exc.problems}
+        old = self.context.config
+        registry = self.context.registry
+        self.context.config = new
+        self.frontend.auth = auth
+        registry.health_config = new.health
+        registry.routing = new.routing
+        registry.default_spu = new.cost.default_seconds_per_unit
+        registry.jobs.capacity = new.routing.max_jobs
+        self.context.health.config = new.health
+        if new.routing.algorithm != old.routing.algorithm:
+            registry.policy = make_policy(new.routing.algorithm)
+        wanted = {w.url: w for w in new.workers}
+        added, removed = [], []
+        for worker in registry.workers():
+            if worker.source == "config" and worker.url not in wanted:
+                registry.remove(worker.url)
+                removed.append(worker.url)
+        for url, static in wanted.items():
+            _, created = registry.add(url, api_key=static.api_key, source="config")
+            if created:
+                added.append(url)
+        restart = [key for key in RESTART_ONLY if _get(old, key) != _get(new, key)]
+        for key in restart:
+            log.warning("reload: %s changed; it takes effect after a restart", key)
+        log.info("config reloaded: %d workers added, %d removed", len(added), len(removed))
+        return True, {"status": "reloaded", "workers_added": added, "workers_removed": removed,
+                      "needs_restart": restart}
+
+
+def _get(config: Config, key: str) -> Any:
+    value: Any = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return attrs.asdict(value) if attrs.has(type(value)) else value
