@@ -36,6 +36,7 @@ from dsrouter.policies import make_policy
 from dsrouter.proxy import Proxy
 from dsrouter.registry import Registry
 from dsrouter.reload import Reloader
+from dsrouter.upstream import Upstream
 
 log = logging.getLogger("dsrouter")
 
@@ -63,18 +64,6 @@ def _control_client(config: Config) -> httpx.AsyncClient:
     )
 
 
-def _proxy_client(config: Config) -> httpx.AsyncClient:
-    """The hot path: no overall read timeout (routes bound time with cancel scopes)."""
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(connect=config.server.connect_timeout_s, read=None, write=300,
-                              pool=config.server.request_timeout_s),
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256,
-                            keepalive_expiry=4.0),
-        follow_redirects=False,
-        trust_env=False,
-    )
-
-
 async def run_router(config: Config, loader: Callable[[], Config] | None = None,
                      task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the router until SIGINT/SIGTERM (or cancellation); reports bound addresses.
@@ -82,7 +71,8 @@ async def run_router(config: Config, loader: Callable[[], Config] | None = None,
     `loader` re-reads the configuration for SIGHUP and `POST /admin/reload`.
     """
     shutdown = trio.Event()
-    async with _control_client(config) as client, _proxy_client(config) as proxy_client:
+    upstream = Upstream(connect_timeout_s=config.server.connect_timeout_s)
+    async with _control_client(config) as client:
         registry = Registry(config.health, make_policy(config.routing.algorithm),
                             routing=config.routing, max_jobs=config.routing.max_jobs,
                             default_spu=config.cost.default_seconds_per_unit)
@@ -92,7 +82,7 @@ async def run_router(config: Config, loader: Callable[[], Config] | None = None,
         auth = Auth(config.security)
         control = PoolControl(context)
         app = create_app(context, control)
-        frontend = Frontend(app, Proxy(context, proxy_client), auth)
+        frontend = Frontend(app, Proxy(context, upstream), auth)
         reloader = Reloader(context, frontend, loader or (lambda: config))
         app.config["DSROUTER_RELOAD"] = reloader
         _warn_if_exposed(config, auth)
@@ -109,6 +99,7 @@ async def run_router(config: Config, loader: Callable[[], Config] | None = None,
             for bind in binds:
                 print(f"dsrouter listening on {bind}", flush=True)
             task_status.started(binds)
+        upstream.close_idle()
 
 
 async def _serve(frontend: Frontend, config: Config, shutdown: trio.Event,

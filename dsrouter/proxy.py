@@ -36,6 +36,7 @@ from dsrouter.frontend import Receive, Scope, Send
 from dsrouter.listing import merged_job_list
 from dsrouter.registry import NoWorkerAvailable, PoolAsleep, QueueFull, QueueTimeout, Worker
 from dsrouter.routes import Route
+from dsrouter.upstream import Upstream, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("dsrouter.proxy")
 access_log = logging.getLogger("dsrouter.access")
@@ -134,11 +135,11 @@ def job_id_from(payload: Any) -> str | None:
 
 
 class Proxy:
-    def __init__(self, context: RouterContext, client: httpx.AsyncClient) -> None:
+    def __init__(self, context: RouterContext, upstream: Upstream) -> None:
         self.context = context
         self.registry = context.registry
-        self.client = client
-        """The hot-path client; probes and broadcasts use `context.client`."""
+        self.upstream = upstream
+        """The hot-path client; probes and broadcasts use `context.client` (httpx)."""
         self.active = 0
         self._rng = random.Random()
 
@@ -348,22 +349,15 @@ class Proxy:
         """Send the request to `worker` and stream its answer back; returns the status."""
         exchange.attempts += 1
         exchange.worker = worker.display_id
-        request = self._build_request(exchange, worker)
         timeout = self._timeout(exchange.route)
-        response: httpx.Response | None = None
+        response: UpstreamResponse | None = None
         with trio.move_on_after(timeout) as deadline:
             try:
-                response = await self.client.send(request, stream=True)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                self._fail(worker, f"connect failed: {exc}")
-                raise UpstreamFailed(502, f"Worker request failed: {exc!s} ({worker.url})",
+                response = await self.upstream.send(*self._request_parts(exchange, worker))
+            except UpstreamError as exc:
+                self._fail(worker, str(exc))
+                raise UpstreamFailed(502, f"Worker request failed: {exc} ({worker.url})",
                                      retryable=True) from None
-            except httpx.HTTPError as exc:
-                self._fail(worker, f"{type(exc).__name__}: {exc}")
-                raise UpstreamFailed(
-                    502, f"Worker request failed: {type(exc).__name__}: {exc} ({worker.url})",
-                    retryable=isinstance(exc, httpx.RemoteProtocolError),
-                ) from None
         if response is None:
             assert deadline.cancelled_caught
             self._fail(worker, f"no answer within {timeout:g}s")
@@ -378,8 +372,7 @@ class Proxy:
                                      retryable=True)
             await self._relay(exchange, worker, response, learn or watch_status)
         finally:
-            with trio.CancelScope(shield=True):
-                await response.aclose()
+            await response.aclose()
         return response.status_code
 
     def _fail(self, worker: Worker, error: str) -> None:
@@ -389,30 +382,33 @@ class Proxy:
         key = worker.api_key or self.config.security.worker_api_key
         return [(b"authorization", b"Bearer " + key.encode())] if key else []
 
-    def _build_request(self, exchange: Exchange, worker: Worker) -> httpx.Request:
+    def _request_parts(self, exchange: Exchange, worker: Worker) -> tuple[
+            str, str, str, list[tuple[bytes, bytes]], bytes | AsyncIterator[bytes] | None]:
         scope = exchange.scope
         forward_auth = self.config.security.forward_authorization
         headers = _forward_headers(scope["headers"], keep_authorization=forward_auth)
         if not forward_auth:
             headers.extend(self._worker_auth(worker))
         headers.append((b"x-request-id", exchange.request_id.encode()))
-        url = worker.url + exchange.route.path
+        target = scope.get("raw_path") or exchange.route.path.encode()
+        if exchange.route.path != scope["path"]:
+            target = exchange.route.path.encode()
         query = scope["query_string"]
         if query:
-            url = f"{url}?{query.decode('latin-1')}"
-        return self.client.build_request(exchange.method, url, headers=headers,
-                                         content=exchange.body.content())
+            target = target + b"?" + query
+        return exchange.method, worker.url, target.decode("latin-1"), headers, \
+            exchange.body.content()
 
-    async def _relay(self, exchange: Exchange, worker: Worker, response: httpx.Response,
+    async def _relay(self, exchange: Exchange, worker: Worker, response: UpstreamResponse,
                      learn: bool) -> None:
-        headers = [(k, v) for k, v in response.headers.raw if k.lower() not in RESPONSE_DROP]
+        headers = [(k, v) for k, v in response.headers if k not in RESPONSE_DROP]
         headers.append((b"x-dsrouter-worker", worker.display_id.encode()))
         chunks = response.aiter_raw()
         idle_s = self.config.timeouts.idle_read_s
         try:
             peeked = b""
             if learn and response.status_code == 200 and _is_json(response):
-                length = response.headers.get("content-length")
+                length = response.header(b"content-length")
                 if length is None or int(length) <= PEEK_LIMIT:
                     peeked = await _read_up_to(chunks, PEEK_LIMIT, idle_s)
                     self._learn(exchange.route, worker, peeked)
@@ -424,7 +420,7 @@ class Proxy:
                     break
                 await exchange.send({"type": "http.response.body", "body": chunk,
                                      "more_body": True})
-        except (httpx.HTTPError, trio.TooSlowError) as exc:
+        except (UpstreamError, trio.TooSlowError) as exc:
             self._fail(worker, f"broke its answer: {type(exc).__name__}")
             raise UpstreamFailed(502, f"Worker broke the response: {type(exc).__name__}: {exc}"
                                  ) from None
@@ -492,8 +488,8 @@ def _int_header(value: bytes | None) -> int:
         return 0
 
 
-def _is_json(response: httpx.Response) -> bool:
-    return response.headers.get("content-type", "").startswith("application/json")
+def _is_json(response: UpstreamResponse) -> bool:
+    return (response.header(b"content-type") or b"").startswith(b"application/json")
 
 
 def _forward_headers(raw: list[tuple[bytes, bytes]], *,
