@@ -1,0 +1,295 @@
+"""dsrouter benchmarks: figures, not pass/fail. Loopback only, bounded in time.
+
+    python bench/run.py                 # every section
+    python bench/run.py --only a,d      # some sections
+    python bench/run.py --write         # also rewrite bench/RESULTS.md
+
+(a) added latency of the router for small requests, (b) throughput and router CPU per
+request over 4 zero-latency workers, (c) streaming speed and memory for big answers,
+(d) a heterogeneous workload per policy against an offline earliest-finish-time oracle,
+(e) a pool of 1,000 workers: probe-loop CPU and per-request routing cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_seconds, percentile, router, rss_mib, simworkers
+
+BASE = """
+[server]
+max_connections = 10000
+[logging]
+access_log = false
+[health]
+interval_s = 2.0
+"""
+INSTANT = ["--sec-per-mpx-step", "0"]
+MiB = 1024 * 1024
+results: dict[str, dict[str, object]] = {}
+
+
+def section_a() -> None:
+    """Median and p99 latency of 1 KiB requests, direct vs through the router."""
+    body = {"prompt": "x" * 900, "size": "8x8", "response_format": "url", "seed": 1}
+    with simworkers(["--task-type", "T2I", *INSTANT]) as urls, router(BASE, urls) as (url, _):
+        def timings(target: str, count: int = 400) -> list[float]:
+            out = []
+            with httpx.Client(timeout=30) as client:
+                for _ in range(50):
+                    client.post(f"{target}/v1/images/generations", json=body)
+                for _ in range(count):
+                    start = time.perf_counter()
+                    client.post(f"{target}/v1/images/generations", json=body)
+                    out.append((time.perf_counter() - start) * 1000)
+            return out
+
+        direct, routed = timings(urls[0]), timings(url)
+    figures = {
+        "direct_p50_ms": percentile(direct, 50), "direct_p99_ms": percentile(direct, 99),
+        "router_p50_ms": percentile(routed, 50), "router_p99_ms": percentile(routed, 99),
+    }
+    figures["added_p50_ms"] = figures["router_p50_ms"] - figures["direct_p50_ms"]
+    figures["added_p99_ms"] = figures["router_p99_ms"] - figures["direct_p99_ms"]
+    results["a"] = figures
+
+
+def section_b() -> None:
+    """Requests/s at concurrency 64 over 4 zero-latency workers; router CPU per request."""
+    if not shutil.which("wrk"):
+        results["b"] = {"skipped": "wrk not installed (apt-get install wrk)"}
+        return
+    specs = [["--task-type", "T2I", *INSTANT]] * 4
+    figures: dict[str, object] = {}
+    for policy in ("least-work", "least-request", "round-robin", "random"):
+        config = BASE + f'[routing]\nalgorithm = "{policy}"\n'
+        with simworkers(*specs) as urls, router(config, urls) as (url, pid):
+            subprocess.run(["wrk", "-t1", "-c64", "-d3s", f"{url}/server_info"],
+                           capture_output=True, check=True)
+            before = cpu_seconds(pid)
+            out = subprocess.run(["wrk", "-t1", "-c64", "-d10s", f"{url}/server_info"],
+                                 capture_output=True, text=True, check=True).stdout
+            cpu = cpu_seconds(pid) - before
+        rate = float(next(line.split()[1] for line in out.splitlines()
+                          if line.startswith("Requests/sec")))
+        figures[policy] = {"req_per_s": rate, "router_cpu_ms_per_req": cpu / (rate * 10) * 1000}
+    results["b"] = figures
+
+
+def section_c() -> None:
+    """MB/s and router RSS growth for a 256 MiB download and 8 MiB b64 answers (c=8)."""
+    size = 256 * MiB
+    worker = ["--task-type", "T2I,T2V", *INSTANT, "--video-bytes", str(size)]
+    with simworkers(worker) as urls, router(BASE, urls) as (url, pid):
+        with httpx.Client(timeout=120) as client:
+            job = client.post(f"{url}/v1/videos", json={"prompt": "p", "seconds": 1,
+                                                        "size": "64x64"}).json()
+            while client.get(f"{url}/v1/videos/{job['id']}").json()["status"] != "completed":
+                time.sleep(0.1)
+            rss_before = rss_mib(pid)
+            start = time.perf_counter()
+            received = 0
+            with client.stream("GET", f"{url}/v1/videos/{job['id']}/content") as response:
+                for chunk in response.iter_raw(1024 * 1024):
+                    received += len(chunk)
+            elapsed = time.perf_counter() - start
+            download = {"mb_per_s": received / MiB / elapsed,
+                        "rss_growth_mib": rss_mib(pid, "VmHWM") - rss_before}
+
+        async def images() -> tuple[float, int]:
+            payload = {"prompt": "big", "width": 2048, "height": 2048, "n": 1,
+                       "output_format": "png", "response_format": "b64_json"}
+            total = 0
+            async with httpx.AsyncClient(timeout=120) as client:
+                async def one() -> None:
+                    nonlocal total
+                    for _ in range(4):
+                        answer = await client.post(f"{url}/v1/images/generations", json=payload)
+                        total += len(answer.content)
+
+                start = time.perf_counter()
+                async with trio.open_nursery() as nursery:
+                    for _ in range(8):
+                        nursery.start_soon(one)
+            return time.perf_counter() - start, total
+
+        rss_before = rss_mib(pid)
+        elapsed, total = trio.run(images)
+        b64 = {"mb_per_s": total / MiB / elapsed, "answer_mib": total / 32 / MiB,
+               "rss_growth_mib": rss_mib(pid, "VmHWM") - rss_before}
+    results["c"] = {"download_256mib": download, "b64_images_c8": b64}
+
+
+SPEEDS = (1.0, 1.0, 2.0, 4.0)
+SEC_PER_UNIT = 0.01
+
+
+def _trace(seed: int = 7, count: int = 240, load: float = 0.75) -> list[dict[str, object]]:
+    """A seeded mix of request sizes and steps (costs differ up to ~80x), Poisson arrivals."""
+    rng = random.Random(seed)
+    shapes = [(256, 256), (512, 512), (768, 768), (1024, 1024)]
+    steps = [8, 16, 32, 50]
+    requests = []
+    for _ in range(count):
+        width, height = rng.choice(shapes)
+        requests.append({"width": width, "height": height,
+                         "num_inference_steps": rng.choice(steps)})
+    mean_cost = statistics.mean(r["width"] * r["height"] / 1e6 * r["num_inference_steps"]
+                                for r in requests)
+    rate = load * sum(SPEEDS) / (mean_cost * SEC_PER_UNIT)
+    t = 0.0
+    for request in requests:
+        t += rng.expovariate(rate)
+        request["at"] = t
+    return requests
+
+
+def _oracle(trace: list[dict[str, object]]) -> list[float]:
+    """Offline earliest-finish-time: exact service times, FIFO per worker."""
+    free = [0.0] * len(SPEEDS)
+    latencies = []
+    for request in trace:
+        cost = request["width"] * request["height"] / 1e6 * request["num_inference_steps"]
+        finishes = [max(request["at"], free[i]) + cost * SEC_PER_UNIT / speed
+                    for i, speed in enumerate(SPEEDS)]
+        best = min(range(len(SPEEDS)), key=finishes.__getitem__)
+        free[best] = finishes[best]
+        latencies.append(finishes[best] - request["at"])
+    return latencies
+
+
+def _summary(latencies: list[float], makespan: float) -> dict[str, float]:
+    return {"mean_s": statistics.mean(latencies), "p50_s": percentile(latencies, 50),
+            "p99_s": percentile(latencies, 99), "makespan_s": makespan}
+
+
+def section_d() -> None:
+    """Heterogeneous workload over workers of speeds 1,1,2,4 at 75% load, per policy."""
+    trace = _trace()
+    oracle = _oracle(trace)
+    last = max(r["at"] for r in trace)
+    oracle_summary = _summary(oracle, max(r["at"] + lat for r, lat in zip(trace, oracle,
+                                                                         strict=True)))
+    specs = [["--task-type", "T2I", "--sec-per-mpx-step", str(SEC_PER_UNIT), "--speed",
+              str(speed)] for speed in SPEEDS]
+    figures: dict[str, object] = {"oracle": oracle_summary, "requests": len(trace),
+                                  "trace_span_s": last}
+    variants = [("least-work+queue", "least-work", 1), ("least-work", "least-work", 0),
+                ("least-request", "least-request", 0), ("round-robin", "round-robin", 0),
+                ("random", "random", 0)]
+    for name, policy, cap in variants:
+        config = BASE + (f'[routing]\nalgorithm = "{policy}"\nmax_inflight_per_worker = {cap}\n'
+                         f'[cost]\ndefault_seconds_per_unit = {SEC_PER_UNIT}\n')
+        with simworkers(*specs) as urls, router(config, urls) as (url, _):
+            latencies, makespan = trio.run(_replay, url, trace)
+        summary = _summary(latencies, makespan)
+        summary["mean_vs_oracle"] = summary["mean_s"] / oracle_summary["mean_s"]
+        summary["p99_vs_oracle"] = summary["p99_s"] / oracle_summary["p99_s"]
+        figures[name] = summary
+    results["d"] = figures
+
+
+async def _replay(url: str, trace: list[dict[str, object]]) -> tuple[list[float], float]:
+    latencies: list[float] = [0.0] * len(trace)
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=None)) as c:
+        start = trio.current_time()
+
+        async def one(index: int, request: dict[str, object]) -> None:
+            await trio.sleep_until(start + request["at"])
+            sent = trio.current_time()
+            body = {k: v for k, v in request.items() if k != "at"}
+            answer = await c.post(f"{url}/v1/images/generations",
+                                  json={"prompt": "bench", "response_format": "url", **body})
+            answer.raise_for_status()
+            latencies[index] = trio.current_time() - sent
+
+        async with trio.open_nursery() as nursery:
+            for index, request in enumerate(trace):
+                nursery.start_soon(one, index, request)
+        return latencies, trio.current_time() - start
+
+
+def section_e() -> None:
+    """1,000 registered workers: probe-loop CPU share and per-request routing cost."""
+    from dsrouter.config import HealthConfig, RoutingConfig
+    from dsrouter.policies import make_policy
+    from dsrouter.registry import ProbeOutcome, Registry
+
+    count = 1000
+    base_port = 21000
+    with simworkers(["--task-type", "T2I", *INSTANT, "--port-range",
+                     f"{base_port}:{count}"]) as _:
+        urls = [f"http://127.0.0.1:{base_port + i}" for i in range(count)]
+        config = BASE.replace("interval_s = 2.0", "interval_s = 10.0")
+        with router(config, urls) as (_, pid):
+            time.sleep(2)
+            before, start = cpu_seconds(pid), time.monotonic()
+            time.sleep(30)
+            share = (cpu_seconds(pid) - before) / (time.monotonic() - start)
+    routing: dict[str, float] = {}
+    for policy in ("least-work", "least-request", "round-robin", "random"):
+        async def measure(policy: str = policy) -> float:
+            registry = Registry(HealthConfig(), make_policy(policy), routing=RoutingConfig())
+            for i in range(count):
+                registry.add(f"http://w{i}:1")
+                registry.apply_probe(f"http://w{i}:1", ProbeOutcome.OK)
+            rounds = 2000
+            begin = time.perf_counter()
+            for _ in range(rounds):
+                lease = await registry.acquire(cost=5.0)
+                lease.release()
+            return (time.perf_counter() - begin) / rounds * 1e6
+
+        routing[policy] = trio.run(measure)
+    results["e"] = {"workers": count, "probe_loop_cpu_share_of_a_core": share,
+                    "routing_us_per_request": routing}
+
+
+SECTIONS = {"a": section_a, "b": section_b, "c": section_c, "d": section_d, "e": section_e}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="abcde", help="sections, e.g. a,d")
+    parser.add_argument("--write", action="store_true", help="rewrite bench/RESULTS.md")
+    args = parser.parse_args()
+    for name in args.only.replace(",", ""):
+        print(f"--- section {name}: {SECTIONS[name].__doc__}", flush=True)
+        started = time.monotonic()
+        SECTIONS[name]()
+        print(json.dumps(results[name], indent=2), flush=True)
+        print(f"    ({time.monotonic() - started:.0f} s)", flush=True)
+    if args.write:
+        path = Path(__file__).with_name("RESULTS.md")
+        path.write_text(render(args.only))
+        print(f"wrote {path}")
+
+
+def render(only: str) -> str:
+    lines = ["# Benchmark results", "",
+             f"Command: `python bench/run.py --only {only} --write` on "
+             f"{platform.node() or 'this machine'} ({platform.machine()}, "
+             f"{__import__('os').cpu_count()} cores, Python {platform.python_version()}), "
+             f"{time.strftime('%Y-%m-%d')}.", "",
+             "Raw figures per section (see the docstrings in bench/run.py):", ""]
+    for name in only.replace(",", ""):
+        lines += [f"## ({name}) {SECTIONS[name].__doc__}", "", "```json",
+                  json.dumps(results[name], indent=2), "```", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
