@@ -278,9 +278,12 @@ class Proxy:
                 raise last_error from None
             worker = lease.worker
             with lease:
+                may_retry = (body.replayable and exchange.attempts + 1 < max_attempts
+                             and len(self.registry.routable(accept)) > len(tried) + 1)
                 try:
                     started = trio.current_time()
-                    status = await self._attempt(exchange, worker, learn=learn)
+                    status = await self._attempt(exchange, worker, learn=learn,
+                                                 may_retry=may_retry)
                     if status == 200 and route.path in routes.SYNCHRONOUS_GENERATIONS:
                         self.registry.observe(worker, cost, started, trio.current_time())
                     return
@@ -345,7 +348,7 @@ class Proxy:
         return found[0]
 
     async def _attempt(self, exchange: Exchange, worker: Worker, *, learn: bool,
-                       watch_status: bool = False) -> int:
+                       watch_status: bool = False, may_retry: bool = False) -> int:
         """Send the request to `worker` and stream its answer back; returns the status."""
         exchange.attempts += 1
         exchange.worker = worker.display_id
@@ -367,7 +370,7 @@ class Proxy:
                 self._fail(worker, f"answered {response.status_code}")
             else:
                 self.registry.record_result(worker, True)
-            if response.status_code == 503:
+            if response.status_code == 503 and may_retry:
                 raise UpstreamFailed(503, f"Worker {worker.display_id} is unavailable (503)",
                                      retryable=True)
             await self._relay(exchange, worker, response, learn or watch_status)
@@ -394,7 +397,7 @@ class Proxy:
         if exchange.route.path != scope["path"]:
             target = exchange.route.path.encode()
         query = scope["query_string"]
-        if query:
+        if query and not exchange.route.drop_query:
             target = target + b"?" + query
         return exchange.method, worker.url, target.decode("latin-1"), headers, \
             exchange.body.content()
