@@ -30,7 +30,7 @@ from dsrouter.context import RouterContext
 from dsrouter.control import PoolControl
 from dsrouter.frontend import Frontend
 from dsrouter.health import HealthChecker
-from dsrouter.launcher.local import run_pool
+from dsrouter.launcher import LaunchError, run_pool
 from dsrouter.metrics import Metrics
 from dsrouter.policies import make_policy
 from dsrouter.proxy import Proxy
@@ -71,6 +71,7 @@ async def run_router(config: Config, loader: Callable[[], Config] | None = None,
     `loader` re-reads the configuration for SIGHUP and `POST /admin/reload`.
     """
     shutdown = trio.Event()
+    serving = trio.Event()
     upstream = Upstream(connect_timeout_s=config.server.connect_timeout_s)
     async with _control_client(config) as client:
         registry = Registry(config.health, make_policy(config.routing.algorithm),
@@ -87,15 +88,16 @@ async def run_router(config: Config, loader: Callable[[], Config] | None = None,
         app.config["DSROUTER_RELOAD"] = reloader
         _warn_if_exposed(config, auth)
         async with trio.open_nursery() as root:
-            root.start_soon(_watch_signals, shutdown, frontend, root.cancel_scope)
+            root.start_soon(_watch_signals, shutdown, serving, frontend, root.cancel_scope)
             root.start_soon(_watch_reload_signal, reloader)
             await root.start(registry.run, health.capabilities, control.catch_up)
             for worker in config.workers:
                 registry.add(worker.url, api_key=worker.api_key, source="config")
             await root.start(health.run)
             if config.launcher.num_workers:
-                await root.start(run_pool, config.launcher, registry)
+                await root.start(run_pool, config.launcher, registry, context.metrics.restarts.inc)
             binds = await root.start(_serve, frontend, config, shutdown, root.cancel_scope)
+            serving.set()
             for bind in binds:
                 print(f"dsrouter listening on {bind}", flush=True)
             task_status.started(binds)
@@ -111,10 +113,16 @@ async def _serve(frontend: Frontend, config: Config, shutdown: trio.Event,
     root.cancel()
 
 
-async def _watch_signals(shutdown: trio.Event, frontend: Frontend,
+async def _watch_signals(shutdown: trio.Event, serving: trio.Event, frontend: Frontend,
                          root: trio.CancelScope) -> None:
+    """Before the frontend serves there is nothing to drain: a signal during start-up (say,
+    while the launcher waits minutes for models to load) stops everything at once."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
+            if not serving.is_set():
+                log.info("%s during start-up: stopping", signal.Signals(signum).name)
+                root.cancel()
+                return
             if shutdown.is_set():
                 log.warning("second %s: stopping now", signal.Signals(signum).name)
                 root.cancel()
@@ -140,10 +148,26 @@ def _warn_if_exposed(config: Config, auth: Auth) -> None:
         "(or admin_token_env / admin_token_file). !!!", config.server.host)
 
 
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    for error in group.exceptions:
+        leaves.extend(_leaves(error) if isinstance(error, BaseExceptionGroup) else [error])
+    return leaves
+
+
 def main_run(config: Config, loader: Callable[[], Config]) -> int:
     try:
         trio.run(run_router, config, loader)
     except KeyboardInterrupt:
         return 130
+    except BaseExceptionGroup as group:
+        launch, rest = group.split(LaunchError)
+        if launch is None:
+            raise
+        if rest is not None:
+            log.error("other errors while the pool failed to start", exc_info=rest)
+        for error in _leaves(launch):
+            print(f"dsrouter: cannot launch the workers: {error}", file=sys.stderr, flush=True)
+        return 1
     print("dsrouter stopped", file=sys.stderr, flush=True)
     return 0

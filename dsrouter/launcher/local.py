@@ -1,97 +1,361 @@
-"""Local worker processes, each a child task of the root nursery owning one process group.
+"""Local worker processes, each supervised by a child task of the root nursery.
 
-Each worker gets explicit, well-separated ports (WORKER_API.md §1.2: port+1 is taken silently
-by the worker's broker, so HTTP ports are `port_stride` >= 2 apart) and `--strict-ports` so a
-collision fails fast. On cancellation the whole process group gets SIGTERM, then SIGKILL after
-`stop_timeout_s`: no worker outlives the task that owns it.
+    run_pool                       plan, clean up after a SIGKILLed predecessor, reserve ports
+      progress                     log lines and the live summary (progress.py)
+      Supervisor.run  x N          one per worker, for the router's whole life:
+        spawn -> wait for /health 200 -> register -> wait for exit (or end a worker that
+              reports itself failed) -> deregister -> restart per policy (restarts.py) or
+              settle as failed / stopped
+
+`run_pool` reports itself started once every worker answered `/health` with 200 for the
+first time. Any failure before that (see `errors.py`) stops every child and raises
+`LaunchError`: a pool that never came up is a configuration problem, not something to
+retry. After that, a worker that exits is restarted per `launcher.restart`, and one that
+exhausts its restarts stays `failed` while the others keep serving.
+
+Registration: a worker is in the registry only while its process has passed readiness and
+is running. A worker still loading would otherwise be a target of RL broadcasts (which go to
+every worker that is not dead), and one that exited must not keep its job ids. The launcher
+talks to the registry only through its synchronous methods (its single-owner rule).
+
+Shutdown: cancelling `run_pool` stops every worker in parallel, each in a shielded scope:
+SIGTERM to its process group, SIGKILL after `stop_timeout_s` (process.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
+import shlex
 import signal
-import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import attrs
+import httpx
 import trio
 
 from dsrouter.config import LauncherConfig
-from dsrouter.registry import Registry
+from dsrouter.launcher.errors import LaunchError
+from dsrouter.launcher.logs import WorkerOutput
+from dsrouter.launcher.pidfile import TOKEN_VAR, PidFile, clean_stale, open_pidfile, runtime_dir
+from dsrouter.launcher.plan import WorkerPlan, plan_pool
+from dsrouter.launcher.ports import check_ports_free
+from dsrouter.launcher.process import Child, describe_exit, spawn
+from dsrouter.launcher.progress import Progress
+from dsrouter.launcher.restarts import RestartTracker
+from dsrouter.registry import Health, ProbeOutcome, Registry
 
 log = logging.getLogger("dsrouter.launcher")
 
+POLL_INTERVAL_S = 0.25
+"""How often a starting worker's `/health` is polled."""
+PROBE_TIMEOUT_S = 5.0
+PUMP_GRACE_S = 2.0
+"""How long output is still read after a worker's group is gone (a descendant that left the
+group may hold the pipe open forever)."""
+
+
+class StartFailed(Exception):
+    """A worker did not become ready during its first start (turned into a `LaunchError`)."""
+
+
+@attrs.define
+class _Verdict:
+    """Why the supervisor ended a running worker itself (None: it exited on its own)."""
+
+    reason: str | None = None
+
 
 @attrs.frozen
-class WorkerSpec:
-    index: int
-    url: str
-    argv: list[str]
-    env: dict[str, str]
+class RunResult:
+    """How one run of a worker process ended."""
+
+    failed: bool
+    reason: str
 
 
-def plan_workers(cfg: LauncherConfig) -> list[WorkerSpec]:
-    """The command line and environment of every worker the config asks for."""
-    specs = []
-    for index in range(cfg.num_workers):
-        port = cfg.worker_base_port + index * cfg.port_stride
-        argv = [
-            *cfg.command,
-            "--model-path", cfg.model,
-            "--num-gpus", str(cfg.num_gpus_per_worker),
-            "--host", cfg.worker_host,
-            "--port", str(port),
-            "--master-port", str(cfg.master_port_base + index * cfg.internal_port_stride),
-            "--scheduler-port", str(cfg.scheduler_port_base + index * cfg.internal_port_stride),
-            "--strict-ports", "true",
-            *cfg.extra_args,
-        ]
-        env = dict(cfg.env)
-        if index < len(cfg.gpu_ids):
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(cfg.gpu_ids[index])
-        host = "127.0.0.1" if cfg.worker_host in ("0.0.0.0", "") else cfg.worker_host
-        if ":" in host:
-            host = f"[{host}]"
-        specs.append(WorkerSpec(index, f"http://{host}:{port}", argv, env))
-    return specs
+class Supervisor:
+    """Owns one worker: its process, its registration, its restarts and its state."""
+
+    def __init__(self, plan: WorkerPlan, cfg: LauncherConfig, registry: Registry,
+                 progress: Progress, output: WorkerOutput, pidfile: PidFile,
+                 client: httpx.AsyncClient, on_restart: Callable[[], None]) -> None:
+        self.plan = plan
+        self.cfg = cfg
+        self.registry = registry
+        self.progress = progress
+        self.output = output
+        self.pidfile = pidfile
+        self.client = client
+        self.on_restart = on_restart
+        self.restarts = RestartTracker(cfg)
+        self.pid: int | None = None
+        self.last_exit: str | None = None
+        self._registered = False
+
+    @property
+    def index(self) -> int:
+        return self.plan.index
+
+    @property
+    def state(self) -> str:
+        return self.progress.states[self.index]
+
+    def info(self) -> dict[str, Any]:
+        """What `/workers` shows as `supervisor` for this worker."""
+        return {
+            "index": self.index,
+            "pid": self.pid,
+            "restarts": self.restarts.total,
+            "state": self.state,
+            "log_file": None if self.output.path is None else str(self.output.path),
+            "gpus": list(self.plan.gpus),
+            "last_exit": self.last_exit,
+        }
+
+    def _set_state(self, state: str, detail: str = "") -> None:
+        self.progress.set_state(self.index, state, detail)
+        if self._registered:
+            self.registry.update_managed(self.plan.url, self.info())
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the worker, then keep it running; reports started at its first readiness.
+
+        Raises `StartFailed` if the first start fails; later failures go to the restart
+        policy. Returns when the worker settles as failed or stopped.
+        """
+        first = True
+
+        def on_ready() -> None:
+            nonlocal first
+            if first:
+                first = False
+                task_status.started()
+
+        while True:
+            result = await self._run_once(on_ready)
+            self.last_exit = result.reason
+            if first:
+                raise StartFailed(f"worker {self.index} ({self.plan.url}) {result.reason}; "
+                                  f"{self.output.describe_tail()}")
+            decision = self.restarts.decide(trio.current_time(), result.failed)
+            if not decision.restart:
+                self._set_state("failed" if result.failed else "stopped",
+                                f"{result.reason}; {decision.reason}")
+                if result.failed:
+                    log.warning("worker %d: %s", self.index, self.output.describe_tail())
+                return
+            self.on_restart()
+            self._set_state("backoff", f"{result.reason}; restart {self.restarts.total} in "
+                                       f"{decision.delay_s:g} s")
+            await trio.sleep(decision.delay_s)
+
+    async def _run_once(self, on_ready: Callable[[], None]) -> RunResult:
+        """One process from spawn to exit: ready, registered while running, then removed."""
+        plan = self.plan
+        self.output.begin_run(f"starting worker {self.index}: {shlex.join(plan.argv)}")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **plan.env,
+               TOKEN_VAR: self.pidfile.token}
+        try:
+            child = spawn(plan.argv, env)
+        except OSError as exc:
+            return RunResult(True, f"could not be started: {plan.argv[0]}: "
+                                   f"{exc.strerror or exc}")
+        self.pid = child.pid
+        self.pidfile.set_group(self.index, child.pid)
+        self._set_state("starting", f"pid {child.pid}")
+        async with trio.open_nursery() as nursery:
+            pump_scope = trio.CancelScope(shield=True)
+            nursery.start_soon(self._pump, child, pump_scope)
+            try:
+                problem = await self._wait_ready(child)
+                if problem is not None:
+                    await child.stop(self.cfg.stop_timeout_s)
+                    return RunResult(True, problem)
+                self._register()
+                on_ready()
+                async with trio.open_nursery() as watch:
+                    verdict = _Verdict()
+                    watch.start_soon(self._end_if_reported_failed, child, verdict)
+                    code = await child.wait()
+                    watch.cancel_scope.cancel()
+                if verdict.reason is not None:
+                    return RunResult(True, f"{verdict.reason} ({describe_exit(code)})")
+                return RunResult(code != 0, describe_exit(code))
+            finally:
+                with trio.CancelScope(shield=True):
+                    if child.returncode is None:
+                        await self._stop(child)
+                    self._deregister()
+                    self.pidfile.set_group(self.index, None)
+                    pump_scope.deadline = trio.current_time() + PUMP_GRACE_S
+
+    async def _end_if_reported_failed(self, child: Child, verdict: _Verdict) -> None:
+        """Stop a running worker that reports itself failed, so the restart policy applies.
+
+        A worker whose GPU process died answers `/health` with 503 and an error and never
+        recovers or exits by itself (WORKER_API.md §2). The health checker marks it dead;
+        then this confirms the failed state with a probe of its own (a worker that is only
+        slow or unreachable is left to the health checker) and SIGTERMs the group, SIGKILL
+        after `stop_timeout_s`. The exit is then handled like any other.
+        """
+        while True:
+            changed = self.registry.changed
+            worker = self.registry.by_url(self.plan.url)
+            if (worker is not None and worker.health is Health.DEAD
+                    and not worker.quarantined_by_operator):
+                error = await self._reported_failure()
+                if error is not None:
+                    verdict.reason = f"reported itself failed: {error}"
+                    self.progress.set_detail(self.index, verdict.reason)
+                    log.warning("worker %d %s; stopping it", self.index, verdict.reason)
+                    child.kill_group(signal.SIGTERM)
+                    await trio.sleep(self.cfg.stop_timeout_s)
+                    child.kill_group(signal.SIGKILL)
+                    return
+                await trio.sleep(PROBE_TIMEOUT_S)  # do not re-probe on every registry change
+            await changed.wait()
+
+    async def _reported_failure(self) -> str | None:
+        """The worker's own error if `/health` answers 503 `{"status": "unhealthy", ...}`."""
+        with trio.move_on_after(PROBE_TIMEOUT_S):
+            try:
+                response = await self.client.get(f"{self.plan.url}/health")
+                body = response.json() if response.status_code == 503 else None
+            except (httpx.HTTPError, ValueError):
+                return None
+            if isinstance(body, dict) and body.get("status") == "unhealthy":
+                return str(body.get("error") or "unhealthy")
+        return None
+
+    async def _stop(self, child: Child) -> None:
+        """The router is stopping (this task was cancelled): SIGTERM, then SIGKILL."""
+        started = trio.current_time()
+        code = await child.stop(self.cfg.stop_timeout_s)
+        self.last_exit = describe_exit(code)
+        self._set_state("stopped", f"stopped by the router: {self.last_exit} after "
+                                   f"{trio.current_time() - started:.1f} s")
+
+    async def _pump(self, child: Child, scope: trio.CancelScope) -> None:
+        with scope:
+            await self.output.pump(child.output)
+        child.output.close()
+
+    async def _wait_ready(self, child: Child) -> str | None:
+        """None once `/health` answers 200; otherwise why the worker will not be ready."""
+        problem: str | None = None
+        async with trio.open_nursery() as race:
+
+            async def watch_exit() -> None:
+                nonlocal problem
+                code = await child.wait()
+                problem = f"exited during start-up ({describe_exit(code)})"
+                race.cancel_scope.cancel()
+
+            race.start_soon(watch_exit)
+            with trio.move_on_after(self.cfg.wait_timeout_s) as timeout:
+                await self._poll_health()
+            if timeout.cancelled_caught:
+                problem = (f"was not ready within wait_timeout_s = {self.cfg.wait_timeout_s:g} s "
+                           f"(last: {self.progress.details[self.index]})")
+            race.cancel_scope.cancel()
+        return problem
+
+    async def _poll_health(self) -> None:
+        """Return when `GET /health` answers 200; keep the progress detail current."""
+        port = self.plan.ports.http
+        while True:
+            with trio.move_on_after(PROBE_TIMEOUT_S):
+                try:
+                    response = await self.client.get(f"{self.plan.url}/health")
+                except httpx.ConnectError:
+                    self.progress.set_detail(self.index, f"waiting for port {port}")
+                except httpx.HTTPError as exc:
+                    self.progress.set_detail(self.index, f"/health failed: {type(exc).__name__}")
+                else:
+                    if response.status_code == 200:
+                        return
+                    self.progress.set_detail(
+                        self.index, "warming up" if response.status_code == 503
+                        else f"/health answered {response.status_code}")
+            await trio.sleep(POLL_INTERVAL_S)
+
+    def _register(self) -> None:
+        self.progress.set_state(self.index, "ready", f"pid {self.pid}, {self.plan.url}")
+        worker, new = self.registry.add(self.plan.url, managed=self.info())
+        if not new:
+            self.registry.update_managed(self.plan.url, self.info())
+        self._registered = True
+        # The readiness check just saw /health 200: route to it without waiting for a round.
+        self.registry.apply_probe(worker.url, ProbeOutcome.OK)
+
+    def _deregister(self) -> None:
+        if self._registered:
+            self._registered = False
+            self.registry.remove(self.plan.url)
 
 
-async def supervise(spec: WorkerSpec, registry: Registry, cfg: LauncherConfig,
-                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Run one worker process, registered while it lives, terminated when cancelled."""
-    process = await trio.lowlevel.open_process(
-        spec.argv, env={**os.environ, **spec.env}, start_new_session=True,
-        stdin=subprocess.DEVNULL,
-    )
-    log.info("worker %d started: pid %d, %s", spec.index, process.pid, spec.url)
-    registry.add(spec.url, managed={"pid": process.pid, "index": spec.index, "restarts": 0})
-    task_status.started()
-    try:
-        code = await process.wait()
-        log.warning("worker %d (pid %d) exited with status %s", spec.index, process.pid, code)
-    finally:
-        with trio.CancelScope(shield=True):
-            await _stop_group(process, cfg.stop_timeout_s)
-            registry.remove(spec.url)
-
-
-async def _stop_group(process: trio.Process, timeout_s: float) -> None:
-    """SIGTERM the worker's process group, then SIGKILL whatever is left after the timeout."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    with trio.move_on_after(timeout_s):
-        await process.wait()
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    await process.wait()
+def _no_metrics() -> None:
+    """Nothing counts restarts (tests, or a router without metrics)."""
 
 
 async def run_pool(cfg: LauncherConfig, registry: Registry,
+                   on_restart: Callable[[], None] = _no_metrics,
                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    async with trio.open_nursery() as nursery:
-        for spec in plan_workers(cfg):
-            await nursery.start(supervise, spec, registry, cfg)
+    """Launch and supervise `cfg.num_workers` workers until cancelled.
+
+    Raises `LaunchError` (with every child stopped) if the pool cannot come up; reports
+    started once every worker is ready and registered. `on_restart` is called for every
+    restart (the `dsrouter_launcher_restarts` counter).
+    """
+    if not cfg.num_workers:
         task_status.started()
+        return
+    plans = await plan_pool(cfg, os.environ)
+    directory = runtime_dir()
+    await clean_stale(directory)
+    check_ports_free([plan.ports for plan in plans], cfg.worker_host)
+    log_dir = Path(cfg.log_dir) if cfg.log_dir else None
+    outputs = [WorkerOutput(plan.index, log_dir, cfg.log_max_mb * 1024 * 1024)
+               for plan in plans]
+    progress = Progress(len(plans))
+    pidfile = open_pidfile(directory)
+    failures: list[str] = []
+    log.info("launching %d worker(s): %s", len(plans), shlex.join(plans[0].argv))
+    try:
+        async with httpx.AsyncClient(
+            timeout=PROBE_TIMEOUT_S, trust_env=False,
+            limits=httpx.Limits(max_keepalive_connections=0),
+        ) as client, trio.open_nursery() as pool:
+            pool.start_soon(progress.run)
+            supervisors = [Supervisor(plan, cfg, registry, progress, output, pidfile, client,
+                                      on_restart)
+                           for plan, output in zip(plans, outputs, strict=True)]
+            try:
+                async with trio.open_nursery() as starting:
+                    for supervisor in supervisors:
+                        starting.start_soon(pool.start, supervisor.run)
+            except* StartFailed as group:
+                failures = [str(exc) for exc in _leaves(group)]
+                pool.cancel_scope.cancel()
+            else:
+                log.info("all %d worker(s) ready", len(plans))
+                task_status.started()
+    finally:
+        pidfile.remove()
+        for output in outputs:
+            output.close()
+    if failures:
+        raise LaunchError("\n".join(failures))
+
+
+def _leaves(group: BaseExceptionGroup[StartFailed]) -> list[StartFailed]:
+    found: list[StartFailed] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found += _leaves(exc)
+        else:
+            found.append(exc)
+    return found

@@ -1,0 +1,116 @@
+"""The port plan of a pool, and the check that every port in it can be reserved.
+
+A worker binds more than its HTTP port (WORKER_API.md §1.2): its offline broker silently
+binds HTTP port + 1 and is never moved, and its scheduler and torch rendezvous take
+`--scheduler-port` and `--master-port`. The launcher passes explicit ports and
+`--strict-ports true`, so a collision fails fast instead of moving silently; this module
+catches collisions even earlier, before any worker is spawned, by binding each port once.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+import attrs
+
+from dsrouter.config import LauncherConfig
+from dsrouter.launcher.errors import LaunchError
+
+LOOPBACK = "127.0.0.1"
+
+
+@attrs.frozen
+class WorkerPorts:
+    """Every port one worker binds."""
+
+    http: int
+    master: int
+    scheduler: int
+
+    @property
+    def broker(self) -> int:
+        """Bound by the worker itself, always HTTP port + 1 (no flag moves it)."""
+        return self.http + 1
+
+    def labelled(self) -> list[tuple[str, int]]:
+        return [("HTTP port", self.http), ("broker port (HTTP port + 1)", self.broker),
+                ("master port", self.master), ("scheduler port", self.scheduler)]
+
+
+def plan_ports(cfg: LauncherConfig) -> list[WorkerPorts]:
+    """Worker i gets HTTP port `worker_base_port + i * port_stride`, internal ports
+    `master_port_base` / `scheduler_port_base` `+ i * internal_port_stride`.
+
+    Raises `LaunchError` when the plan contradicts itself: a stride below 2 (worker i + 1
+    would bind the broker port of worker i), a port beyond 65535, or two purposes sharing a
+    port.
+    """
+    if cfg.num_workers > 1 and cfg.port_stride < 2:
+        raise LaunchError(
+            f"launcher.port_stride is {cfg.port_stride}, it must be at least 2: every worker "
+            "also binds its HTTP port + 1 (the offline broker)")
+    plan = [
+        WorkerPorts(
+            http=cfg.worker_base_port + i * cfg.port_stride,
+            master=cfg.master_port_base + i * cfg.internal_port_stride,
+            scheduler=cfg.scheduler_port_base + i * cfg.internal_port_stride,
+        )
+        for i in range(cfg.num_workers)
+    ]
+    owners: dict[int, str] = {}
+    problems = []
+    labelled = [(f"worker {index} {label}", port)
+                for index, ports in enumerate(plan) for label, port in ports.labelled()]
+    # HTTP and broker ports claim their numbers first, so a clash names the internal port.
+    labelled.sort(key=lambda entry: "HTTP" not in entry[0])
+    for owner, port in labelled:
+        if not 1 <= port <= 65535:
+            problems.append(f"{owner} would be {port}, outside 1..65535")
+        elif port in owners:
+            problems.append(f"{owner} {port} is also {owners[port]}")
+        else:
+            owners[port] = owner
+    if problems:
+        raise LaunchError("the launcher's port plan overlaps itself; change worker_base_port, "
+                          "master_port_base, scheduler_port_base or the strides:\n  "
+                          + "\n  ".join(problems))
+    return plan
+
+
+def bind_host(worker_host: str) -> str:
+    """The address the worker binds its HTTP port on (sglang's own default when empty)."""
+    return worker_host or LOOPBACK
+
+
+def check_ports_free(plan: list[WorkerPorts], worker_host: str) -> None:
+    """Bind every planned port once; raise `LaunchError` naming each one that is taken.
+
+    HTTP ports are tried on the worker's own bind address; the broker, master and scheduler
+    ports on loopback, where the worker binds them on a single node. Bound with SO_REUSEADDR,
+    as the worker does, so a port that only has connections in TIME_WAIT counts as free.
+    """
+    busy = []
+    for index, ports in enumerate(plan):
+        for label, port in ports.labelled():
+            host = bind_host(worker_host) if label == "HTTP port" else LOOPBACK
+            problem = _try_bind(host, port)
+            if problem:
+                busy.append(f"worker {index} {label} {host}:{port}: {problem}")
+    if busy:
+        raise LaunchError("cannot reserve the launcher's ports (stop what holds them or change "
+                          "worker_base_port / master_port_base / scheduler_port_base):\n  "
+                          + "\n  ".join(busy))
+
+
+def _try_bind(host: str, port: int) -> str | None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return "already in use"
+            return exc.strerror or str(exc)
+    return None

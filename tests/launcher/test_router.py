@@ -1,0 +1,270 @@
+"""Managed workers through a real router process (`dsrouter run` with `[launcher]`).
+
+Workers are simulated (`python -m dsrouter.simworker`); every pid is read from `/workers`
+and checked gone through /proc at the end. Each test bounds itself with `trio.fail_after`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import pytest
+import trio
+
+from tests.launcher.helpers import FAKE_WORKER, SIM_WORKER, alive, free_port_block, wait_dead
+from tests.support import router_process, wait_until
+
+TEST_TIMEOUT_S = 45.0
+needs_simworker = pytest.mark.skipif(
+    importlib.util.find_spec("dsrouter.simworker.__main__") is None,
+    reason="python -m dsrouter.simworker is not in this tree yet")
+SEED_004_YAML = """\
+launcher:
+  backend: local
+  model: Qwen/Qwen-Image
+  num_workers: 8
+  num_gpus_per_worker: 1
+  worker_base_port: 10090
+  wait_timeout: 600
+"""
+
+
+def _router_toml(num_workers: int, command: list[str] = SIM_WORKER, **launcher: Any) -> str:
+    """A router.toml whose [launcher] runs `command` on a block of free ports."""
+    base = free_port_block(4 * num_workers)
+    settings = {
+        "model": "sim/Wan-Sim-T2V", "num_workers": num_workers, "num_gpus_per_worker": 0,
+        "command": command, "worker_base_port": base,
+        "master_port_base": base + 2 * num_workers,
+        "scheduler_port_base": base + 3 * num_workers,
+        "backoff_initial_s": 0.1, "backoff_max_s": 0.5, "wait_timeout_s": 30.0,
+        "stop_timeout_s": 5.0, **launcher,
+    }
+    body = "\n".join(f"{key} = {json.dumps(value)}" for key, value in settings.items())
+    return f"[health]\ninterval_s = 0.5\n\n[launcher]\n{body}\n"
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {"DSROUTER_RUNTIME_DIR": str(tmp_path / "run"), **extra}
+
+
+async def _managed(http: httpx.AsyncClient, router: str) -> dict[int, dict[str, Any]]:
+    """index -> worker object, for the managed workers registered now."""
+    workers = (await http.get(f"{router}/workers")).json()["workers"]
+    return {w["supervisor"]["index"]: w for w in workers if w["managed"]}
+
+
+@attrs.define
+class Traffic:
+    """Generation requests sent one after another through the router, with their results."""
+
+    statuses: list[int] = attrs.Factory(list)
+
+    async def run(self, http: httpx.AsyncClient, router: str) -> None:
+        while True:
+            try:
+                response = await http.post(f"{router}/v1/images/generations",
+                                           json={"prompt": "a red cube", "size": "64x64"})
+                self.statuses.append(response.status_code)
+            except httpx.HTTPError:
+                self.statuses.append(0)
+
+
+@needs_simworker
+async def test_three_workers_serve_and_a_killed_one_is_restarted_while_the_rest_serve(
+        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with router_process([], config=_router_toml(3), tmp_path=tmp_path,
+                                  env=_env(tmp_path)) as router:
+            managed = await _managed(http, router.url)
+            assert sorted(managed) == [0, 1, 2]
+            assert all(w["supervisor"]["state"] == "ready" and w["supervisor"]["restarts"] == 0
+                       and not w["is_dead"] for w in managed.values())
+            pids = [w["supervisor"]["pid"] for w in managed.values()]
+            victim = managed[1]["supervisor"]["pid"]
+            traffic = Traffic()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(traffic.run, http, router.url)
+                await wait_until(lambda: _served(traffic, 3))
+                before = len(traffic.statuses)
+                os.kill(victim, signal.SIGKILL)
+
+                async def restarted() -> bool:
+                    now = await _managed(http, router.url)
+                    assert {0, 2} <= set(now), "the other workers stay registered"
+                    return 1 in now and now[1]["supervisor"]["pid"] != victim
+
+                await wait_until(restarted, timeout_s=20)
+                during = traffic.statuses[before:]
+                target = traffic.statuses.count(200) + 3
+                await wait_until(lambda: _served(traffic, target))
+                nursery.cancel_scope.cancel()
+            assert len(during) >= 1 and during.count(200) >= len(during) - 1, during
+            supervisor = (await _managed(http, router.url))[1]["supervisor"]
+            assert supervisor["restarts"] == 1 and supervisor["state"] == "ready"
+            assert supervisor["last_exit"] == "killed by SIGKILL"
+            await wait_dead([victim])
+            pids.append(supervisor["pid"])
+            assert any("worker 1: ready -> backoff (killed by SIGKILL" in line
+                       for line in router.output)
+        await wait_dead(pids, timeout_s=2)
+
+
+async def _served(traffic: Traffic, count: int) -> bool:
+    return traffic.statuses.count(200) >= count
+
+
+@needs_simworker
+async def test_a_worker_out_of_restarts_is_failed_and_the_rest_keep_serving(
+        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with router_process([], config=_router_toml(2, max_restarts=1),
+                                  tmp_path=tmp_path, env=_env(tmp_path)) as router:
+            first = (await _managed(http, router.url))[0]["supervisor"]["pid"]
+            os.kill(first, signal.SIGKILL)
+
+            async def back() -> bool:
+                now = await _managed(http, router.url)
+                return 0 in now and now[0]["supervisor"]["pid"] != first
+
+            await wait_until(back, timeout_s=20)
+            second = (await _managed(http, router.url))[0]["supervisor"]["pid"]
+            os.kill(second, signal.SIGKILL)
+
+            def failed_logged() -> list[str]:
+                return [line for line in router.output if "worker 0: ready -> failed" in line]
+
+            async def failed() -> bool:
+                return bool(failed_logged())
+
+            await wait_until(failed, timeout_s=20)
+            assert "killed by SIGKILL; 1 restart(s) within 600s already" in failed_logged()[0]
+            managed = await _managed(http, router.url)
+            assert list(managed) == [1]
+            health = (await http.get(f"{router.url}/health")).json()
+            assert health["status"] == "healthy" and health["healthy_workers"] == 1
+            for _ in range(3):
+                response = await http.post(f"{router.url}/v1/images/generations",
+                                           json={"prompt": "still serving", "size": "64x64"})
+                assert response.status_code == 200
+            survivor = managed[1]["supervisor"]["pid"]
+        await wait_dead([first, second, survivor], timeout_s=2)
+
+
+@needs_simworker
+async def test_router_sigterm_stops_every_worker(tmp_path: Path,
+                                                 http: httpx.AsyncClient) -> None:
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with router_process([], config=_router_toml(2), tmp_path=tmp_path,
+                                  env=_env(tmp_path)) as router:
+            pids = [w["supervisor"]["pid"] for w in (await _managed(http, router.url)).values()]
+            assert len(pids) == 2 and all(map(alive, pids))
+            assert await router.stop(signal.SIGTERM) == 0
+            # stopped (not merely orphaned) before the router exited
+            assert not any(map(alive, pids))
+            assert sum("-> stopped (stopped by the router" in line for line in router.output) == 2
+        assert not list((tmp_path / "run").glob("router-*.json"))
+
+
+async def test_router_sigkill_leaves_no_worker_and_the_next_start_cleans_up(
+        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    """The parent-death signal kills the workers; their own children (here one grandchild
+    per worker) are left to the next router, which finds them through the pid file."""
+    config = _router_toml(2, command=FAKE_WORKER, extra_args=["--grandchild"])
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with router_process([], config=config, tmp_path=tmp_path,
+                                  env=_env(tmp_path)) as router:
+            pids = [w["supervisor"]["pid"] for w in (await _managed(http, router.url)).values()]
+            grandchildren = [int(m) for line in router.output
+                             for m in re.findall(r"fakeworker grandchild pid (\d+)", line)]
+            assert len(pids) == 2 and len(grandchildren) == 2
+            assert await router.stop(signal.SIGKILL) == -signal.SIGKILL
+        try:
+            await wait_dead(pids)
+            assert all(map(alive, grandchildren))
+            assert len(list((tmp_path / "run").glob("router-*.json"))) == 1
+            async with router_process([], config=_router_toml(1, command=FAKE_WORKER),
+                                      tmp_path=tmp_path, env=_env(tmp_path)) as router:
+                await wait_dead(grandchildren, timeout_s=2)
+                assert any("died without stopping its workers: killed 2 leftover process(es)"
+                           in line for line in router.output)
+                assert len(list((tmp_path / "run").glob("router-*.json"))) == 1
+        finally:
+            for pid in filter(alive, grandchildren):  # only if the test failed
+                os.kill(pid, signal.SIGKILL)
+
+
+async def test_seed_004_launcher_yaml_is_accepted(tmp_path: Path) -> None:
+    yaml_path = tmp_path / "local_launcher.yaml"
+    yaml_path.write_text(SEED_004_YAML)
+    with trio.fail_after(TEST_TIMEOUT_S):
+        checked = await trio.run_process(
+            [sys.executable, "-m", "dsrouter", "check-config", "--launcher-config",
+             str(yaml_path)], capture_stdout=True)
+        launcher = json.loads(checked.stdout)["launcher"]
+        assert launcher == launcher | {"backend": "local", "model": "Qwen/Qwen-Image",
+                                       "num_workers": 8, "num_gpus_per_worker": 1,
+                                       "worker_base_port": 10090, "wait_timeout_s": 600.0}
+        # On this GPU-less machine the same file must fail before serving, with one message
+        # naming every problem, and start nothing.
+        ran = await trio.run_process(
+            [sys.executable, "-m", "dsrouter", "run", "--host", "127.0.0.1", "--port", "0",
+             "--launcher-config", str(yaml_path)],
+            capture_stdout=True, capture_stderr=True, check=False,
+            env={**os.environ, **_env(tmp_path), "CUDA_VISIBLE_DEVICES": "",
+                 "PATH": str(Path(sys.executable).parent)})
+    assert ran.returncode != 0
+    errors = ran.stderr.decode()
+    assert "'sglang' not found on PATH" in errors
+    assert "not enough GPUs: 8 workers x 1 GPU(s) each need 8, found 0" in errors
+    assert b"dsrouter listening" not in ran.stdout
+
+
+async def test_seed_004_yaml_launches_its_pool_given_gpus_and_a_worker_command(
+        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    """The YAML as published, with router.toml supplying the simulated worker command and
+    CUDA_VISIBLE_DEVICES pretending there are 8 GPUs: 8 workers, one GPU each."""
+    yaml_path = tmp_path / "local_launcher.yaml"
+    base = free_port_block(32)
+    yaml_path.write_text(SEED_004_YAML.replace("10090", str(base)))
+    config = (f"[launcher]\ncommand = {json.dumps(FAKE_WORKER)}\n"
+              f"master_port_base = {base + 16}\nscheduler_port_base = {base + 24}\n")
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with router_process(["--launcher-config", str(yaml_path)], config=config,
+                                  tmp_path=tmp_path,
+                                  env=_env(tmp_path, CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7"),
+                                  ) as router:
+            managed = await _managed(http, router.url)
+            assert sorted(managed) == list(range(8))
+            assert [managed[i]["supervisor"]["gpus"] for i in range(8)] == [
+                [str(i)] for i in range(8)]
+            assert managed[7]["url"] == f"http://127.0.0.1:{base + 14}"
+            pids = [w["supervisor"]["pid"] for w in managed.values()]
+        await wait_dead(pids, timeout_s=2)
+
+
+@needs_simworker
+async def test_demo_runs_simulated_workers_through_the_launcher(
+        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    base = free_port_block(8)
+    config = (f"[launcher]\nworker_base_port = {base}\nmaster_port_base = {base + 4}\n"
+              f"scheduler_port_base = {base + 6}\n")
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with router_process(["--demo", "--demo-workers", "2"], config=config,
+                                  tmp_path=tmp_path, env=_env(tmp_path)) as router:
+            managed = await _managed(http, router.url)
+            assert sorted(managed) == [0, 1]
+            response = await http.post(f"{router.url}/v1/images/generations",
+                                       json={"prompt": "demo", "size": "64x64"})
+            assert response.status_code == 200
+            pids = [w["supervisor"]["pid"] for w in managed.values()]
+        await wait_dead(pids, timeout_s=2)
