@@ -91,6 +91,7 @@ async def run_router(config: Config, loader: Callable[[], Config] | None = None,
             root.start_soon(_watch_signals, shutdown, serving, frontend, root.cancel_scope)
             root.start_soon(_watch_reload_signal, reloader)
             await root.start(registry.run, health.capabilities, control.catch_up)
+            root.start_soon(upstream.run)
             for worker in config.workers:
                 registry.add(worker.url, api_key=worker.api_key, source="config")
             await root.start(health.run)

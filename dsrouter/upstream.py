@@ -131,6 +131,15 @@ class _Pool:
             conn.discard()
         return None
 
+    def sweep(self, now: float) -> None:
+        """Close idle connections that expired or that the worker already closed."""
+        keep = deque(conn for conn in self.idle
+                     if now - conn.idle_since < self.idle_expiry_s and conn.looks_alive())
+        for conn in self.idle:
+            if conn not in keep:
+                conn.discard()
+        self.idle = keep
+
     def release(self, conn: _Connection) -> None:
         if len(self.idle) >= self.max_idle:
             conn.discard()
@@ -235,6 +244,20 @@ class Upstream:
         except BaseException:
             await _close(conn)
             raise
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Sweep the idle pools so a burst's sockets are closed once it is over.
+
+        Without this, connections the workers closed after their keep-alive timeout stay
+        open on our side (CLOSE_WAIT) until the next request to that worker, which for a
+        removed or quiet worker may be never.
+        """
+        task_status.started()
+        while True:
+            await trio.sleep(self.idle_expiry_s / 2)
+            now = trio.current_time()
+            for pool in self._pools.values():
+                pool.sweep(now)
 
     def close_idle(self) -> None:
         for pool in self._pools.values():

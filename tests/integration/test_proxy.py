@@ -72,11 +72,12 @@ async def test_images_generate_edit_and_sticky_content(tmp_path: Path,
                 assert content.headers["x-dsrouter-worker"] == by_url.headers["x-dsrouter-worker"]
 
             files = {"image": ("in.png", image, "image/png")}
-            edit = await http.post(f"{router.url}/v1/images/edits", files=files,
-                                   data={"prompt": "make it blue", "size": "32x32"})
+            request = http.build_request("POST", f"{router.url}/v1/images/edits", files=files,
+                                         data={"prompt": "make it blue", "size": "32x32"})
+            sent = request.read()
+            edit = await http.send(request)
             assert edit.status_code == 200
             assert image_size(base64.b64decode(edit.json()["data"][0]["b64_json"])) == (32, 32)
-            sent = edit.request.content
             assert edit.headers["x-simworker-body-sha256"] == hashlib.sha256(sent).hexdigest()
 
             unknown = await http.get(f"{router.url}/v1/images/nope/content")

@@ -100,11 +100,16 @@ async def test_client_gone_mid_download_frees_the_lease_at_once(
                 workers = (await http.get(f"{router.url}/workers")).json()["workers"]
                 return workers[0]["active_requests"]
 
-            async with http.stream("GET", f"{router.url}/v1/videos/{job['id']}/content") as r:
-                assert r.status_code == 200
-                async for _ in r.aiter_raw():
-                    break
-                assert await router_in_flight() == 1
+            host, port = router.url.removeprefix("http://").split(":")
+            client = await trio.open_tcp_stream(host, int(port))
+            await client.send_all(f"GET /v1/videos/{job['id']}/content HTTP/1.1\r\n"
+                                  f"Host: {host}\r\n\r\n".encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += await client.receive_some(65536)
+            assert head.startswith(b"HTTP/1.1 200")
+            assert await router_in_flight() == 1
+            await client.aclose()
 
             async def released() -> bool:
                 state = (await http.get(f"{worker.url}/_sim/state")).json()

@@ -6,7 +6,6 @@ and checked gone through /proc at the end. Each test bounds itself with `trio.fa
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -17,16 +16,12 @@ from typing import Any
 
 import attrs
 import httpx
-import pytest
 import trio
 
 from tests.launcher.helpers import FAKE_WORKER, SIM_WORKER, alive, free_port_block, wait_dead
 from tests.support import router_process, wait_until
 
 TEST_TIMEOUT_S = 45.0
-needs_simworker = pytest.mark.skipif(
-    importlib.util.find_spec("dsrouter.simworker.__main__") is None,
-    reason="python -m dsrouter.simworker is not in this tree yet")
 SEED_004_YAML = """\
 launcher:
   backend: local
@@ -79,7 +74,6 @@ class Traffic:
                 self.statuses.append(0)
 
 
-@needs_simworker
 async def test_three_workers_serve_and_a_killed_one_is_restarted_while_the_rest_serve(
         tmp_path: Path, http: httpx.AsyncClient) -> None:
     with trio.fail_after(TEST_TIMEOUT_S):
@@ -123,7 +117,6 @@ async def _served(traffic: Traffic, count: int) -> bool:
     return traffic.statuses.count(200) >= count
 
 
-@needs_simworker
 async def test_a_worker_out_of_restarts_is_failed_and_the_rest_keep_serving(
         tmp_path: Path, http: httpx.AsyncClient) -> None:
     with trio.fail_after(TEST_TIMEOUT_S):
@@ -160,7 +153,6 @@ async def test_a_worker_out_of_restarts_is_failed_and_the_rest_keep_serving(
         await wait_dead([first, second, survivor], timeout_s=2)
 
 
-@needs_simworker
 async def test_router_sigterm_stops_every_worker(tmp_path: Path,
                                                  http: httpx.AsyncClient) -> None:
     with trio.fail_after(TEST_TIMEOUT_S):
@@ -252,7 +244,6 @@ async def test_seed_004_yaml_launches_its_pool_given_gpus_and_a_worker_command(
         await wait_dead(pids, timeout_s=2)
 
 
-@needs_simworker
 async def test_demo_runs_simulated_workers_through_the_launcher(
         tmp_path: Path, http: httpx.AsyncClient) -> None:
     base = free_port_block(8)

@@ -1,0 +1,3 @@
+from dsrouter.simworker.server import main
+
+raise SystemExit(main())
