@@ -1,7 +1,9 @@
 """The `dsrouter` command line.
 
 `run` takes the sglang-d-router flags as overrides of router.toml, so an existing start
-command keeps working once `sglang-d-router` is replaced by `dsrouter run`.
+command keeps working once `sglang-d-router` is replaced by `dsrouter run`. The operator
+commands (`status`, `workers`, `refit`, `sleep`, `wake`, in `ctl.py`) talk to a running
+router and read no config file.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from dsrouter import ctl
 from dsrouter.config import Config, ConfigError, Overrides, dump_config, load_config
 
 
@@ -66,11 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="number of simulated workers with --demo (default 2)")
     check = commands.add_parser("check-config", help="validate and print the effective config")
     _add_overrides(check)
+    ctl.add_parsers(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ctl.COMMANDS:
+        return ctl.main(args)
     try:
         config = _load(args)
     except ConfigError as exc:
