@@ -260,6 +260,9 @@ class PoolHealth:
     stale_workers: int
     in_flight: int
     queued: int
+    target_version: str | None = None
+    """The weights every routable worker must hold (None until the first refit)."""
+    pool_sleeping: bool = False
 
     @property
     def healthy(self) -> bool:
@@ -273,7 +276,8 @@ class PoolHealth:
         return cls(str(data.get("status", "unknown")), count("healthy_workers"),
                    count("total_workers"), count("dead_workers"), count("sleeping_workers"),
                    count("draining_workers"), count("stale_workers"), count("in_flight"),
-                   count("queued"))
+                   count("queued"), data.get("target_version"),
+                   bool(data.get("pool_sleeping")))
 
 
 # ---- the calls, described once -----------------------------------------------------------

@@ -57,6 +57,8 @@ def pool_version(workers: list[WorkerInfo]) -> str:
 
 
 def _sleep_state(health: PoolHealth) -> str:
+    if health.pool_sleeping:
+        return "asleep"
     if health.total_workers and health.sleeping_workers == health.total_workers:
         return "asleep"
     if health.sleeping_workers:
@@ -71,7 +73,8 @@ def format_header(url: str, health: PoolHealth, workers: list[WorkerInfo]) -> st
         if count:
             parts.append(f"{count} {word}")
     parts += [f"{health.queued} queued", f"{health.in_flight} in flight",
-              f"weights {pool_version(workers)}", _sleep_state(health)]
+              f"weights {health.target_version or pool_version(workers)}",
+              _sleep_state(health)]
     return f"router {url}: {health.status}, " + ", ".join(parts)
 
 

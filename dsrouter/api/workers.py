@@ -98,7 +98,8 @@ async def miles_add_worker() -> Any:
 async def list_workers() -> Any:
     registry = ctx().registry
     return {"workers": [w.to_json() for w in registry.workers()],
-            "queued": registry.summary()["queued"]}
+            "queued": registry.summary()["queued"],
+            "target_version": registry.target_version, "pool_sleeping": registry.pool_sleeping}
 
 
 @bp.get("/list_workers")
@@ -184,7 +185,9 @@ async def delete_worker(_worker_id: str) -> Any:
 
 @bp.get("/health")
 async def health() -> Any:
-    summary = ctx().registry.summary()
+    registry = ctx().registry
+    summary = registry.summary()
     ok = summary["healthy_workers"] > 0
-    body = {"status": "healthy" if ok else "unhealthy", **summary}
+    body = {"status": "healthy" if ok else "unhealthy", **summary,
+            "target_version": registry.target_version, "pool_sleeping": registry.pool_sleeping}
     return jsonify(body), 200 if ok else 503

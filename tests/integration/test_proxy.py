@@ -202,6 +202,11 @@ async def test_rl_broadcasts_and_sleep_bookkeeping(tmp_path: Path,
             results = refit.json()["results"]
             assert sorted(r["worker_url"] for r in results) == sorted(w.url for w in workers)
             assert all(r["status_code"] == 200 and r["body"]["success"] for r in results)
+            pool = (await http.get(f"{router.url}/health")).json()
+            assert pool["target_version"] == "sim/step-1" and pool["stale_workers"] == 0
+            listed = (await http.get(f"{router.url}/workers")).json()
+            assert listed["target_version"] == "sim/step-1"
+            assert {w["weight_version"] for w in listed["workers"]} == {"sim/step-1"}
 
             served = await http.post(f"{router.url}/v1/images/generations",
                                      json={"prompt": "p", "size": "16x16"})
