@@ -425,8 +425,10 @@ class Proxy:
                                      "more_body": True})
         except (UpstreamError, trio.TooSlowError) as exc:
             self._fail(worker, f"broke its answer: {type(exc).__name__}")
-            raise UpstreamFailed(502, f"Worker broke the response: {type(exc).__name__}: {exc}"
-                                 ) from None
+            # Before the first byte reached the client (the answer was still being peeked
+            # at), the request may go to another worker like any unanswered one.
+            raise UpstreamFailed(502, f"Worker broke the response: {type(exc).__name__}: {exc}",
+                                 retryable=not exchange.response_started) from None
         await exchange.send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _learn(self, route: Route, worker: Worker, body: bytes) -> None:

@@ -77,7 +77,10 @@ class UpstreamResponse:
     async def aiter_raw(self) -> AsyncIterator[bytes]:
         conn = self._conn.h11
         while not self._done:
-            event = conn.next_event()
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise UpstreamError(f"worker broke its answer: {exc}") from None
             if event is h11.NEED_DATA:
                 try:
                     data = await self._conn.stream.receive_some(READ_SIZE)

@@ -261,12 +261,11 @@ async def _serve_one(worker: SimWorker, request: Request, send: Send) -> None:
                          ("x-simworker-weight-version", worker.weight_version)]
                 if request.method == "POST":
                     extra.append(("x-simworker-body-sha256", request.body_sha256.hexdigest()))
-                streamed = not isinstance(response.body, bytes)
-                if dies and not streamed:
-                    os._exit(EXIT_STATUS)
+                size = (len(response.body) if isinstance(response.body, bytes)
+                        else response.length or 0)
                 try:
                     await send_response(send, response, extra, worker.faults.slow_body_bps,
-                                        cut_after=(response.length or 0) // 2 if dies else None)
+                                        cut_after=size // 2 if dies else None)
                 except CutShort:
                     os._exit(EXIT_STATUS)
                 watcher.cancel_scope.cancel()

@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     faults.add_argument("--hang-rate", type=_rate, default=0.0,
                         help="fraction of POSTs that never answer")
     faults.add_argument("--exit-after", type=int, default=None,
-                        help="exit abruptly during the Nth next request")
+                        help="exit abruptly halfway through the answer of the Nth next request")
     faults.add_argument("--slow-body-bps", type=int, default=0,
                         help="send response bodies at this many bytes per second")
     return parser

@@ -3,12 +3,14 @@
 Each test bounds itself in time and counts; the mixed run prints its figures.
 """
 
+import contextlib
 import os
 import signal
 from collections import Counter
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from tests.integration.test_proxy import healthy
@@ -56,8 +58,9 @@ async def test_sigkill_between_requests_costs_no_request(tmp_path: Path,
         nursery.cancel_scope.cancel()
 
 
-async def test_sigkill_mid_request_fails_only_what_the_worker_held(
+async def test_sigkill_mid_request_is_retried_on_another_worker(
         tmp_path: Path, http: httpx.AsyncClient) -> None:
+    """The killed worker sent no answer byte, so the request is replayed elsewhere."""
     async with trio.open_nursery() as nursery:
         slow = await start_simworker(nursery, "--sec-per-mpx-step", "50")
         fast = await start_simworker(nursery, *INSTANT)
@@ -81,10 +84,41 @@ async def test_sigkill_mid_request_fails_only_what_the_worker_held(
 
                 await wait_until(slow_busy)
                 os.kill(slow.pid, signal.SIGKILL)
-            codes = sorted(a.status_code for a in answers)
-            assert codes == [200, 502], codes
-            failed = next(a for a in answers if a.status_code == 502)
-            assert "Worker request failed" in failed.json()["error"]
+            assert [a.status_code for a in answers] == [200, 200]
+            fast_name = fast.url.removeprefix("http://")
+            assert all(a.headers["x-dsrouter-worker"] == fast_name for a in answers)
+            assert sorted(a.headers["x-dsrouter-attempts"] for a in answers) == ["1", "2"]
+            assert await in_flight(http, router.url) == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_worker_dying_mid_answer_is_replayed_until_the_client_saw_a_byte(
+        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    """A create answer is read before it is relayed, so its loss is invisible to the client;
+    an image answer already streaming to the client can only be cut."""
+    async with trio.open_nursery() as nursery:
+        dying = await start_simworker(nursery, "--task-type", "T2V", *INSTANT)
+        spare = await start_simworker(nursery, "--task-type", "T2I,T2V", *INSTANT)
+        async with router_process(["--worker-urls", dying.url, spare.url, "--routing-algorithm",
+                                   "round-robin"], config=CONFIG,
+                                  tmp_path=tmp_path) as router:
+            await healthy(http, router.url, 2)
+            await sim_faults(http, dying.url, exit_after=1)
+            attempts = []
+            for _ in range(2):
+                job = await http.post(f"{router.url}/v1/videos", json={"prompt": "p"})
+                assert job.status_code == 200, job.text
+                attempts.append(job.headers["x-dsrouter-attempts"])
+                status = await http.get(f"{router.url}/v1/videos/{job.json()['id']}")
+                assert status.status_code == 200
+            assert "2" in attempts, attempts
+            await sim_faults(http, spare.url, exit_after=1)
+            cut = None
+            with contextlib.suppress(httpx.HTTPError):
+                cut = await http.post(f"{router.url}/v1/images/generations", json=IMAGE)
+            assert cut is None or cut.status_code >= 500
+            with trio.fail_after(10):
+                assert await spare.process.wait() == 3, "the worker died mid-answer"
             assert await in_flight(http, router.url) == 0
         nursery.cancel_scope.cancel()
 
@@ -157,6 +191,9 @@ async def _zero_in_flight(http: httpx.AsyncClient, router: str) -> bool:
     return await in_flight(http, router) == 0
 
 
+# The router answers 413 before httpx has sent the whole body; httpx then leaves its body
+# generator unfinished, which Python reports as an unraisable ResourceWarning on the client.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 async def test_bad_inputs_get_clear_errors_and_harm_nothing(tmp_path: Path,
                                                             http: httpx.AsyncClient) -> None:
     config = CONFIG + "[server]\nmax_body_mb = 1\n"
@@ -262,7 +299,8 @@ async def test_mixed_run_with_three_workers_killed(tmp_path: Path,
         workers = [await start_simworker(nursery, *INSTANT) for _ in range(8)]
         async with router_process(["--worker-urls", *[w.url for w in workers],
                                    "--log-level", "warning"],
-                                  config=CONFIG + "[logging]\naccess_log = false\n",
+                                  config=CONFIG + "[logging]\naccess_log = false\n"
+                                  "[server]\nkeep_alive_timeout_s = 2\n",
                                   tmp_path=tmp_path) as router:
             await healthy(http, router.url, 8)
             fds_before = _open_fds(router.pid)
@@ -298,6 +336,13 @@ async def test_mixed_run_with_three_workers_killed(tmp_path: Path,
                 for _ in range(concurrency):
                     load.start_soon(client, limits)
             await wait_until(lambda: _zero_in_flight(http, router.url))
+
+            # Idle client connections close after keep_alive_timeout_s, pooled upstream
+            # ones once the sweep finds them expired: none may stay open for good.
+            async def sockets_closed() -> bool:
+                return _open_fds(router.pid) <= fds_before + 4
+
+            await wait_until(sockets_closed, timeout_s=15)
             fds_after = _open_fds(router.pid)
             succeeded = statuses[200]
             print(f"\nmixed run: sent={sent} answered={answered} succeeded={succeeded} "
