@@ -4,6 +4,7 @@
     health checker     probe rounds every `health.interval_s`
     launcher           supervised local workers (when `[launcher]` asks for any)
     HTTP frontend      hypercorn serving Quart (admin) + the streaming proxy
+    notifier           systemd READY/STATUS/WATCHDOG once serving (see notify.py)
 
 Shutdown: the first SIGINT/SIGTERM sets `shutdown`, which makes hypercorn stop accepting and
 drain in-flight requests for up to `server.drain_timeout_s`; when `serve` returns, the root
@@ -32,6 +33,7 @@ from dsrouter.frontend import Frontend
 from dsrouter.health import HealthChecker
 from dsrouter.launcher import LaunchError, run_pool
 from dsrouter.metrics import Metrics
+from dsrouter.notify import Notifier, describe_pool
 from dsrouter.policies import make_policy
 from dsrouter.proxy import Proxy
 from dsrouter.registry import Registry
@@ -84,11 +86,13 @@ async def run_router(config: Config, loader: Callable[[], Config] | None = None,
         control = PoolControl(context)
         app = create_app(context, control)
         frontend = Frontend(app, Proxy(context, upstream), auth)
-        reloader = Reloader(context, frontend, loader or (lambda: config))
+        notifier = Notifier()
+        reloader = Reloader(context, frontend, loader or (lambda: config), notifier)
         app.config["DSROUTER_RELOAD"] = reloader
         _warn_if_exposed(config, auth)
         async with trio.open_nursery() as root:
-            root.start_soon(_watch_signals, shutdown, serving, frontend, root.cancel_scope)
+            root.start_soon(_watch_signals, shutdown, serving, frontend, notifier,
+                            root.cancel_scope)
             root.start_soon(_watch_reload_signal, reloader)
             await root.start(registry.run, health.capabilities, control.catch_up)
             root.start_soon(upstream.run)
@@ -101,6 +105,9 @@ async def run_router(config: Config, loader: Callable[[], Config] | None = None,
             serving.set()
             for bind in binds:
                 print(f"dsrouter listening on {bind}", flush=True)
+            await _first_probes(registry, config)
+            notifier.ready(describe_pool(registry.summary()))
+            root.start_soon(notifier.run, lambda: describe_pool(registry.summary()))
             task_status.started(binds)
         upstream.close_idle()
 
@@ -114,8 +121,17 @@ async def _serve(frontend: Frontend, config: Config, shutdown: trio.Event,
     root.cancel()
 
 
+async def _first_probes(registry: Registry, config: Config) -> None:
+    """Wait (bounded) until every registered worker has been probed once, so READY=1 tells
+    systemd about a pool whose state is known rather than one still `starting`."""
+    with trio.move_on_after(config.health.timeout_s + 1.0):
+        while any(w.last_probe_at is None for w in registry.workers()):
+            with trio.move_on_after(0.1):
+                await registry.changed.wait()
+
+
 async def _watch_signals(shutdown: trio.Event, serving: trio.Event, frontend: Frontend,
-                         root: trio.CancelScope) -> None:
+                         notifier: Notifier, root: trio.CancelScope) -> None:
     """Before the frontend serves there is nothing to drain: a signal during start-up (say,
     while the launcher waits minutes for models to load) stops everything at once."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -129,6 +145,7 @@ async def _watch_signals(shutdown: trio.Event, serving: trio.Event, frontend: Fr
                 root.cancel()
                 return
             log.info("%s: draining in-flight requests", signal.Signals(signum).name)
+            notifier.stopping()
             frontend.draining = True
             shutdown.set()
 
@@ -137,7 +154,7 @@ async def _watch_reload_signal(reloader: Reloader) -> None:
     with trio.open_signal_receiver(signal.SIGHUP) as signals:
         async for _ in signals:
             log.info("SIGHUP: reloading the configuration")
-            reloader.reload()
+            await reloader.reload()
 
 
 def _warn_if_exposed(config: Config, auth: Auth) -> None:

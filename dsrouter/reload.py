@@ -15,11 +15,13 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+import trio
 
 from dsrouter.auth import Auth
 from dsrouter.config import Config, ConfigError
 from dsrouter.context import RouterContext
 from dsrouter.frontend import Frontend
+from dsrouter.notify import Notifier, describe_pool
 from dsrouter.policies import make_policy
 
 log = logging.getLogger("dsrouter.reload")
@@ -30,12 +32,21 @@ RESTART_ONLY = ("server.host", "server.port", "server.keep_alive_timeout_s",
 
 class Reloader:
     def __init__(self, context: RouterContext, frontend: Frontend,
-                 loader: Callable[[], Config]) -> None:
+                 loader: Callable[[], Config], notifier: Notifier | None = None) -> None:
         self.context = context
         self.frontend = frontend
         self.loader = loader
+        self.notifier = notifier or Notifier({})
 
-    def reload(self) -> tuple[bool, dict[str, Any]]:
+    async def reload(self) -> tuple[bool, dict[str, Any]]:
+        """Apply the re-read configuration, bracketed by RELOADING=1 ... READY=1 for systemd."""
+        self.notifier.reloading()
+        try:
+            return await self._reload()
+        finally:
+            self.notifier.ready(describe_pool(self.context.registry.summary()))
+
+    async def _reload(self) -> tuple[bool, dict[str, Any]]:
         try:
             new = self.loader()
             auth = Auth(new.security)
@@ -56,14 +67,19 @@ class Reloader:
             registry.policy = make_policy(new.routing.algorithm)
         wanted = {w.url: w for w in new.workers}
         added, removed = [], []
-        for worker in registry.workers():
-            if worker.source == "config" and worker.url not in wanted:
-                registry.remove(worker.url)
-                removed.append(worker.url)
         for url, static in wanted.items():
             _, created = registry.add(url, api_key=static.api_key, source="config")
             if created:
                 added.append(url)
+        # Probe the new workers before the old ones go, so that replacing the whole worker
+        # list never leaves a moment with nowhere to route (each probe is time-bounded).
+        async with trio.open_nursery() as nursery:
+            for url in added:
+                nursery.start_soon(self.context.health.probe_now, url)
+        for worker in registry.workers():
+            if worker.source == "config" and worker.url not in wanted:
+                registry.remove(worker.url)
+                removed.append(worker.url)
         restart = [key for key in RESTART_ONLY if _get(old, key) != _get(new, key)]
         for key in restart:
             log.warning("reload: %s changed; it takes effect after a restart", key)

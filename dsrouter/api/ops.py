@@ -26,7 +26,7 @@ async def openapi() -> dict:
 
 @bp.post("/admin/reload")
 async def reload() -> Any:
-    ok, answer = current_app.config["DSROUTER_RELOAD"].reload()
+    ok, answer = await current_app.config["DSROUTER_RELOAD"].reload()
     return answer, 200 if ok else 400
 
 

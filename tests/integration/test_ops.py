@@ -1,0 +1,138 @@
+"""Operations through real router processes: systemd notify, SIGHUP reload, /metrics."""
+
+import os
+import signal
+import socket
+from pathlib import Path
+
+import httpx
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.test_proxy import healthy
+from tests.support import router_process, start_simworker, wait_until
+
+INSTANT = ("--sec-per-mpx-step", "0")
+IMAGE = {"prompt": "p", "size": "16x16", "response_format": "url"}
+
+
+class NotifySocket:
+    """What systemd listens on: an abstract AF_UNIX datagram socket."""
+
+    def __init__(self) -> None:
+        self.name = f"@dsrouter-test-{os.getpid()}-{id(self)}"
+        self.sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.messages: list[dict[str, str]] = []
+
+    async def bind(self) -> None:
+        await self.sock.bind(b"\0" + self.name[1:].encode())
+
+    async def next_with(self, key: str, timeout_s: float = 20.0) -> dict[str, str]:
+        with trio.fail_after(timeout_s):
+            while True:
+                data = await self.sock.recv(65536)
+                fields = dict(line.split("=", 1) for line in data.decode().splitlines())
+                self.messages.append(fields)
+                if key in fields:
+                    return fields
+
+
+async def test_notify_protocol_ready_status_watchdog_stopping(
+        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    notify = NotifySocket()
+    await notify.bind()
+    async with trio.open_nursery() as nursery:
+        worker = await start_simworker(nursery, *INSTANT)
+        env = {"NOTIFY_SOCKET": notify.name, "WATCHDOG_USEC": "200000"}
+        async with router_process(["--worker-urls", worker.url], tmp_path=tmp_path,
+                                  env=env) as router:
+            ready = await notify.next_with("READY")
+            assert ready["READY"] == "1"
+            assert ready["STATUS"].startswith("1/1 workers healthy, 0 queued")
+            await notify.next_with("WATCHDOG")
+            await notify.next_with("WATCHDOG")
+            await router.stop()
+            stopping = await notify.next_with("STOPPING")
+            assert stopping["STOPPING"] == "1"
+        nursery.cancel_scope.cancel()
+    notify.sock.close()
+
+
+async def test_sighup_applies_a_new_worker_list_and_keeps_the_old_config_when_invalid(
+        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    notify = NotifySocket()
+    await notify.bind()
+    async with trio.open_nursery() as nursery:
+        first = await start_simworker(nursery, *INSTANT)
+        second = await start_simworker(nursery, *INSTANT)
+        head = "[health]\ninterval_s = 0.2\n"
+        config = head + f'[[workers]]\nurl = "{first.url}"\n'
+        async with router_process([], config=config, tmp_path=tmp_path,
+                                  env={"NOTIFY_SOCKET": notify.name}) as router:
+            await healthy(http, router.url, 1)
+            statuses: list[int] = []
+
+            async def traffic() -> None:
+                while True:
+                    answer = await http.post(f"{router.url}/v1/images/generations", json=IMAGE)
+                    statuses.append(answer.status_code)
+
+            async def workers() -> list[str]:
+                return [w["url"] for w in (await http.get(f"{router.url}/workers")).json()[
+                    "workers"]]
+
+            async with trio.open_nursery() as load:
+                load.start_soon(traffic)
+                await wait_until(lambda: _at_least(statuses, 5))
+                (tmp_path / "router.toml").write_text(
+                    head + f'[[workers]]\nurl = "{second.url}"\n')
+                os.kill(router.pid, signal.SIGHUP)
+                assert (await notify.next_with("RELOADING"))["RELOADING"] == "1"
+                assert (await notify.next_with("READY"))["READY"] == "1"
+
+                async def switched() -> bool:
+                    return await workers() == [second.url]
+
+                await wait_until(switched)
+                await healthy(http, router.url, 1)
+                served = len(statuses)
+                await wait_until(lambda: _at_least(statuses, served + 5))
+
+                (tmp_path / "router.toml").write_text('[health]\ninterval_s = "ten"\n')
+                os.kill(router.pid, signal.SIGHUP)
+                await notify.next_with("READY")
+                assert await workers() == [second.url]
+                served = len(statuses)
+                await wait_until(lambda: _at_least(statuses, served + 5))
+                load.cancel_scope.cancel()
+            assert any("health.interval_s" in line for line in router.output)
+            assert statuses and set(statuses) == {200}, set(statuses)
+        nursery.cancel_scope.cancel()
+    notify.sock.close()
+
+
+async def _at_least(statuses: list[int], count: int) -> bool:
+    return len(statuses) >= count
+
+
+async def test_metrics_parse_and_count_the_requests_sent(tmp_path: Path,
+                                                         http: httpx.AsyncClient) -> None:
+    async with trio.open_nursery() as nursery:
+        worker = await start_simworker(nursery, *INSTANT)
+        async with router_process(["--worker-urls", worker.url], tmp_path=tmp_path) as router:
+            await healthy(http, router.url, 1)
+            for _ in range(7):
+                ok = await http.post(f"{router.url}/v1/images/generations", json=IMAGE)
+                assert ok.status_code == 200
+            for _ in range(3):
+                bad = await http.post(f"{router.url}/v1/images/generations", json={})
+                assert bad.status_code == 422
+            text = (await http.get(f"{router.url}/metrics")).text
+            samples = {}
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name == "dsrouter_requests_total":
+                        samples[(sample.labels["route"], sample.labels["status"])] = sample.value
+            assert samples[("/v1/images/generations", "200")] == 7
+            assert samples[("/v1/images/generations", "422")] == 3
+        nursery.cancel_scope.cancel()
