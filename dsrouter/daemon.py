@@ -4,7 +4,7 @@
     health checker     probe rounds every `health.interval_s`
     launcher           supervised local workers (when `[launcher]` asks for any)
     HTTP frontend      hypercorn serving Quart (admin) + the streaming proxy
-    notifier           systemd READY/STATUS/WATCHDOG once serving (see notify.py)
+    notifier           systemd WATCHDOG pings and STATUS lines after READY=1 (notify.py)
 
 Shutdown: the first SIGINT/SIGTERM sets `shutdown`, which makes hypercorn stop accepting and
 drain in-flight requests for up to `server.drain_timeout_s`; when `serve` returns, the root
@@ -79,7 +79,7 @@ async def run_router(config: Config, loader: Callable[[], Config] | None = None,
         registry = Registry(config.health, make_policy(config.routing.algorithm),
                             routing=config.routing, max_jobs=config.routing.max_jobs,
                             default_spu=config.cost.default_seconds_per_unit)
-        health = HealthChecker(registry, client, config.health)
+        health = HealthChecker(registry, client, upstream, config.health)
         context = RouterContext(config=config, registry=registry, health=health, client=client,
                                 metrics=Metrics(registry))
         auth = Auth(config.security)
@@ -107,7 +107,8 @@ async def run_router(config: Config, loader: Callable[[], Config] | None = None,
                 print(f"dsrouter listening on {bind}", flush=True)
             await _first_probes(registry, config)
             notifier.ready(describe_pool(registry.summary()))
-            root.start_soon(notifier.run, lambda: describe_pool(registry.summary()))
+            root.start_soon(notifier.run_watchdog)
+            root.start_soon(notifier.run_status, lambda: describe_pool(registry.summary()))
             task_status.started(binds)
         upstream.close_idle()
 
@@ -138,6 +139,7 @@ async def _watch_signals(shutdown: trio.Event, serving: trio.Event, frontend: Fr
         async for signum in signals:
             if not serving.is_set():
                 log.info("%s during start-up: stopping", signal.Signals(signum).name)
+                notifier.stopping()
                 root.cancel()
                 return
             if shutdown.is_set():

@@ -9,6 +9,7 @@ nobody else's probe.
 from __future__ import annotations
 
 import logging
+from contextlib import aclosing
 from typing import Any
 
 import httpx
@@ -16,27 +17,43 @@ import trio
 
 from dsrouter.config import HealthConfig
 from dsrouter.registry import Capabilities, ProbeOutcome, Registry, video_support_from
+from dsrouter.upstream import Upstream, UpstreamError
 
 log = logging.getLogger("dsrouter.health")
 
 
-async def probe_health(client: httpx.AsyncClient, url: str,
+PROBE_BODY_LIMIT = 4096
+
+
+async def probe_health(upstream: Upstream, url: str,
                        timeout_s: float) -> tuple[ProbeOutcome, str | None, float | None]:
-    """GET `/health` once; classify the answer the way WORKER_API.md §2 describes it."""
+    """GET `/health` once; classify the answer the way WORKER_API.md §2 describes it.
+
+    Probes ride the proxy's own keep-alive pools rather than httpx: with a thousand workers
+    the probe loop runs a thousand requests per interval, and httpx's client layer cost
+    several times the CPU per request (bench/RESULTS.md, section e).
+    """
     started = trio.current_time()
     with trio.move_on_after(timeout_s):
         try:
-            response = await client.get(f"{url}/health")
-        except httpx.ConnectError as exc:
-            return ProbeOutcome.REFUSED, f"connect failed: {exc}", None
-        except httpx.HTTPError as exc:
-            return ProbeOutcome.FAILED, f"probe failed: {type(exc).__name__}: {exc}", None
+            response = await upstream.send("GET", url, "/health", [], None)
+            body = b""
+            try:
+                async with aclosing(response.aiter_raw()) as chunks:
+                    async for chunk in chunks:
+                        body += chunk[:PROBE_BODY_LIMIT - len(body)]
+            finally:
+                await response.aclose()
+        except UpstreamError as exc:
+            if exc.connect:
+                return ProbeOutcome.REFUSED, f"connect failed: {exc}", None
+            return ProbeOutcome.FAILED, f"probe failed: {exc}", None
         latency = trio.current_time() - started
         if response.status_code == 200:
             return ProbeOutcome.OK, None, latency
-        if response.status_code == 503 and not response.content:
+        if response.status_code == 503 and not body:
             return ProbeOutcome.WARMING, "warming up (503)", latency
-        detail = response.text[:200]
+        detail = body[:200].decode(errors="replace")
         return ProbeOutcome.FAILED, f"/health answered {response.status_code}: {detail}", latency
     return ProbeOutcome.FAILED, f"/health timed out after {timeout_s:g}s", None
 
@@ -94,14 +111,16 @@ async def _get_json(client: httpx.AsyncClient, url: str, timeout_s: float) -> An
 class HealthChecker:
     """Runs probe rounds and offers a one-off probe for freshly registered workers."""
 
-    def __init__(self, registry: Registry, client: httpx.AsyncClient,
+    def __init__(self, registry: Registry, client: httpx.AsyncClient, upstream: Upstream,
                  config: HealthConfig) -> None:
         self.registry = registry
         self.client = client
+        self.upstream = upstream
         self.config = config
 
     async def probe_now(self, url: str) -> None:
-        outcome, error, latency = await probe_health(self.client, url, self.config.timeout_s)
+        outcome, error, latency = await probe_health(self.upstream, url,
+                                                     self.config.timeout_s)
         self.registry.apply_probe(url, outcome, error, latency)
 
     async def capabilities(self, url: str) -> Capabilities | None:

@@ -108,15 +108,26 @@ class Exchange:
             await self.respond_json(status, {"error": message}, headers)
 
 
+def _makes_images(worker: Worker) -> bool:
+    """Unknown capabilities count as image-capable (the predecessors' assumption)."""
+    return not worker.capabilities.output_types or "IMAGE" in worker.capabilities.output_types
+
+
+def _makes_videos(worker: Worker) -> bool:
+    return worker.video_support is True
+
+
+def _makes_meshes(worker: Worker) -> bool:
+    return "MESH" in worker.capabilities.output_types
+
+
+_ACCEPT = {"IMAGE": _makes_images, "VIDEO": _makes_videos, "MESH": _makes_meshes}
+
+
 def accept_for(output: str | None) -> Callable[[Worker], bool] | None:
-    """Which workers can produce `output`; unknown capabilities count as image-capable."""
-    if output == "IMAGE":
-        return lambda w: not w.capabilities.output_types or "IMAGE" in w.capabilities.output_types
-    if output == "VIDEO":
-        return lambda w: w.video_support is True
-    if output == "MESH":
-        return lambda w: "MESH" in w.capabilities.output_types
-    return None
+    """Which workers can produce `output`: one long-lived function per output kind, so the
+    registry can cache the matching workers (see `Registry.routable`)."""
+    return _ACCEPT.get(output or "")
 
 
 def job_id_from(payload: Any) -> str | None:

@@ -82,18 +82,27 @@ class Capabilities:
     model_info: dict[str, Any] | None = None
 
 
+_ROUTING_EPOCH = [0]
+"""Bumped by every change that can make a worker (un)routable; see `Registry.routable`."""
+
+
+def _routing_changed(instance: Any, attribute: Any, value: Any) -> Any:
+    _ROUTING_EPOCH[0] += 1
+    return value
+
+
 @attrs.define(eq=False)
 class Worker:
     url: str
     worker_id: str
     display_id: str
-    health: Health = Health.STARTING
-    sleeping: bool = False
-    draining: bool = False
+    health: Health = attrs.field(default=Health.STARTING, on_setattr=_routing_changed)
+    sleeping: bool = attrs.field(default=False, on_setattr=_routing_changed)
+    draining: bool = attrs.field(default=False, on_setattr=_routing_changed)
     in_flight: int = 0
     consecutive_failures: int = 0
     consecutive_successes: int = 0
-    capabilities: Capabilities = attrs.Factory(Capabilities)
+    capabilities: Capabilities = attrs.field(factory=Capabilities, on_setattr=_routing_changed)
     last_error: str | None = None
     last_probe_at: float | None = None
     probe_latency_s: float | None = None
@@ -103,15 +112,15 @@ class Worker:
     source: str = "api"
     """Who registered it: "api", "config" (router.toml / --worker-urls) or "launcher"."""
     api_key: str = ""
-    quarantined_by_operator: bool = False
+    quarantined_by_operator: bool = attrs.field(default=False, on_setattr=_routing_changed)
     remove_when_idle: bool = False
     opened_at: float = 0.0
     """When the breaker last opened (trio clock); a trial is allowed `breaker_open_s` later."""
-    trial_in_flight: bool = False
-    half_open_after: float = math.inf
+    trial_in_flight: bool = attrs.field(default=False, on_setattr=_routing_changed)
+    half_open_after: float = attrs.field(default=math.inf, on_setattr=_routing_changed)
     weights: str | None = None
     """The weight version this worker last confirmed (None: its launch weights)."""
-    stale: bool = False
+    stale: bool = attrs.field(default=False, on_setattr=_routing_changed)
     """A refit moved the pool past `weights`: not routable until caught up."""
     outstanding_cost: float = 0.0
     """Estimated work of the requests this worker is serving now (see `cost.py`)."""
@@ -251,6 +260,9 @@ class Registry:
         self.target_version: str | None = None
         self.pool_sleeping = False
         self._paused = 0
+        self._routable: dict[Callable[[Worker], bool] | None, list[Worker]] = {}
+        self._routable_epoch = -1
+        self._routable_until = math.inf
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -271,11 +283,42 @@ class Registry:
         return worker
 
     def routable(self, accept: Callable[[Worker], bool] | None = None) -> list[Worker]:
-        """Workers a request may go to: healthy ones, plus half-open ones awaiting a trial."""
-        return [w for w in self._workers.values()
-                if (w.routable or (self._half_open(w) and not w.trial_in_flight
-                                   and not w.sleeping and not w.draining))
-                and (accept is None or accept(w))]
+        """Workers a request may go to: healthy ones, plus half-open ones awaiting a trial.
+
+        Cached: with a thousand workers a scan per request was the main routing cost. The
+        cache is rebuilt when a routing-relevant field changes (`_ROUTING_EPOCH`), when
+        membership changes, or when a breaker's half-open time comes. The list is shared:
+        callers must not mutate it. `accept` should be a long-lived function (see
+        `proxy.accept_for`); a few distinct ones are cached per rebuild.
+        """
+        if self._routable_epoch != _ROUTING_EPOCH[0] or (
+                self._routable_until != math.inf and self.clock() >= self._routable_until):
+            self._rebuild_routable()
+        cached = self._routable.get(accept)
+        if cached is None:
+            cached = [w for w in self._routable[None] if accept is None or accept(w)]
+            if len(self._routable) < 8:
+                self._routable[accept] = cached
+        return cached
+
+    def _rebuild_routable(self) -> None:
+        base: list[Worker] = []
+        until = math.inf
+        now: float | None = None
+        for w in self._workers.values():
+            if w.routable:
+                base.append(w)
+            elif (w.health is Health.DEAD and not w.quarantined_by_operator
+                  and not w.trial_in_flight and not w.sleeping and not w.draining
+                  and w.half_open_after != math.inf):
+                now = self.clock() if now is None else now
+                if now >= w.half_open_after:
+                    base.append(w)
+                else:
+                    until = min(until, w.half_open_after)
+        self._routable = {None: base}
+        self._routable_epoch = _ROUTING_EPOCH[0]
+        self._routable_until = until
 
     def _half_open(self, worker: Worker) -> bool:
         """Dead by faults (not by an operator) long enough to deserve one trial request."""
@@ -308,12 +351,14 @@ class Registry:
                         managed=managed, api_key=api_key,
                         source="launcher" if managed is not None else source)
         self._workers[url] = worker
+        _ROUTING_EPOCH[0] += 1
         log.info("worker %s registered", worker.display_id)
         self._notify()
         return worker, True
 
     def remove(self, url: str) -> Worker | None:
         worker = self._workers.pop(url, None)
+        _ROUTING_EPOCH[0] += 1
         if worker is not None:
             forgotten = self.jobs.forget_worker(url)
             log.info("worker %s removed (%d job ids forgotten)", worker.display_id, forgotten)
@@ -384,9 +429,11 @@ class Registry:
                     *, limit: bool) -> list[Worker]:
         if limit and self._paused:
             return []
-        cap = self.routing.max_inflight_per_worker
-        return [w for w in self.routable(accept) if id(w) not in excluded
-                and (not limit or not cap or w.in_flight < cap)]
+        cap = self.routing.max_inflight_per_worker if limit else 0
+        workers = self.routable(accept)
+        if not excluded and not cap:
+            return workers
+        return [w for w in workers if id(w) not in excluded and (not cap or w.in_flight < cap)]
 
     def _dispatch_queue(self) -> None:
         """Hand freed capacity to queued requests, in priority then arrival order."""

@@ -37,14 +37,20 @@ class Reloader:
         self.frontend = frontend
         self.loader = loader
         self.notifier = notifier or Notifier({})
+        self._lock = trio.Lock()
 
     async def reload(self) -> tuple[bool, dict[str, Any]]:
-        """Apply the re-read configuration, bracketed by RELOADING=1 ... READY=1 for systemd."""
-        self.notifier.reloading()
-        try:
-            return await self._reload()
-        finally:
-            self.notifier.ready(describe_pool(self.context.registry.summary()))
+        """Apply the re-read configuration, bracketed by RELOADING=1 ... READY=1 for systemd.
+
+        Reloads run one at a time (a SIGHUP and `POST /admin/reload` may overlap) and are
+        shielded: a client that hangs up must not leave a half-applied worker list. Each
+        step is bounded (the probes of new workers by `health.timeout_s`).
+        """
+        with trio.CancelScope(shield=True):
+            async with self._lock:
+                with self.notifier.reloading(
+                        lambda: describe_pool(self.context.registry.summary())):
+                    return await self._reload()
 
     async def _reload(self) -> tuple[bool, dict[str, Any]]:
         try:

@@ -17,15 +17,18 @@ IMAGE = {"prompt": "p", "size": "16x16", "response_format": "url"}
 
 
 class NotifySocket:
-    """What systemd listens on: an abstract AF_UNIX datagram socket."""
+    """What systemd listens on: an AF_UNIX datagram socket, at a path in `tmp_path`.
 
-    def __init__(self) -> None:
-        self.name = f"@dsrouter-test-{os.getpid()}-{id(self)}"
+    (The abstract `@name` form is covered by tests/unit/test_notify.py.)
+    """
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.name = str(tmp_path / "notify.sock")
         self.sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.messages: list[dict[str, str]] = []
 
     async def bind(self) -> None:
-        await self.sock.bind(b"\0" + self.name[1:].encode())
+        await self.sock.bind(self.name)
 
     async def next_with(self, key: str, timeout_s: float = 20.0) -> dict[str, str]:
         with trio.fail_after(timeout_s):
@@ -39,7 +42,7 @@ class NotifySocket:
 
 async def test_notify_protocol_ready_status_watchdog_stopping(
         tmp_path: Path, http: httpx.AsyncClient) -> None:
-    notify = NotifySocket()
+    notify = NotifySocket(tmp_path)
     await notify.bind()
     async with trio.open_nursery() as nursery:
         worker = await start_simworker(nursery, *INSTANT)
@@ -60,7 +63,7 @@ async def test_notify_protocol_ready_status_watchdog_stopping(
 
 async def test_sighup_applies_a_new_worker_list_and_keeps_the_old_config_when_invalid(
         tmp_path: Path, http: httpx.AsyncClient) -> None:
-    notify = NotifySocket()
+    notify = NotifySocket(tmp_path)
     await notify.bind()
     async with trio.open_nursery() as nursery:
         first = await start_simworker(nursery, *INSTANT)
@@ -71,9 +74,12 @@ async def test_sighup_applies_a_new_worker_list_and_keeps_the_old_config_when_in
                                   env={"NOTIFY_SOCKET": notify.name}) as router:
             await healthy(http, router.url, 1)
             statuses: list[int] = []
+            stop = trio.Event()
 
             async def traffic() -> None:
-                while True:
+                """Requests back to back; stops between two (a request cancelled halfway
+                would leave httpx's body generator to the garbage collector)."""
+                while not stop.is_set():
                     answer = await http.post(f"{router.url}/v1/images/generations", json=IMAGE)
                     statuses.append(answer.status_code)
 
@@ -100,11 +106,19 @@ async def test_sighup_applies_a_new_worker_list_and_keeps_the_old_config_when_in
 
                 (tmp_path / "router.toml").write_text('[health]\ninterval_s = "ten"\n')
                 os.kill(router.pid, signal.SIGHUP)
+                assert (await notify.next_with("RELOADING"))["RELOADING"] == "1"
+                await notify.next_with("READY")
+                assert await workers() == [second.url]
+
+                rejected = await http.post(f"{router.url}/admin/reload")
+                assert rejected.status_code == 400
+                assert any("health.interval_s" in e for e in rejected.json()["errors"])
+                assert (await notify.next_with("RELOADING"))["RELOADING"] == "1"
                 await notify.next_with("READY")
                 assert await workers() == [second.url]
                 served = len(statuses)
                 await wait_until(lambda: _at_least(statuses, served + 5))
-                load.cancel_scope.cancel()
+                stop.set()
             assert any("health.interval_s" in line for line in router.output)
             assert statuses and set(statuses) == {200}, set(statuses)
         nursery.cancel_scope.cancel()

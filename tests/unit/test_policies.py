@@ -74,3 +74,18 @@ def test_every_policy_is_registered() -> None:
     assert set(POLICIES) == {"least-work", "least-request", "round-robin", "random"}
     assert isinstance(make_policy("least-request"), LeastRequest)
     assert isinstance(make_policy("round-robin"), RoundRobin)
+
+
+def test_large_pools_compare_a_sample_and_still_avoid_loaded_workers() -> None:
+    from dsrouter.policies import LeastWork
+
+    registry = pool(200)
+    workers = registry.workers()
+    for worker in workers[::2]:
+        for _ in range(10):
+            registry.lease_worker(worker, 5.0)
+    idle = {id(w) for w in workers[1::2]}
+    for policy in (LeastRequest(random.Random(3)), LeastWork(random.Random(3))):
+        chosen = [policy.choose(workers, 1.0, 0.01) for _ in range(300)]
+        assert all(id(w) in idle for w in chosen)
+        assert len({id(w) for w in chosen}) > 50, "the sample moves across the pool"

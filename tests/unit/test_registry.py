@@ -204,3 +204,23 @@ def test_draining_worker_can_be_kept_and_undrained() -> None:
     assert reg.by_url(URL) is worker and not worker.routable and worker.state == "draining"
     reg.set_draining(worker, False, remove_when_idle=False)
     assert worker.routable
+
+
+def test_routable_cache_follows_every_state_change() -> None:
+    clock = Clock()
+    reg = registry(clock, failure_threshold=1, breaker_open_s=10)
+    reg.add("http://v:1")
+    worker, other = reg.by_url(URL), reg.by_url("http://v:1")
+    assert reg.routable() == []
+    reg.apply_probe(URL, ProbeOutcome.OK)
+    reg.apply_probe("http://v:1", ProbeOutcome.OK)
+    assert reg.routable() == [worker, other]
+    reg.set_draining(other, True, False)
+    assert reg.routable() == [worker]
+    reg.set_draining(other, False, False)
+    reg.apply_probe(URL, ProbeOutcome.FAILED, "boom")
+    assert reg.routable() == [other]
+    clock.now = 10.5
+    assert reg.routable() == [worker, other], "half-open after breaker_open_s, no event"
+    reg.remove("http://v:1")
+    assert reg.routable() == [worker]
