@@ -45,6 +45,7 @@ class ServerConfig:
     max_body_mb: PositiveInt = PositiveInt(8192)
     max_header_kb: PositiveInt = PositiveInt(64)
     body_idle_timeout_s: PositiveFloat = PositiveFloat(60.0)
+    metrics_port: Port = Port(0)
 
 
 @attrs.frozen

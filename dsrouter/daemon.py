@@ -29,7 +29,7 @@ from dsrouter.auth import Auth
 from dsrouter.config import Config
 from dsrouter.context import RouterContext
 from dsrouter.control import PoolControl
-from dsrouter.frontend import Frontend
+from dsrouter.frontend import Frontend, MetricsOnly
 from dsrouter.health import HealthChecker
 from dsrouter.launcher import LaunchError, run_pool
 from dsrouter.metrics import Metrics
@@ -102,6 +102,11 @@ async def run_router(config: Config, loader: Callable[[], Config] | None = None,
             if config.launcher.num_workers:
                 await root.start(run_pool, config.launcher, registry, context.metrics.restarts.inc)
             binds = await root.start(_serve, frontend, config, shutdown, root.cancel_scope)
+            if config.server.metrics_port:
+                metrics_binds = await root.start(_serve_metrics, frontend, context, config,
+                                                 shutdown)
+                for bind in metrics_binds:
+                    print(f"dsrouter metrics on {bind}/metrics", flush=True)
             serving.set()
             for bind in binds:
                 print(f"dsrouter listening on {bind}", flush=True)
@@ -111,6 +116,18 @@ async def run_router(config: Config, loader: Callable[[], Config] | None = None,
             root.start_soon(notifier.run_status, lambda: describe_pool(registry.summary()))
             task_status.started(binds)
         upstream.close_idle()
+
+
+async def _serve_metrics(frontend: Frontend, context: RouterContext, config: Config,
+                         shutdown: trio.Event,
+                         task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+                         ) -> None:
+    hc = _hypercorn_config(config)
+    host = config.server.host
+    port = config.server.metrics_port
+    hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    await serve(MetricsOnly(context.metrics.render, frontend), hc,
+                shutdown_trigger=shutdown.wait, task_status=task_status)
 
 
 async def _serve(frontend: Frontend, config: Config, shutdown: trio.Event,

@@ -91,3 +91,39 @@ class Frontend:
             await self.app(scope, receive, send)
         else:
             await self.proxy(scope, receive, send)
+
+
+class MetricsOnly:
+    """The ASGI app of `server.metrics_port`: `/metrics` and nothing else.
+
+    A scraper can then be given a port that reaches no worker management, RL control or
+    inference route at all.
+    """
+
+    def __init__(self, render: Callable[[], bytes], frontend: Frontend) -> None:
+        self.render = render
+        self.frontend = frontend
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["type"] != "http":
+            return
+        send = shield_final_send(send)
+        if scope["path"] != "/metrics":
+            await send_json(send, 404, {"error": "this port serves /metrics only"})
+            return
+        authorization = dict(scope["headers"]).get(b"authorization")
+        auth = self.frontend.auth
+        if auth.protect_metrics and not auth.admin_allowed(authorization):
+            await send_json(send, 401, {"error": "missing or invalid bearer token"},
+                            [(b"www-authenticate", b"Bearer")])
+            return
+        body = self.render()
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/plain; version=0.0.4; charset=utf-8"),
+            (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body, "more_body": False})

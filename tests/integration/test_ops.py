@@ -10,7 +10,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.test_proxy import healthy
-from tests.support import router_process, start_simworker, wait_until
+from tests.support import free_port, router_process, start_simworker, wait_until
 
 INSTANT = ("--sec-per-mpx-step", "0")
 IMAGE = {"prompt": "p", "size": "16x16", "response_format": "url"}
@@ -150,3 +150,23 @@ async def test_metrics_parse_and_count_the_requests_sent(tmp_path: Path,
             assert samples[("/v1/images/generations", "200")] == 7
             assert samples[("/v1/images/generations", "422")] == 3
         nursery.cancel_scope.cancel()
+
+
+async def test_a_separate_metrics_port_serves_metrics_only(tmp_path: Path,
+                                                           http: httpx.AsyncClient) -> None:
+    port = free_port()
+    config = f'[server]\nmetrics_port = {port}\n[security]\nadmin_token = "t0ken"\n' \
+             "protect_metrics = true\n"
+    async with router_process([], config=config, tmp_path=tmp_path) as router:
+        assert any(f"dsrouter metrics on http://127.0.0.1:{port}/metrics" in line
+                   for line in router.output)
+        scrape = f"http://127.0.0.1:{port}/metrics"
+        assert (await http.get(scrape)).status_code == 401
+        allowed = await http.get(scrape, headers={"authorization": "Bearer t0ken"})
+        assert allowed.status_code == 200
+        names = {f.name for f in text_string_to_metric_families(allowed.text)}
+        assert "dsrouter_in_flight" in names
+        other = await http.get(f"http://127.0.0.1:{port}/workers",
+                               headers={"authorization": "Bearer t0ken"})
+        assert other.status_code == 404
+        assert (await http.get(f"{router.url}/health")).status_code == 503
