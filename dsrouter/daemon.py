@@ -2,7 +2,8 @@
 
     registry task      capability probes the registry asks for
     health checker     probe rounds every `health.interval_s`
-    launcher           supervised local workers (when `[launcher]` asks for any)
+    launcher           supervised local workers (when `[launcher]` asks for any), and the
+                       rolling restart a reload hands to it (`reloader.pool`)
     HTTP frontend      hypercorn serving Quart (admin) + the streaming proxy
     notifier           systemd WATCHDOG pings and STATUS lines after READY=1 (notify.py)
 
@@ -100,7 +101,8 @@ async def run_router(config: Config, loader: Callable[[], Config] | None = None,
                 registry.add(worker.url, api_key=worker.api_key, source="config")
             await root.start(health.run)
             if config.launcher.num_workers:
-                await root.start(run_pool, config.launcher, registry, context.metrics.restarts.inc)
+                reloader.pool = await root.start(run_pool, config.launcher, registry,
+                                                 context.metrics.restarts.inc)
             binds = await root.start(_serve, frontend, config, shutdown, root.cancel_scope)
             if config.server.metrics_port:
                 metrics_binds = await root.start(_serve_metrics, frontend, context, config,

@@ -4,8 +4,16 @@ The new file is loaded with the same flags as at start-up; if it is invalid the 
 logged and returned, and the running configuration is kept. A valid one is applied at once:
 static workers are added and removed (workers registered through the API or launched by the
 router are left alone), routing, health, timeouts, limits and security take effect for the
-next request or probe round. Settings that need a new socket or new processes are reported
-as needing a restart.
+next request or probe round. Settings that need a new socket are reported as needing a
+restart.
+
+A changed `[launcher]` goes to the running pool (`dsrouter.launcher.rolling` decides key by
+key): restart policy and timeouts apply at once; a new command line or environment is rolled
+out one worker at a time by a task of the launcher's nursery, so the reload answers at once
+with the workers it scheduled (`rolling_restart`) and the roll goes on in the background; a
+reload during a roll retargets it. Settings that cannot roll (`num_workers`, ports, log
+files) are reported as needing a restart. New launcher settings that cannot run (a command
+not on PATH, too few GPUs) reject the whole reload, like an invalid file.
 """
 
 from __future__ import annotations
@@ -21,13 +29,14 @@ from dsrouter.auth import Auth
 from dsrouter.config import Config, ConfigError
 from dsrouter.context import RouterContext
 from dsrouter.frontend import Frontend
+from dsrouter.launcher import LaunchError, Pool, Reconfiguration
 from dsrouter.notify import Notifier, describe_pool
 from dsrouter.policies import make_policy
 
 log = logging.getLogger("dsrouter.reload")
 
-RESTART_ONLY = ("server.host", "server.port", "server.keep_alive_timeout_s",
-                "server.max_header_kb", "launcher", "logging.format")
+RESTART_ONLY = ("server.host", "server.port", "server.metrics_port", "server.keep_alive_timeout_s",
+                "server.max_header_kb", "logging.format")
 
 
 class Reloader:
@@ -37,6 +46,8 @@ class Reloader:
         self.frontend = frontend
         self.loader = loader
         self.notifier = notifier or Notifier({})
+        self.pool: Pool | None = None
+        """The launched workers, once `run_pool` has brought them up (the daemon sets it)."""
         self._lock = trio.Lock()
 
     async def reload(self) -> tuple[bool, dict[str, Any]]:
@@ -56,10 +67,16 @@ class Reloader:
         try:
             new = self.loader()
             auth = Auth(new.security)
+            launcher = None if self.pool is None else await self.pool.reconfigure(new.launcher)
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("reload rejected: %s", problem)
             return False, {"status": "rejected", "errors": exc.problems}
+        except LaunchError as exc:
+            problems = [f"launcher: {line}" for line in str(exc).splitlines()]
+            for problem in problems:
+                log.error("reload rejected: %s", problem)
+            return False, {"status": "rejected", "errors": problems}
         old = self.context.config
         registry = self.context.registry
         self.context.config = new
@@ -87,11 +104,25 @@ class Reloader:
                 registry.remove(worker.url)
                 removed.append(worker.url)
         restart = [key for key in RESTART_ONLY if _get(old, key) != _get(new, key)]
+        launcher_restart, rolling = self._apply_launcher(launcher, old, new)
+        restart += launcher_restart
         for key in restart:
             log.warning("reload: %s changed; it takes effect after a restart", key)
         log.info("config reloaded: %d workers added, %d removed", len(added), len(removed))
         return True, {"status": "reloaded", "workers_added": added, "workers_removed": removed,
-                      "needs_restart": restart}
+                      "needs_restart": restart, "rolling_restart": rolling}
+
+    def _apply_launcher(self, launcher: Reconfiguration | None, old: Config,
+                        new: Config) -> tuple[list[str], list[int]]:
+        """Hand the new `[launcher]` to the pool: the launcher keys that need a restart, and
+        the indices of the workers the roll will restart.
+
+        Without a running pool (none was configured, or it is still starting), any change
+        needs a restart.
+        """
+        if self.pool is None or launcher is None:
+            return ["launcher"] if old.launcher != new.launcher else [], []
+        return list(launcher.restart_only), self.pool.apply(launcher, new.server.drain_timeout_s)
 
 
 def _get(config: Config, key: str) -> Any:

@@ -1,13 +1,16 @@
 """Launching and supervising local worker processes (`[launcher]` in router.toml).
 
-The public surface is `run_pool`, a task for the root nursery, and `LaunchError`, what it
-raises when the pool cannot come up. The modules behind it each own one decision:
-`plan` (what to run), `ports`, `gpus`, `process` (one process group), `pidfile` (cleanup
-after a SIGKILLed router), `logs`, `restarts` (the policy), `progress`, and `local` (the
-supervisors).
+The public surface is `run_pool`, a task for the root nursery; `Pool`, the handle it reports
+once the workers are up, through which a reload applies a changed `[launcher]` (rolling
+restarts); and `LaunchError`, what `run_pool` raises when the pool cannot come up (and
+`Pool.reconfigure` when new settings cannot run). The modules behind it each own one
+decision: `plan` (what to run), `ports`, `gpus`, `process` (one process group), `pidfile`
+(cleanup after a SIGKILLed router), `logs`, `restarts` (the policy), `progress`, `local` (the
+supervisors) and `rolling` (applying new settings to running workers).
 """
 
 from dsrouter.launcher.errors import LaunchError
 from dsrouter.launcher.local import run_pool
+from dsrouter.launcher.rolling import Pool, Reconfiguration
 
-__all__ = ["LaunchError", "run_pool"]
+__all__ = ["LaunchError", "Pool", "Reconfiguration", "run_pool"]

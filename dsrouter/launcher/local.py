@@ -6,6 +6,7 @@
         spawn -> wait for /health 200 -> register -> wait for exit (or end a worker that
               reports itself failed) -> deregister -> restart per policy (restarts.py) or
               settle as failed / stopped
+      Pool._roll                   while a reload's rolling restart runs (rolling.py)
 
 `run_pool` reports itself started once every worker answered `/health` with 200 for the
 first time. Any failure before that (see `errors.py`) stops every child and raises
@@ -17,6 +18,10 @@ Registration: a worker is in the registry only while its process has passed read
 is running. A worker still loading would otherwise be a target of RL broadcasts (which go to
 every worker that is not dead), and one that exited must not keep its job ids. The launcher
 talks to the registry only through its synchronous methods (its single-owner rule).
+
+Replacement: `Supervisor.replace` stops the worker and starts it with another plan, at once
+and without counting a restart; if the new plan does not come up, the worker goes straight
+back to its previous one. It is the only way a supervisor's plan changes (rolling.py calls it).
 
 Shutdown: cancelling `run_pool` stops every worker in parallel, each in a shielded scope:
 SIGTERM to its process group, SIGKILL after `stop_timeout_s` (process.py).
@@ -45,6 +50,7 @@ from dsrouter.launcher.ports import check_ports_free
 from dsrouter.launcher.process import Child, describe_exit, spawn
 from dsrouter.launcher.progress import Progress
 from dsrouter.launcher.restarts import RestartTracker
+from dsrouter.launcher.rolling import Pool
 from dsrouter.registry import Health, ProbeOutcome, Registry
 
 log = logging.getLogger("dsrouter.launcher")
@@ -66,6 +72,8 @@ class _Verdict:
     """Why the supervisor ended a running worker itself (None: it exited on its own)."""
 
     reason: str | None = None
+    replaced: bool = False
+    """Stopped for `Supervisor.replace`: start the new plan at once, no restart policy."""
 
 
 @attrs.frozen
@@ -74,6 +82,22 @@ class RunResult:
 
     failed: bool
     reason: str
+    replaced: bool = False
+
+
+@attrs.define(eq=False)
+class Replacement:
+    """One `Supervisor.replace` request; `done` fires when its outcome is known."""
+
+    plan: WorkerPlan
+    done: trio.Event = attrs.Factory(trio.Event)
+    problem: str | None = None
+    """None: the new process is ready and registered; else why it is not."""
+
+    def finish(self, problem: str | None) -> None:
+        if not self.done.is_set():
+            self.problem = problem
+            self.done.set()
 
 
 class Supervisor:
@@ -93,7 +117,14 @@ class Supervisor:
         self.restarts = RestartTracker(cfg)
         self.pid: int | None = None
         self.last_exit: str | None = None
+        self.settled = False
+        """True once `run` returned: the worker is failed or stopped for good."""
         self._registered = False
+        self._requested: Replacement | None = None
+        """A replacement not applied yet; `_wake` is set while there is one."""
+        self._wake = trio.Event()
+        self._trial: tuple[Replacement, WorkerPlan] | None = None
+        """The replacement the current run is trying, and the plan to go back to."""
 
     @property
     def index(self) -> int:
@@ -115,6 +146,35 @@ class Supervisor:
             "last_exit": self.last_exit,
         }
 
+    def configure(self, cfg: LauncherConfig) -> None:
+        """Adopt settings that apply without a restart (timeouts, the restart policy)."""
+        self.cfg = cfg
+        self.restarts.cfg = cfg
+
+    async def replace(self, plan: WorkerPlan) -> str | None:
+        """Stop the worker (SIGTERM, SIGKILL after `stop_timeout_s`) and start it with `plan`.
+
+        Returns None once the new process is ready and registered; otherwise why not (its
+        first start failed, and the worker went straight back to its previous plan, or the
+        supervisor settled). One request at a time: the pool's roll task is the only caller.
+        """
+        if self.settled:
+            return f"it is {self.state}, not running"
+        assert self._requested is None and self._trial is None, "one replacement at a time"
+        request = self._requested = Replacement(plan)
+        self._wake.set()
+        await request.done.wait()
+        return request.problem
+
+    def _apply_requested(self) -> None:
+        """Switch to a requested plan before the next start; `run` switches back if it does
+        not come up. Nothing else changes `plan`."""
+        request, self._requested = self._requested, None
+        if request is not None:
+            self._wake = trio.Event()
+            self._trial = (request, self.plan)
+            self.plan = request.plan
+
     def _set_state(self, state: str, detail: str = "") -> None:
         self.progress.set_state(self.index, state, detail)
         if self._registered:
@@ -133,24 +193,45 @@ class Supervisor:
             if first:
                 first = False
                 task_status.started()
+            if self._trial is not None:
+                self._trial[0].finish(None)
+                self._trial = None
 
-        while True:
-            result = await self._run_once(on_ready)
-            self.last_exit = result.reason
-            if first:
-                raise StartFailed(f"worker {self.index} ({self.plan.url}) {result.reason}; "
-                                  f"{self.output.describe_tail()}")
-            decision = self.restarts.decide(trio.current_time(), result.failed)
-            if not decision.restart:
-                self._set_state("failed" if result.failed else "stopped",
-                                f"{result.reason}; {decision.reason}")
-                if result.failed:
-                    log.warning("worker %d: %s", self.index, self.output.describe_tail())
-                return
-            self.on_restart()
-            self._set_state("backoff", f"{result.reason}; restart {self.restarts.total} in "
-                                       f"{decision.delay_s:g} s")
-            await trio.sleep(decision.delay_s)
+        try:
+            while True:
+                self._apply_requested()
+                result = await self._run_once(on_ready)
+                self.last_exit = result.reason
+                if first:
+                    raise StartFailed(f"worker {self.index} ({self.plan.url}) "
+                                      f"{result.reason}; {self.output.describe_tail()}")
+                if self._trial is not None:
+                    request, self.plan = self._trial
+                    self._trial = None
+                    log.warning("worker %d did not come up with its new settings (%s); "
+                                "starting it again with its previous ones: %s", self.index,
+                                result.reason, self.output.describe_tail())
+                    request.finish(result.reason)
+                    continue
+                if result.replaced:
+                    continue
+                decision = self.restarts.decide(trio.current_time(), result.failed)
+                if not decision.restart:
+                    self._set_state("failed" if result.failed else "stopped",
+                                    f"{result.reason}; {decision.reason}")
+                    if result.failed:
+                        log.warning("worker %d: %s", self.index, self.output.describe_tail())
+                    return
+                self.on_restart()
+                self._set_state("backoff", f"{result.reason}; restart {self.restarts.total} "
+                                           f"in {decision.delay_s:g} s")
+                with trio.move_on_after(decision.delay_s):
+                    await self._wake.wait()  # a replacement starts at once
+        finally:
+            self.settled = True
+            for pending in (self._requested, self._trial and self._trial[0]):
+                if pending:
+                    pending.finish(f"its supervisor stopped ({self.state})")
 
     async def _run_once(self, on_ready: Callable[[], None]) -> RunResult:
         """One process from spawn to exit: ready, registered while running, then removed."""
@@ -166,25 +247,26 @@ class Supervisor:
         self.pid = child.pid
         self.pidfile.set_group(self.index, child.pid)
         self._set_state("starting", f"pid {child.pid}")
+        verdict = _Verdict()
         async with trio.open_nursery() as nursery:
             pump_scope = trio.CancelScope(shield=True)
             nursery.start_soon(self._pump, child, pump_scope)
+            replace_scope = trio.CancelScope()
+            nursery.start_soon(self._end_if_replaced, child, verdict, replace_scope)
             try:
                 problem = await self._wait_ready(child)
                 if problem is not None:
                     await child.stop(self.cfg.stop_timeout_s)
-                    return RunResult(True, problem)
+                    return _result(verdict, True, problem)
                 self._register()
                 on_ready()
                 async with trio.open_nursery() as watch:
-                    verdict = _Verdict()
                     watch.start_soon(self._end_if_reported_failed, child, verdict)
                     code = await child.wait()
                     watch.cancel_scope.cancel()
-                if verdict.reason is not None:
-                    return RunResult(True, f"{verdict.reason} ({describe_exit(code)})")
-                return RunResult(code != 0, describe_exit(code))
+                return _result(verdict, code != 0, describe_exit(code))
             finally:
+                replace_scope.cancel()
                 with trio.CancelScope(shield=True):
                     if child.returncode is None:
                         await self._stop(child)
@@ -217,6 +299,19 @@ class Supervisor:
                     return
                 await trio.sleep(PROBE_TIMEOUT_S)  # do not re-probe on every registry change
             await changed.wait()
+
+    async def _end_if_replaced(self, child: Child, verdict: _Verdict,
+                               scope: trio.CancelScope) -> None:
+        """Stop the worker, starting or running, once `replace` asks for another plan."""
+        with scope:
+            await self._wake.wait()
+            verdict.replaced = True
+            self.progress.set_detail(self.index, "stopping for a rolling restart")
+            child.kill_group(signal.SIGTERM)
+            await trio.sleep(self.cfg.stop_timeout_s)
+            log.warning("worker %d: pid %d did not stop within stop_timeout_s = %g s of "
+                        "SIGTERM: SIGKILL", self.index, child.pid, self.cfg.stop_timeout_s)
+            child.kill_group(signal.SIGKILL)
 
     async def _reported_failure(self) -> str | None:
         """The worker's own error if `/health` answers 503 `{"status": "unhealthy", ...}`."""
@@ -297,21 +392,32 @@ class Supervisor:
             self.registry.remove(self.plan.url)
 
 
+def _result(verdict: _Verdict, failed: bool, reason: str) -> RunResult:
+    """How a run ended, given why (if at all) the supervisor ended it itself."""
+    if verdict.replaced:
+        return RunResult(False, f"stopped for a rolling restart ({reason})", replaced=True)
+    if verdict.reason is not None:
+        return RunResult(True, f"{verdict.reason} ({reason})")
+    return RunResult(failed, reason)
+
+
 def _no_metrics() -> None:
     """Nothing counts restarts (tests, or a router without metrics)."""
 
 
 async def run_pool(cfg: LauncherConfig, registry: Registry,
                    on_restart: Callable[[], None] = _no_metrics,
-                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                   task_status: trio.TaskStatus[Pool | None] = trio.TASK_STATUS_IGNORED,
+                   ) -> None:
     """Launch and supervise `cfg.num_workers` workers until cancelled.
 
     Raises `LaunchError` (with every child stopped) if the pool cannot come up; reports
-    started once every worker is ready and registered. `on_restart` is called for every
-    restart (the `dsrouter_launcher_restarts` counter).
+    started once every worker is ready and registered, with the `Pool` a reload changes
+    (None when `num_workers` is 0). `on_restart` is called for every restart (the
+    `dsrouter_launcher_restarts` counter).
     """
     if not cfg.num_workers:
-        task_status.started()
+        task_status.started(None)
         return
     plans = await plan_pool(cfg, os.environ)
     directory = runtime_dir()
@@ -342,7 +448,7 @@ async def run_pool(cfg: LauncherConfig, registry: Registry,
                 pool.cancel_scope.cancel()
             else:
                 log.info("all %d worker(s) ready", len(plans))
-                task_status.started()
+                task_status.started(Pool(cfg, supervisors, registry, pool))
     finally:
         pidfile.remove()
         for output in outputs:

@@ -117,6 +117,71 @@ async def _served(traffic: Traffic, count: int) -> bool:
     return traffic.statuses.count(200) >= count
 
 
+async def _models(http: httpx.AsyncClient, router: str) -> list[str]:
+    answer = await http.get(f"{router}/v1/models")
+    return sorted(card["id"] for card in answer.json().get("data", []))
+
+
+async def test_sighup_with_new_extra_args_restarts_workers_one_by_one_without_failing_requests(
+        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    # The simulated worker (hypercorn) waits for idle keep-alive connections on SIGTERM, so
+    # each stop ends with the SIGKILL after stop_timeout_s.
+    config = _router_toml(2, stop_timeout_s=2.0)
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with router_process([], config=config, tmp_path=tmp_path,
+                                  env=_env(tmp_path)) as router:
+            old = {i: w["supervisor"]["pid"] for i, w in (await _managed(http, router.url)).items()}
+            assert sorted(old) == [0, 1]
+            assert await _models(http, router.url) == ["sim/Wan-Sim-T2V"]
+            traffic = Traffic()
+            stop = trio.Event()
+
+            async def send() -> None:
+                """Back to back until `stop`, never cancelled halfway through a request."""
+                while not stop.is_set():
+                    response = await http.post(f"{router.url}/v1/images/generations",
+                                               json={"prompt": "a red cube", "size": "64x64"})
+                    traffic.statuses.append(response.status_code)
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(3):
+                    nursery.start_soon(send)
+                await wait_until(lambda: _served(traffic, 5))
+                (tmp_path / "router.toml").write_text(config.replace(
+                    "[launcher]\n", '[launcher]\nextra_args = ["--served-model-name", "rolled"]\n'))
+                os.kill(router.pid, signal.SIGHUP)
+
+                async def rolled() -> bool:
+                    now = await _managed(http, router.url)
+                    return (sorted(now) == [0, 1]
+                            and all(w["supervisor"]["pid"] not in old.values()
+                                    and w["state"] == "healthy" for w in now.values())
+                            and await _models(http, router.url) == ["rolled"])
+
+                await wait_until(rolled, timeout_s=30)
+                target = traffic.statuses.count(200) + 5
+                await wait_until(lambda: _served(traffic, target))
+                stop.set()
+            assert set(traffic.statuses) == {200}, traffic.statuses
+            await wait_dead(old.values(), timeout_s=2)
+            log = "\n".join(router.output)
+            assert "reload: rolling restart of worker(s) [0, 1]" in log
+            assert "rolling restart done" in log
+            # one worker at a time: worker 1 drained only after worker 0 was back
+            assert log.index("restarting worker 0") < log.index("worker 0 is back") < log.index(
+                "draining worker 1")
+            managed = await _managed(http, router.url)
+            assert all(w["supervisor"]["restarts"] == 0 for w in managed.values())
+            assert all(w["supervisor"]["last_exit"].startswith("stopped for a rolling restart")
+                       for w in managed.values())
+
+            again = await http.post(f"{router.url}/admin/reload")
+            assert again.status_code == 200
+            assert again.json()["rolling_restart"] == []
+            pids = [w["supervisor"]["pid"] for w in managed.values()]
+        await wait_dead(pids, timeout_s=2)
+
+
 async def test_a_worker_out_of_restarts_is_failed_and_the_rest_keep_serving(
         tmp_path: Path, http: httpx.AsyncClient) -> None:
     with trio.fail_after(TEST_TIMEOUT_S):

@@ -20,7 +20,8 @@ import pytest
 import trio
 
 from dsrouter.config import HealthConfig, LauncherConfig
-from dsrouter.launcher import LaunchError, run_pool
+from dsrouter.launcher import LaunchError, Pool, run_pool
+from dsrouter.launcher.rolling import IN_PLACE, RESTART_ONLY, ROLLING
 from dsrouter.policies import make_policy
 from dsrouter.registry import Health, ProbeOutcome, Registry, Worker
 from tests.launcher.helpers import FAKE_WORKER, free_port_block, pids_running, wait_dead
@@ -50,14 +51,24 @@ def _registry() -> Registry:
     return Registry(HealthConfig(), make_policy("least-request"))
 
 
+async def _no_capabilities(url: str) -> None:
+    return None
+
+
+async def _no_catch_up(url: str) -> None:
+    return None
+
+
 @asynccontextmanager
 async def _pool(cfg: LauncherConfig, registry: Registry,
-                on_restart: Callable[[], None] = lambda: None) -> AsyncIterator[None]:
-    """Run the pool; on exit cancel it and check every worker process is gone."""
+                on_restart: Callable[[], None] = lambda: None) -> AsyncIterator[Pool]:
+    """Run the pool (and the registry task, with nothing to probe or catch up); on exit
+    cancel it and check every worker process is gone."""
     async with trio.open_nursery() as nursery:
-        await nursery.start(run_pool, cfg, registry, on_restart)
+        await nursery.start(registry.run, _no_capabilities, _no_catch_up)
+        pool = await nursery.start(run_pool, cfg, registry, on_restart)
         try:
-            yield
+            yield pool
         finally:
             nursery.cancel_scope.cancel()
     await wait_dead(pids_running(f"--port {cfg.worker_base_port}"), timeout_s=1)
@@ -274,3 +285,134 @@ async def test_what_a_dead_worker_left_in_its_process_group_is_killed_with_it(
             os.kill(old.managed["pid"], signal.SIGKILL)  # type: ignore[index]
             await wait_dead([grandchild], timeout_s=5)
             await _until(lambda: bool(registry.workers()) and registry.workers()[0] is not old)
+
+
+def _pid(registry: Registry, index: int) -> int | None:
+    worker = _managed(registry, index)
+    return None if worker is None else worker.managed["pid"]  # type: ignore[index]
+
+
+def _cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+def test_every_launcher_key_is_applied_in_place_by_rolling_restart_or_after_a_restart() -> None:
+    keys = [*IN_PLACE, *ROLLING, *RESTART_ONLY]
+    assert sorted(keys) == sorted(a.name for a in attrs.fields(LauncherConfig))
+
+
+async def test_a_rolling_restart_replaces_one_worker_at_a_time_and_keeps_one_routable(
+        caplog: pytest.LogCaptureFixture) -> None:
+    registry = _registry()
+    cfg = _config()
+    caplog.set_level(logging.INFO, logger="dsrouter.launcher")
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with _pool(cfg, registry) as pool, trio.open_nursery() as nursery:
+            old = {i: _pid(registry, i) for i in (0, 1)}
+            routable: list[int] = []
+
+            async def watch() -> None:
+                while True:
+                    routable.append(len(registry.routable()))
+                    await registry.changed.wait()
+
+            nursery.start_soon(watch)
+            change = await pool.reconfigure(attrs.evolve(cfg, extra_args=["--log-requests"],
+                                                         stop_timeout_s=1.0))
+            assert change.in_place == ("launcher.stop_timeout_s",)
+            assert change.restart_only == ()
+            assert pool.apply(change, drain_timeout_s=1.0) == [0, 1]
+
+            def rolled() -> bool:
+                pids = [_pid(registry, i) for i in (0, 1)]
+                return all(pid is not None and pid not in old.values() for pid in pids) and all(
+                    w.routable for w in registry.workers())
+
+            await _until(rolled)
+            await _until(lambda: any("rolling restart done" in r.getMessage()
+                                     for r in caplog.records))
+            nursery.cancel_scope.cancel()
+            assert min(routable) == 1, routable
+            for index in (0, 1):
+                worker = _managed(registry, index)
+                assert worker is not None and worker.managed is not None
+                assert "--log-requests" in _cmdline(worker.managed["pid"])
+                assert worker.managed["restarts"] == 0
+            # applied and idempotent: the same settings again restart nothing
+            again = await pool.reconfigure(attrs.evolve(cfg, extra_args=["--log-requests"],
+                                                        stop_timeout_s=1.0))
+            assert again.in_place == () and pool.apply(again, drain_timeout_s=1.0) == []
+            await wait_dead(old.values())  # type: ignore[arg-type]
+
+
+async def test_a_roll_whose_new_settings_do_not_start_reverts_that_worker_and_stops(
+        caplog: pytest.LogCaptureFixture) -> None:
+    registry = _registry()
+    cfg = _config()
+    caplog.set_level(logging.INFO, logger="dsrouter.launcher")
+
+    def stopped() -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if "rolling restart stopped" in r.getMessage()]
+
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with _pool(cfg, registry) as pool:
+            first, second = _pid(registry, 0), _pid(registry, 1)
+            change = await pool.reconfigure(attrs.evolve(cfg, extra_args=["--exit-at-start", "3"]))
+            assert pool.apply(change, drain_timeout_s=1.0) == [0, 1]
+            await _until(lambda: bool(stopped()))
+            assert stopped()[0].startswith(
+                "rolling restart stopped at worker 0: it did not come up with the new settings "
+                "(exited during start-up (exit status 3)). Worker(s) [0, 1] keep their "
+                "previous settings")
+            await _until(lambda: _pid(registry, 0) not in (None, first))
+            back = _managed(registry, 0)
+            assert back is not None and back.routable
+            assert "--exit-at-start" not in _cmdline(back.managed["pid"])  # type: ignore[index]
+            assert back.managed["restarts"] == 0  # type: ignore[index]
+            assert _pid(registry, 1) == second
+
+
+async def test_resizes_port_moves_and_gpu_swaps_wait_for_a_restart() -> None:
+    registry = _registry()
+    cfg = _config(num_gpus_per_worker=1, gpu_ids=[["0"], ["1"]])
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with _pool(cfg, registry) as pool:
+            plans = pool.plans
+            resized = await pool.reconfigure(attrs.evolve(
+                cfg, num_workers=3, worker_base_port=cfg.worker_base_port + 100,
+                gpu_ids=[["1"], ["0"], ["2"]], max_restarts=9))
+            assert resized.restart_only == ("launcher.num_workers", "launcher.worker_base_port",
+                                            "launcher.gpu_ids")
+            assert resized.in_place == ("launcher.max_restarts",)
+            assert resized.plans == plans
+            assert pool.apply(resized, drain_timeout_s=1.0) == []
+            assert pool.cfg.max_restarts == 9 and pool.cfg.gpu_ids == [["0"], ["1"]]
+            # GPUs nobody holds now may be added to a worker: that rolls
+            wider = await pool.reconfigure(attrs.evolve(
+                cfg, num_gpus_per_worker=2, gpu_ids=[["0", "2"], ["1", "3"]]))
+            assert wider.restart_only == ()
+            assert [plan.gpus for plan in wider.plans] == [("0", "2"), ("1", "3")]
+
+
+async def test_a_reload_during_a_roll_retargets_it_and_the_newest_settings_win(
+        caplog: pytest.LogCaptureFixture) -> None:
+    registry = _registry()
+    cfg = _config()
+    caplog.set_level(logging.INFO, logger="dsrouter.launcher")
+
+    def logged(text: str) -> int:
+        return sum(text in r.getMessage() for r in caplog.records)
+
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with _pool(cfg, registry) as pool:
+            first = await pool.reconfigure(attrs.evolve(cfg, extra_args=["--log-requests"]))
+            assert pool.apply(first, drain_timeout_s=1.0) == [0, 1]
+            await _until(lambda: logged("restarting worker 0") == 1)
+            newest = await pool.reconfigure(attrs.evolve(cfg, extra_args=["--load-s", "0.1"]))
+            assert pool.apply(newest, drain_timeout_s=1.0) == [0, 1]
+            await _until(lambda: logged("rolling restart done") == 1)
+            for index in (0, 1):
+                cmdline = _cmdline(_pid(registry, index))  # type: ignore[arg-type]
+                assert "--load-s 0.1" in cmdline and "--log-requests" not in cmdline
+            assert logged("restarting worker 0") == 2 and logged("restarting worker 1") == 1
