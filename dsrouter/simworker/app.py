@@ -112,7 +112,7 @@ async def openapi(worker: SimWorker, request: Request) -> Response:
         "title": "sglang diffusion worker (simulated)", "version": "0.5.23"}, "paths": paths})
 
 
-def one_model(worker: SimWorker, name: str) -> Response:
+async def one_model(worker: SimWorker, name: str) -> Response:
     if name == worker.options.served_model_name:
         return json_response(200, _card(worker))
     return json_response(404, {"error": {"message": f"The model '{name}' does not exist",
@@ -150,9 +150,9 @@ ROUTES: dict[tuple[str, str], Handler] = {
     ("POST", "/v1/images/generations"): generation.images_generations,
     ("POST", "/v1/images/edits"): generation.images_edits,
     ("POST", "/v1/videos"): generation.videos_create,
-    ("GET", "/v1/videos"): lambda w, r: _sync(generation.list_jobs(w.videos, r)),
+    ("GET", "/v1/videos"): lambda w, r: generation.list_jobs(w.videos, r),
     ("POST", "/v1/meshes"): generation.meshes_create,
-    ("GET", "/v1/meshes"): lambda w, r: _sync(generation.list_jobs(w.meshes, r)),
+    ("GET", "/v1/meshes"): lambda w, r: generation.list_jobs(w.meshes, r),
     ("POST", "/rollout/generate"): generation.rollout,
     ("POST", "/update_weights_from_disk"): control.update_weights_from_disk,
     ("POST", "/update_weights_from_tensor"): control.update_weights_from_tensor,
@@ -171,35 +171,31 @@ _IMAGE = re.compile(r"^/v1/images/([^/]+)/content$")
 _MODEL = re.compile(r"^/v1/models/(.+)$")
 
 
-async def _sync(response: Response) -> Response:
-    return response
-
-
-def _resolve(worker: SimWorker, request: Request) -> Awaitable[Response]:
+async def _resolve(worker: SimWorker, request: Request) -> Response:
     method, path = request.method, request.path
     handler = ROUTES.get((method, path))
     if handler is not None:
-        return handler(worker, request)
+        return await handler(worker, request)
     if (match := _JOB.match(path)) and not path.endswith("/"):
         kind, job_id, content = match.groups()
         store = worker.videos if kind == "videos" else worker.meshes
         label = "Video" if kind == "videos" else "Mesh"
         if content and method == "GET":
-            return _sync(generation.job_content(store, request, job_id, label))
+            return await generation.job_content(store, request, job_id, label)
         if not content and method == "GET":
-            return _sync(generation.get_job(store, job_id, label))
+            return await generation.get_job(store, job_id, label)
         if not content and method == "DELETE":
-            return _sync(generation.delete_job(store, job_id, label))
-        return _sync(json_response(405, {"detail": "Method Not Allowed"}))
+            return await generation.delete_job(store, job_id, label)
+        return json_response(405, {"detail": "Method Not Allowed"})
     if match := _IMAGE.match(path):
         if method != "GET":
-            return _sync(json_response(405, {"detail": "Method Not Allowed"}))
-        return generation.image_content(worker, request, match.group(1))
+            return json_response(405, {"detail": "Method Not Allowed"})
+        return await generation.image_content(worker, request, match.group(1))
     if (match := _MODEL.match(path)) and method == "GET":
-        return _sync(one_model(worker, match.group(1)))
+        return await one_model(worker, match.group(1))
     if any(p == path for _, p in ROUTES):
-        return _sync(json_response(405, {"detail": "Method Not Allowed"}))
-    return _sync(json_response(404, {"detail": "Not Found"}))
+        return json_response(405, {"detail": "Method Not Allowed"})
+    return json_response(404, {"detail": "Not Found"})
 
 
 async def _respond(worker: SimWorker, request: Request) -> Response:

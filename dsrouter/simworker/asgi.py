@@ -174,16 +174,19 @@ class CutShort(Exception):
 
 async def _pieces(body: bytes | Iterable[bytes] | AsyncIterator[bytes],
                   drip_bps: int) -> AsyncIterator[bytes]:
+    """The body in sends of at most 1 MiB, or ~1/20 s worth of bytes when dripping."""
     size = max(1024, min(64 * 1024, drip_bps // 20)) if drip_bps else 1 << 20
-    if isinstance(body, bytes):
-        for start in range(0, len(body), size):
-            yield body[start:start + size]
-        return
-    if hasattr(body, "__aiter__"):
-        async for chunk in body:
-            for start in range(0, len(chunk), size):
-                yield chunk[start:start + size]
-        return
-    for chunk in body:
+    async for chunk in _chunks(body):
         for start in range(0, len(chunk), size):
             yield chunk[start:start + size]
+
+
+async def _chunks(body: bytes | Iterable[bytes] | AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    if isinstance(body, bytes):
+        yield body
+    elif isinstance(body, AsyncIterator):
+        async for chunk in body:
+            yield chunk
+    else:
+        for chunk in body:
+            yield chunk

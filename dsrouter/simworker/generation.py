@@ -356,7 +356,7 @@ def _find(store: dict[str, Job], job_id: str, kind: str) -> Job:
     return job
 
 
-def list_jobs(store: dict[str, Job], request: Request) -> Response:
+async def list_jobs(store: dict[str, Job], request: Request) -> Response:
     query = request.query
     order = query.get("order", ["desc"])[0]
     after = query.get("after", [None])[0]
@@ -380,17 +380,17 @@ def list_jobs(store: dict[str, Job], request: Request) -> Response:
                                "has_more": len(jobs) > limit})
 
 
-def get_job(store: dict[str, Job], job_id: str, kind: str) -> Response:
+async def get_job(store: dict[str, Job], job_id: str, kind: str) -> Response:
     return json_response(200, dict(_find(store, job_id, kind).record))
 
 
-def delete_job(store: dict[str, Job], job_id: str, kind: str) -> Response:
+async def delete_job(store: dict[str, Job], job_id: str, kind: str) -> Response:
     job = _find(store, job_id, kind)
     del store[job_id]
     return json_response(200, {**job.record, "status": "deleted"})
 
 
-def job_content(store: dict[str, Job], request: Request, job_id: str, kind: str) -> Response:
+async def job_content(store: dict[str, Job], request: Request, job_id: str, kind: str) -> Response:
     job = _find(store, job_id, kind)
     status = job.record["status"]
     if status not in ("completed", "failed"):

@@ -17,8 +17,7 @@ import zlib
 from collections.abc import Iterator
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "jpg": "image/jpeg",
-                 "webp": "image/png"}
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg"}
 
 
 def image_format(output_format: str | None, background: str | None) -> str:

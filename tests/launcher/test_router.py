@@ -18,7 +18,14 @@ import attrs
 import httpx
 import trio
 
-from tests.launcher.helpers import FAKE_WORKER, SIM_WORKER, alive, free_port_block, wait_dead
+from tests.launcher.helpers import (
+    FAKE_WORKER,
+    SIM_WORKER,
+    alive,
+    free_port_block,
+    launcher_settings,
+    wait_dead,
+)
 from tests.support import router_process, wait_until
 
 TEST_TIMEOUT_S = 45.0
@@ -35,15 +42,7 @@ launcher:
 
 def _router_toml(num_workers: int, command: list[str] = SIM_WORKER, **launcher: Any) -> str:
     """A router.toml whose [launcher] runs `command` on a block of free ports."""
-    base = free_port_block(4 * num_workers)
-    settings = {
-        "model": "sim/Wan-Sim-T2V", "num_workers": num_workers, "num_gpus_per_worker": 0,
-        "command": command, "worker_base_port": base,
-        "master_port_base": base + 2 * num_workers,
-        "scheduler_port_base": base + 3 * num_workers,
-        "backoff_initial_s": 0.1, "backoff_max_s": 0.5, "wait_timeout_s": 30.0,
-        "stop_timeout_s": 5.0, **launcher,
-    }
+    settings = launcher_settings(num_workers, command, **launcher)
     body = "\n".join(f"{key} = {json.dumps(value)}" for key, value in settings.items())
     return f"[health]\ninterval_s = 0.5\n\n[launcher]\n{body}\n"
 

@@ -24,7 +24,12 @@ from dsrouter.launcher import LaunchError, Pool, run_pool
 from dsrouter.launcher.rolling import IN_PLACE, RESTART_ONLY, ROLLING
 from dsrouter.policies import make_policy
 from dsrouter.registry import Health, ProbeOutcome, Registry, Worker
-from tests.launcher.helpers import FAKE_WORKER, free_port_block, pids_running, wait_dead
+from tests.launcher.helpers import (
+    FAKE_WORKER,
+    launcher_settings,
+    pids_running,
+    wait_dead,
+)
 
 TEST_TIMEOUT_S = 20.0
 
@@ -35,15 +40,9 @@ def _private_runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def _config(num_workers: int = 2, **changes: object) -> LauncherConfig:
-    base = free_port_block(2 * num_workers + 2 * num_workers)
-    settings = {
-        "model": "fake/model", "num_workers": num_workers, "num_gpus_per_worker": 0,
-        "command": FAKE_WORKER, "worker_base_port": base,
-        "master_port_base": base + 2 * num_workers,
-        "scheduler_port_base": base + 3 * num_workers,
-        "wait_timeout_s": 10.0, "stop_timeout_s": 5.0, "backoff_initial_s": 0.05,
-        "backoff_max_s": 0.2, **changes,
-    }
+    fast = {"model": "fake/model", "wait_timeout_s": 10.0, "backoff_initial_s": 0.05,
+            "backoff_max_s": 0.2, **changes}
+    settings = launcher_settings(num_workers, fast.pop("command", FAKE_WORKER), **fast)
     return LauncherConfig(**settings)  # type: ignore[arg-type]
 
 
