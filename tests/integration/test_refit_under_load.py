@@ -8,12 +8,18 @@ caught up, a worker added later serves only new weights, and no accepted request
 
 from pathlib import Path
 
-import attrs
 import httpx
 import trio
 
 from tests.integration.test_proxy import healthy
-from tests.support import SimWorker, router_process, start_simworker, wait_until
+from tests.support import (
+    Answer,
+    SimWorker,
+    Traffic,
+    router_process,
+    start_simworker,
+    wait_until,
+)
 
 CONFIG = """
 [health]
@@ -25,29 +31,6 @@ queue_while_asleep = true
 ROLLOUT = {"prompt": "a rollout", "seed": 1, "width": 64, "height": 64,
            "num_inference_steps": 30}
 NEW = "sim/step-1"
-
-
-@attrs.define
-class Answer:
-    done_at: float
-    status: int
-    weights: str | None
-    worker: str | None
-
-
-@attrs.define
-class Traffic:
-    answers: list[Answer] = attrs.Factory(list)
-
-    async def client(self, http: httpx.AsyncClient, router: str) -> None:
-        while True:
-            response = await http.post(f"{router}/rollout/generate", json=ROLLOUT)
-            self.answers.append(Answer(trio.current_time(), response.status_code,
-                                       response.headers.get("x-simworker-model-path"),
-                                       response.headers.get("x-dsrouter-worker")))
-
-    def after(self, moment: float) -> list[Answer]:
-        return [a for a in self.answers if a.done_at > moment]
 
 
 def name(worker: SimWorker) -> str:
@@ -66,7 +49,7 @@ async def test_refit_under_traffic_serves_no_stale_weights_and_loses_nothing(
                 await healthy(http, router.url, 8)
                 assert (await http.post(f"{laggard.url}/_sim/faults",
                                         json={"refit_fails": True})).status_code == 200
-                traffic = Traffic()
+                traffic = Traffic("/rollout/generate", ROLLOUT)
                 async with trio.open_nursery() as load:
                     for _ in range(12):
                         load.start_soon(traffic.client, http, router.url)
@@ -98,12 +81,12 @@ async def test_refit_under_traffic_serves_no_stale_weights_and_loses_nothing(
                     caught_up_by = trio.current_time()
                     await wait_until(lambda: _served_by(traffic, name(laggard), 1,
                                                         since=caught_up_by), timeout_s=30)
-                    load.cancel_scope.cancel()
+                    traffic.stop()
 
                 after = traffic.after(refitted_at)
-                stale = [a for a in after if a.weights != NEW]
+                stale = [a for a in after if _weights(a) != NEW]
                 lost = [a for a in traffic.answers if a.status != 200]
-                laggard_before_fix = [a for a in after if a.worker == name(laggard)
+                laggard_before_fix = [a for a in after if _worker(a) == name(laggard)
                                       and a.done_at < caught_up_by]
                 print(f"\nrefit under load: {len(traffic.answers)} answers, {len(after)} after "
                       f"the refit, stale={len(stale)} lost={len(lost)} "
@@ -111,7 +94,7 @@ async def test_refit_under_traffic_serves_no_stale_weights_and_loses_nothing(
                 assert stale == []
                 assert lost == []
                 assert laggard_before_fix == []
-                assert all(a.weights == NEW for a in traffic.answers if a.worker == name(late))
+                assert all(_weights(a) == NEW for a in traffic.answers if _worker(a) == name(late))
                 state = (await http.get(f"{laggard.url}/_sim/state")).json()
                 assert state["model_path"] == NEW
             nursery.cancel_scope.cancel()
@@ -126,4 +109,13 @@ async def _served_since(traffic: Traffic, moment: float, count: int) -> bool:
 
 
 async def _served_by(traffic: Traffic, worker: str, count: int, since: float = 0.0) -> bool:
-    return sum(a.worker == worker for a in traffic.after(since)) >= count
+    return sum(_worker(a) == worker for a in traffic.after(since)) >= count
+
+
+def _weights(answer: Answer) -> str | None:
+    """The weights the simulated worker says produced this answer."""
+    return answer.headers.get("x-simworker-model-path")
+
+
+def _worker(answer: Answer) -> str | None:
+    return answer.headers.get("x-dsrouter-worker")

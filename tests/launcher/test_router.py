@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import attrs
 import httpx
 import trio
 
@@ -26,7 +25,7 @@ from tests.launcher.helpers import (
     launcher_settings,
     wait_dead,
 )
-from tests.support import router_process, wait_until
+from tests.support import Traffic, router_process, wait_until
 
 TEST_TIMEOUT_S = 45.0
 SEED_004_YAML = """\
@@ -57,20 +56,7 @@ async def _managed(http: httpx.AsyncClient, router: str) -> dict[int, dict[str, 
     return {w["supervisor"]["index"]: w for w in workers if w["managed"]}
 
 
-@attrs.define
-class Traffic:
-    """Generation requests sent one after another through the router, with their results."""
-
-    statuses: list[int] = attrs.Factory(list)
-
-    async def run(self, http: httpx.AsyncClient, router: str) -> None:
-        while True:
-            try:
-                response = await http.post(f"{router}/v1/images/generations",
-                                           json={"prompt": "a red cube", "size": "64x64"})
-                self.statuses.append(response.status_code)
-            except httpx.HTTPError:
-                self.statuses.append(0)
+CUBE = {"prompt": "a red cube", "size": "64x64"}
 
 
 async def test_three_workers_serve_and_a_killed_one_is_restarted_while_the_rest_serve(
@@ -84,9 +70,9 @@ async def test_three_workers_serve_and_a_killed_one_is_restarted_while_the_rest_
                        and not w["is_dead"] for w in managed.values())
             pids = [w["supervisor"]["pid"] for w in managed.values()]
             victim = managed[1]["supervisor"]["pid"]
-            traffic = Traffic()
+            traffic = Traffic("/v1/images/generations", CUBE)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(traffic.run, http, router.url)
+                nursery.start_soon(traffic.client, http, router.url)
                 await wait_until(lambda: _served(traffic, 3))
                 before = len(traffic.statuses)
                 os.kill(victim, signal.SIGKILL)
@@ -100,7 +86,7 @@ async def test_three_workers_serve_and_a_killed_one_is_restarted_while_the_rest_
                 during = traffic.statuses[before:]
                 target = traffic.statuses.count(200) + 3
                 await wait_until(lambda: _served(traffic, target))
-                nursery.cancel_scope.cancel()
+                traffic.stop()
             assert len(during) >= 1 and during.count(200) >= len(during) - 1, during
             supervisor = (await _managed(http, router.url))[1]["supervisor"]
             assert supervisor["restarts"] == 1 and supervisor["state"] == "ready"
@@ -132,19 +118,10 @@ async def test_sighup_with_new_extra_args_restarts_workers_one_by_one_without_fa
             old = {i: w["supervisor"]["pid"] for i, w in (await _managed(http, router.url)).items()}
             assert sorted(old) == [0, 1]
             assert await _models(http, router.url) == ["sim/Wan-Sim-T2V"]
-            traffic = Traffic()
-            stop = trio.Event()
-
-            async def send() -> None:
-                """Back to back until `stop`, never cancelled halfway through a request."""
-                while not stop.is_set():
-                    response = await http.post(f"{router.url}/v1/images/generations",
-                                               json={"prompt": "a red cube", "size": "64x64"})
-                    traffic.statuses.append(response.status_code)
-
+            traffic = Traffic("/v1/images/generations", CUBE)
             async with trio.open_nursery() as nursery:
                 for _ in range(3):
-                    nursery.start_soon(send)
+                    nursery.start_soon(traffic.client, http, router.url)
                 await wait_until(lambda: _served(traffic, 5))
                 (tmp_path / "router.toml").write_text(config.replace(
                     "[launcher]\n", '[launcher]\nextra_args = ["--served-model-name", "rolled"]\n'))
@@ -160,7 +137,7 @@ async def test_sighup_with_new_extra_args_restarts_workers_one_by_one_without_fa
                 await wait_until(rolled, timeout_s=30)
                 target = traffic.statuses.count(200) + 5
                 await wait_until(lambda: _served(traffic, target))
-                stop.set()
+                traffic.stop()
             assert set(traffic.statuses) == {200}, traffic.statuses
             await wait_dead(old.values(), timeout_s=2)
             log = "\n".join(router.output)
