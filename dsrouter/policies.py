@@ -8,6 +8,7 @@ from the registry, so their own state cannot race.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
@@ -34,40 +35,56 @@ def _sample(candidates: Sequence[Worker], rng: random.Random) -> Sequence[Worker
 
 class Policy(Protocol):
     name: str
+    predictive: bool
+    """Predicts finish times, so a queued request may wait for a busy worker that would
+    still finish it first (see `Registry._place`)."""
 
-    def choose(self, candidates: Sequence[Worker], cost: float, default_spu: float) -> Worker:
+    def choose(self, candidates: Sequence[Worker], cost: float, default_spu: float,
+               now: float) -> Worker:
         """Return one of `candidates` (never empty).
 
         `cost` is the request's estimated work; `default_spu` the seconds per cost unit to
-        assume for a worker that has not been measured yet.
+        assume for a worker that has not been measured yet; `now` the registry's clock.
         """
         ...
 
 
 class LeastWork:
-    """Earliest predicted finish: (work already assigned + this request) x seconds per unit.
+    """Earliest predicted finish: the worker's remaining backlog + this request's work.
 
     Unlike least-request it knows that a 4K video is not a thumbnail and that a worker twice
-    as fast should take twice the work. Above `SAMPLE_ABOVE` candidates it compares a
-    random sample (see `_sample`).
+    as fast should take twice the work. The backlog shrinks while the worker runs: a worker
+    halfway through a long job is closer to free than one that just took it (the worker
+    runs its requests one at a time, and `work_started_at` is when the current one began).
+    Once a worker overruns its prediction the backlog grows again with the overrun: a hung
+    or suddenly slow worker must not look free. Ties go to the worker with fewer requests
+    in flight, then rotate. Above `SAMPLE_ABOVE` candidates it compares a random sample
+    (see `_sample`).
     """
 
     name = "least-work"
+    predictive = True
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._turn = 0
         self._rng = rng or random.Random()
 
-    def choose(self, candidates: Sequence[Worker], cost: float, default_spu: float) -> Worker:
+    def choose(self, candidates: Sequence[Worker], cost: float, default_spu: float,
+               now: float) -> Worker:
         best: list[Worker] = []
-        best_finish = float("inf")
+        best_finish, best_in_flight = math.inf, 0
         for worker in _sample(candidates, self._rng):
             spu = worker.speed.seconds_per_unit or default_spu
-            finish = (worker.outstanding_cost + cost) * spu
-            if finish < best_finish * (1 - 1e-9):
-                best, best_finish = [worker], finish
-            elif finish <= best_finish * (1 + 1e-9):
-                best.append(worker)
+            finish = cost * spu
+            if worker.in_flight:
+                finish += abs(worker.outstanding_cost * spu - (now - worker.work_started_at))
+            if abs(finish - best_finish) <= 1e-9 * finish:
+                if worker.in_flight < best_in_flight:
+                    best, best_in_flight = [worker], worker.in_flight
+                elif worker.in_flight == best_in_flight:
+                    best.append(worker)
+            elif finish < best_finish:
+                best, best_finish, best_in_flight = [worker], finish, worker.in_flight
         self._turn += 1
         return best[self._turn % len(best)]
 
@@ -76,12 +93,14 @@ class LeastRequest:
     """Fewest in-flight requests; ties rotate so equal workers share the load evenly."""
 
     name = "least-request"
+    predictive = False
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._turn = 0
         self._rng = rng or random.Random()
 
-    def choose(self, candidates: Sequence[Worker], cost: float, default_spu: float) -> Worker:
+    def choose(self, candidates: Sequence[Worker], cost: float, default_spu: float,
+               now: float) -> Worker:
         candidates = _sample(candidates, self._rng)
         lowest = min(w.in_flight for w in candidates)
         tied = [w for w in candidates if w.in_flight == lowest]
@@ -91,22 +110,26 @@ class LeastRequest:
 
 class RoundRobin:
     name = "round-robin"
+    predictive = False
 
     def __init__(self) -> None:
         self._turn = -1
 
-    def choose(self, candidates: Sequence[Worker], cost: float, default_spu: float) -> Worker:
+    def choose(self, candidates: Sequence[Worker], cost: float, default_spu: float,
+               now: float) -> Worker:
         self._turn += 1
         return candidates[self._turn % len(candidates)]
 
 
 class Random:
     name = "random"
+    predictive = False
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
 
-    def choose(self, candidates: Sequence[Worker], cost: float, default_spu: float) -> Worker:
+    def choose(self, candidates: Sequence[Worker], cost: float, default_spu: float,
+               now: float) -> Worker:
         return self._rng.choice(candidates)
 
 

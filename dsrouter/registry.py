@@ -32,7 +32,7 @@ import trio
 
 from dsrouter.config import HealthConfig, RoutingConfig
 from dsrouter.jobs import JobMap
-from dsrouter.policies import Policy
+from dsrouter.policies import SAMPLE_ABOVE, Policy
 from dsrouter.speed import SpeedEstimate, pool_median
 from dsrouter.urls import display_id_for, normalize_worker_url, worker_id_for
 
@@ -57,6 +57,12 @@ class ProbeOutcome(enum.Enum):
 
 class NoWorkerAvailable(Exception):
     """No worker satisfies the request right now; the message is safe to show to a client."""
+
+
+DISPATCH_DEPTH = 64
+"""How far into the router queue one dispatch looks for a request the freed worker suits:
+bounded so that a release costs the same with ten thousand requests queued."""
+QUEUE_RECHECK_S = 0.25
 
 
 class QueueFull(Exception):
@@ -126,6 +132,9 @@ class Worker:
     """Estimated work of the requests this worker is serving now (see `cost.py`)."""
     speed: SpeedEstimate = attrs.Factory(SpeedEstimate)
     last_completion_at: float = -math.inf
+    work_started_at: float = 0.0
+    """When the request at the head of this worker's FIFO began (predicted): set when the
+    worker takes a request while idle and whenever one of its requests ends."""
 
     @property
     def state(self) -> str:
@@ -396,10 +405,10 @@ class Registry:
                 raise PoolAsleep("pool is asleep")
             if not self.pool_sleeping:
                 raise NoWorkerAvailable("No healthy workers available in the pool")
-        if not self._queue and not self._paused:
-            free = self._candidates(accept, excluded, limit=True)
-            if free:
-                return self.lease_worker(self._choose(free, cost), cost)
+        if not self._queue:
+            worker = self._place(accept, excluded, cost)
+            if worker is not None:
+                return self.lease_worker(worker, cost)
         if len(self._queue) >= self.routing.queue_size:
             raise QueueFull(f"Router queue is full ({self.routing.queue_size} waiting)")
         waiter = _Waiter(accept, excluded, cost)
@@ -440,25 +449,48 @@ class Registry:
         if not self._queue:
             return
         served = []
-        for entry in sorted(self._queue):
+        for entry in heapq.nsmallest(DISPATCH_DEPTH, self._queue):
             waiter = entry[2]
-            free = self._candidates(waiter.accept, waiter.exclude, limit=True)
-            if free:
-                waiter.lease = self.lease_worker(self._choose(free, waiter.cost), waiter.cost)
+            worker = self._place(waiter.accept, waiter.exclude, waiter.cost)
+            if worker is not None:
+                waiter.lease = self.lease_worker(worker, waiter.cost)
                 waiter.event.set()
                 served.append(entry)
         if served:
             self._queue = [e for e in self._queue if e not in served]
             heapq.heapify(self._queue)
 
+    def _place(self, accept: Callable[[Worker], bool] | None, excluded: frozenset[int],
+               cost: float) -> Worker | None:
+        """The worker a request should start on now, or None: it waits in the queue.
+
+        With a per-worker limit, a predictive policy (least-work) chooses among all suitable
+        workers, busy ones included, and the request waits if the best one is full: a big job
+        is better off waiting a second for a fast GPU than starting at once on one four
+        times slower, and a later, smaller request may take the free worker meanwhile. Other
+        policies, and pools too large to compare every worker, take the best free worker.
+        """
+        if self._paused:
+            return None
+        cap = self.routing.max_inflight_per_worker
+        if cap and self.policy.predictive:
+            candidates = self._candidates(accept, excluded, limit=False)
+            if candidates and len(candidates) <= SAMPLE_ABOVE:
+                best = self._choose(candidates, cost)
+                return best if best.in_flight < cap else None
+        free = self._candidates(accept, excluded, limit=True)
+        return self._choose(free, cost) if free else None
+
     def _choose(self, candidates: list[Worker], cost: float) -> Worker:
         if self._spu_cache is None:
             self._spu_cache = pool_median([w.speed for w in self._workers.values()],
                                           self.default_spu)
-        return self.policy.choose(candidates, cost, self._spu_cache)
+        return self.policy.choose(candidates, cost, self._spu_cache, self.clock())
 
     def lease_worker(self, worker: Worker, cost: float = 0.0) -> Lease:
         """Count a request against a specific worker (sticky jobs, broadcasts)."""
+        if not worker.in_flight:
+            worker.work_started_at = self.clock()
         worker.in_flight += 1
         worker.requests_total += 1
         worker.outstanding_cost += cost
@@ -472,6 +504,7 @@ class Registry:
         worker = lease.worker
         worker.in_flight -= 1
         worker.outstanding_cost = max(0.0, worker.outstanding_cost - lease.cost)
+        worker.work_started_at = self.clock()
         assert worker.in_flight >= 0, "lease released twice"
         if lease.trial:
             worker.trial_in_flight = False
@@ -674,12 +707,25 @@ class Registry:
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The registry task: runs the capability probes and catch-ups state changes ask for."""
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._recheck_queue)
             task_status.started()
             async for kind, url in self._refresh_receive:
                 if kind == "capabilities":
                     nursery.start_soon(self._refresh, prober, url)
                 else:
                     nursery.start_soon(self._catch_up, catch_up, url)
+
+    async def _recheck_queue(self) -> None:
+        """Dispatch again now and then although nothing happened.
+
+        A request held back for a busy worker that predicted to finish it first must not
+        wait on that worker forever: as the worker overruns its prediction, another one
+        becomes the better choice, and only the passing of time says so.
+        """
+        while True:
+            await trio.sleep(QUEUE_RECHECK_S)
+            if self._queue:
+                self._dispatch_queue()
 
     async def _catch_up(self, catch_up: CatchUp, url: str) -> None:
         try:

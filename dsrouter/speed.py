@@ -20,13 +20,9 @@ ALPHA = 0.2
 @attrs.define
 class SpeedEstimate:
     log_seconds_per_unit: float | None = None
+    seconds_per_unit: float | None = None
+    """Kept alongside the log: the routing policy reads it on every decision."""
     samples: int = 0
-
-    @property
-    def seconds_per_unit(self) -> float | None:
-        if self.log_seconds_per_unit is None:
-            return None
-        return math.exp(self.log_seconds_per_unit)
 
     def observe(self, cost: float, seconds: float) -> None:
         if cost <= 0 or seconds <= 0:
@@ -38,6 +34,7 @@ class SpeedEstimate:
             current = self.log_seconds_per_unit
             sample = min(max(sample, current - CLIP), current + CLIP)
             self.log_seconds_per_unit = current + ALPHA * (sample - current)
+        self.seconds_per_unit = math.exp(self.log_seconds_per_unit)
         self.samples += 1
 
 

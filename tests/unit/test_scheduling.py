@@ -13,12 +13,24 @@ from dsrouter.registry import (
     QueueFull,
     QueueTimeout,
     Registry,
+    Worker,
 )
 from dsrouter.speed import SpeedEstimate, pool_median
 
 
-def pool(n: int, **routing: object) -> Registry:
-    registry = Registry(HealthConfig(), LeastWork(), routing=RoutingConfig(**routing))
+class Clock:
+    """A hand-moved clock for the registry: pure-logic tests need no event loop."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def pool(n: int, clock: Clock | None = None, **routing: object) -> Registry:
+    registry = Registry(HealthConfig(), LeastWork(), routing=RoutingConfig(**routing),
+                        clock=clock or trio.current_time)
     for i in range(n):
         registry.add(f"http://w{i}:1")
         registry.apply_probe(f"http://w{i}:1", ProbeOutcome.OK)
@@ -63,13 +75,30 @@ def test_speed_estimate_resists_outliers_and_tracks_slowdowns() -> None:
 
 
 def test_least_work_prefers_the_faster_worker_until_its_backlog_outweighs_it() -> None:
-    registry = pool(2)
+    registry = pool(2, Clock())
     fast, slow = registry.workers()
     fast.speed.observe(1, 1.0)
-    slow.speed.observe(1, 4.0)
+    slow.speed.observe(1, 4.5)
     picks = [registry.lease(cost=1.0).worker for _ in range(5)]
     assert picks[:4] == [fast] * 4
     assert picks[4] is slow
+
+
+def test_least_work_counts_the_progress_of_the_running_job() -> None:
+    clock = Clock()
+    registry = pool(2, clock)
+    a, b = registry.workers()
+    for worker in (a, b):
+        worker.speed.observe(1, 1.0)
+    registry.lease_worker(a, 10.0)
+    clock.now = 8.0
+    registry.lease_worker(b, 10.0)
+    clock.now = 9.0
+    # a has ~1 s of its job left, b ~9 s: same outstanding work, very different finish times
+    assert registry.lease(cost=1.0).worker is a
+    clock.now = 30.0
+    # both overran their estimates: the one overrunning by more (a, 20 s) looks busier
+    assert registry.lease(cost=1.0).worker is b
 
 
 def test_observe_discounts_time_spent_behind_the_previous_request() -> None:
@@ -96,6 +125,68 @@ async def test_queue_binds_late_to_the_first_worker_that_frees() -> None:
         assert registry.summary()["queued"] == 1 and not got
         second.release()
     assert got[0].worker is second.worker and registry.summary()["queued"] == 0
+
+
+async def test_queue_waits_for_a_faster_busy_worker_and_backfills_the_slow_one() -> None:
+    clock = Clock()
+    registry = pool(2, clock, max_inflight_per_worker=1)
+    fast, slow = registry.workers()
+    fast.speed.observe(1, 1.0)
+    slow.speed.observe(1, 4.0)
+    running = await registry.acquire(cost=1.0)
+    assert running.worker is fast
+    got: dict[str, Worker] = {}
+
+    async def wait(name: str, cost: float) -> None:
+        got[name] = (await registry.acquire(cost=cost)).worker
+
+    async with trio.open_nursery() as nursery:
+        # 2 units: done at 3 s on the fast worker once it is free, at 8 s on the slow one
+        nursery.start_soon(wait, "big", 2.0)
+        await trio.testing.wait_all_tasks_blocked()
+        assert registry.summary()["queued"] == 1 and slow.in_flight == 0
+        # a small request behind it is better off on the slow worker at once
+        nursery.start_soon(wait, "small", 0.1)
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == {"small": slow}
+        running.release()
+    assert got["big"] is fast and registry.summary()["queued"] == 0
+
+
+async def test_a_request_held_for_a_worker_that_overruns_goes_elsewhere() -> None:
+    clock = Clock()
+    registry = pool(2, clock, max_inflight_per_worker=1)
+    fast, slow = registry.workers()
+    fast.speed.observe(1, 1.0)
+    slow.speed.observe(1, 4.0)
+    hung = await registry.acquire(cost=1.0)
+    assert hung.worker is fast
+
+    async def no_capabilities(url: str) -> None:
+        return None
+
+    async def no_catch_up(url: str) -> None:
+        return None
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(registry.run, no_capabilities, no_catch_up)
+            waiting, placed = trio.Event(), trio.Event()
+            got: list[Worker] = []
+
+            async def wait() -> None:
+                waiting.set()
+                got.append((await registry.acquire(cost=2.0)).worker)
+                placed.set()
+
+            nursery.start_soon(wait)
+            await waiting.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            assert not got, "held for the fast worker, predicted free in 1 s"
+            clock.now = 60.0  # the fast worker is 59 s past its prediction
+            await placed.wait()  # by the registry task's periodic re-dispatch
+            nursery.cancel_scope.cancel()
+    assert got == [slow]
 
 
 async def test_queue_is_fifo_within_priority_and_priority_goes_first() -> None:
