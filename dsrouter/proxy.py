@@ -71,6 +71,8 @@ class Exchange:
     request_id: str
     route: Route
     body: RequestBody
+    headers: dict[bytes, bytes]
+    """The client's headers by (lower-case) name, for the few the router reads."""
     attempts: int = 0
     response_started: bool = False
     status: int = 0
@@ -171,7 +173,7 @@ class Proxy:
                            max_bytes=self.config.server.max_body_mb * MiB,
                            idle_s=self.config.server.body_idle_timeout_s)
         exchange = Exchange(scope, _counting(send, lambda m: _observe(exchange, m)),
-                            request_id, route, body)
+                            request_id, route, body, headers)
         if content_length is not None and content_length > body.max_bytes:
             await exchange.respond_error(413, str(BodyTooLarge(body.max_bytes)))
             return
@@ -272,7 +274,7 @@ class Proxy:
         if body.present and self.config.routing.retry_buffer_mb:
             await body.buffer_up_to(self.config.routing.retry_buffer_mb * MiB)
         route = exchange.route
-        headers = dict(exchange.scope["headers"])
+        headers = exchange.headers
         cost = CostModel(self.config.cost).estimate(
             route.path, body.buffered, headers.get(b"content-type", b"").decode("latin-1"))
         priority = _int_header(headers.get(b"x-dsrouter-priority"))
