@@ -3,20 +3,27 @@
 Validation lives in the types: constrained values are `NewType`s whose structure hooks raise
 `ValueError("expected ...")`, so `cattrs.transform_error` can report every problem with its key
 path (`health.interval_s: expected a number > 0, got 'ten'`). Nothing else validates config.
+Tables, lists and mappings are checked for their shape before cattrs looks inside them: cattrs
+itself turns any iterable into a list, so `api_keys = "abc"` would become `["a", "b", "c"]`.
+
+Secret fields carry `metadata=SECRET`; `dump_config` masks them, so nothing that prints the
+effective configuration can leak a token.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import shlex
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal, NewType
+from typing import Any, Literal, NewType, get_args, get_origin
 
 import attrs
 import cattrs
-from cattrs.errors import ForbiddenExtraKeysError
+from cattrs.errors import ForbiddenExtraKeysError, IterableValidationError, IterableValidationNote
 
 from dsrouter.urls import InvalidWorkerURL, normalize_worker_url
 
@@ -25,12 +32,21 @@ NonNegativeFloat = NewType("NonNegativeFloat", float)
 PositiveInt = NewType("PositiveInt", int)
 NonNegativeInt = NewType("NonNegativeInt", int)
 Port = NewType("Port", int)
+PortStride = NewType("PortStride", int)
 WorkerURL = NewType("WorkerURL", str)
+NetworkEntry = NewType("NetworkEntry", str)
+GpuGroup = NewType("GpuGroup", list[str])
+ShellArgs = NewType("ShellArgs", list[str])
+Command = NewType("Command", list[str])
 
 RoutingAlgorithm = Literal["least-work", "least-request", "round-robin", "random"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
 RestartPolicy = Literal["never", "on-failure", "always"]
+
+SECRET = {"secret": True}
+"""Field metadata: the value is masked by `dump_config` (a `dict` field: values whose name
+looks like a credential, see `_SECRET_NAME`)."""
 
 
 @attrs.frozen
@@ -43,6 +59,8 @@ class ServerConfig:
     drain_timeout_s: NonNegativeFloat = NonNegativeFloat(30.0)
     keep_alive_timeout_s: PositiveFloat = PositiveFloat(30.0)
     max_body_mb: PositiveInt = PositiveInt(8192)
+    max_control_body_mb: PositiveInt = PositiveInt(2048)
+    """Largest RL control body (buffered whole): update_weights_from_tensor carries tensors."""
     max_header_kb: PositiveInt = PositiveInt(64)
     body_idle_timeout_s: PositiveFloat = PositiveFloat(60.0)
     metrics_port: Port = Port(0)
@@ -71,6 +89,19 @@ class RoutingConfig:
 
 
 @attrs.frozen
+class ModelCost:
+    """Defaults of one model (`cost.models`), used when its request does not say; unset ones
+    fall back to the `[cost]` defaults. These are the keys `CostModel.from_params` reads."""
+
+    width: PositiveInt | None = None
+    height: PositiveInt | None = None
+    steps: PositiveInt | None = None
+
+
+ModelCosts = NewType("ModelCosts", dict[str, ModelCost])
+
+
+@attrs.frozen
 class CostConfig:
     default_steps: PositiveInt = PositiveInt(30)
     image_width: PositiveInt = PositiveInt(1024)
@@ -80,7 +111,7 @@ class CostConfig:
     video_seconds: PositiveFloat = PositiveFloat(4.0)
     video_fps: PositiveFloat = PositiveFloat(24.0)
     default_seconds_per_unit: PositiveFloat = PositiveFloat(0.01)
-    models: dict[str, dict[str, int]] = attrs.Factory(dict)
+    models: ModelCosts = attrs.Factory(lambda: ModelCosts({}))
 
 
 @attrs.frozen
@@ -95,7 +126,7 @@ class HealthConfig:
 @attrs.frozen
 class StaticWorker:
     url: WorkerURL
-    api_key: str = ""
+    api_key: str = attrs.field(default="", metadata=SECRET)
 
 
 @attrs.frozen
@@ -104,16 +135,16 @@ class LauncherConfig:
     model: str = ""
     num_workers: NonNegativeInt = NonNegativeInt(0)
     num_gpus_per_worker: NonNegativeInt = NonNegativeInt(1)
-    gpu_ids: list[list[str]] = attrs.Factory(list)
+    gpu_ids: list[GpuGroup] = attrs.Factory(list)
     worker_host: str = "127.0.0.1"
     worker_base_port: Port = Port(10090)
-    port_stride: PositiveInt = PositiveInt(2)
+    port_stride: PortStride = PortStride(2)
     master_port_base: Port = Port(30005)
     scheduler_port_base: Port = Port(5555)
     internal_port_stride: PositiveInt = PositiveInt(1)
-    extra_args: list[str] = attrs.Factory(list)
-    env: dict[str, str] = attrs.Factory(dict)
-    command: list[str] = attrs.Factory(lambda: ["sglang", "serve"])
+    extra_args: ShellArgs = attrs.Factory(lambda: ShellArgs([]))
+    env: dict[str, str] = attrs.field(factory=dict, metadata=SECRET)
+    command: Command = attrs.Factory(lambda: Command(["sglang", "serve"]))
     wait_timeout_s: PositiveFloat = PositiveFloat(600.0)
     restart: RestartPolicy = "on-failure"
     max_restarts: NonNegativeInt = NonNegativeInt(5)
@@ -127,15 +158,15 @@ class LauncherConfig:
 
 @attrs.frozen
 class SecurityConfig:
-    admin_token: str = ""
+    admin_token: str = attrs.field(default="", metadata=SECRET)
     admin_token_env: str = ""
     admin_token_file: str = ""
-    api_keys: list[str] = attrs.Factory(list)
+    api_keys: list[str] = attrs.field(factory=list, metadata=SECRET)
     api_keys_file: str = ""
     forward_authorization: bool = False
-    worker_api_key: str = ""
+    worker_api_key: str = attrs.field(default="", metadata=SECRET)
     protect_metrics: bool = False
-    allowed_worker_networks: list[str] = attrs.Factory(list)
+    allowed_worker_networks: list[NetworkEntry] = attrs.Factory(list)
 
 
 @attrs.frozen
@@ -143,6 +174,8 @@ class LoggingConfig:
     level: LogLevel = "info"
     format: LogFormat = "text"
     access_log: bool = True
+    access_log_exclude: list[str] = attrs.Factory(lambda: ["/health", "/metrics"])
+    """Paths polled by load balancers and scrapers: counted in metrics, not logged."""
 
 
 @attrs.frozen
@@ -206,14 +239,161 @@ def _worker_url(value: Any, _: Any) -> str:
         raise ValueError(f"expected a worker URL: {exc}") from None
 
 
+_GPU_ID = re.compile(r"[^\s,]+")
+_HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
+
+
+def _gpu_group(value: Any, _: Any) -> list[str]:
+    """The GPUs of one worker. Besides a list, the forms sglang-d-router's YAML uses: an
+    integer (`3`) or a comma-separated string (`"1,2"`)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return [str(value)]
+    ids: list[str] = []
+    if isinstance(value, str):
+        ids = [part.strip() for part in value.split(",")]
+    elif isinstance(value, list) and all(
+            isinstance(x, str) or (type(x) is int and x >= 0) for x in value):
+        ids = [str(x).strip() for x in value]
+    if not ids or not all(_GPU_ID.fullmatch(i) for i in ids):
+        raise ValueError('expected the GPU ids of one worker: a list like ["0", "1"], a string '
+                         f'like "0,1" or an integer, got {value!r}')
+    return ids
+
+
+def _network_entry(value: Any, _: Any) -> str:
+    """A CIDR or a host name: an entry like `10.0.0.0/33` must not pass as a name that
+    never matches."""
+    if isinstance(value, str):
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            if _HOST_NAME.fullmatch(value):
+                return value
+        else:
+            return value
+    raise ValueError(f"expected a CIDR like '10.0.0.0/8' or a host name, got {value!r}")
+
+
+_STRUCTURE_ERRORS = (cattrs.BaseValidationError, cattrs.errors.CattrsError, ValueError,
+                     TypeError)
+_NOUNS: dict[Any, str] = {
+    str: "strings",
+    NetworkEntry: "CIDRs or host names",
+    GpuGroup: "GPU id lists, one per worker",
+}
+
+
+def _noun(type_: Any) -> str:
+    """What a list or table holds, for the "expected a list of ..." messages."""
+    if type_ in _NOUNS:
+        return _NOUNS[type_]
+    if attrs.has(type_) or get_origin(type_) is dict:
+        return "tables"
+    if get_origin(type_) is list:
+        return "lists"
+    return getattr(type_, "__name__", str(type_))
+
+
+def _structure_items(conv: cattrs.Converter, items: Iterable[tuple[Any, Any, Any]],
+                     whole: Any) -> list[Any]:
+    """Structure each `(index, value, type)`; report every failure at once, each under its
+    index or key, the way cattrs's own collection hooks do for `transform_error`."""
+    results, errors = [], []
+    for index, value, type_ in items:
+        try:
+            results.append(conv.structure(value, type_))
+        except _STRUCTURE_ERRORS as exc:
+            note = IterableValidationNote(f"item @ {index!r}", index, type_)
+            exc.__notes__ = [*getattr(exc, "__notes__", []), note]
+            errors.append(exc)
+    if errors:
+        raise IterableValidationError(f"While structuring {whole!r}", errors, whole)
+    return results
+
+
+def _shape_hooks(conv: cattrs.Converter) -> None:
+    """Reject a value of the wrong shape before cattrs iterates it: its own hooks turn a
+    string into a list of characters and fail on a number with a Python error."""
+
+    def table(cl: type) -> Callable[[Any, Any], Any]:
+        inner = conv.gen_structure_attrs_fromdict(cl)
+
+        def structure(value: Any, type_: Any) -> Any:
+            if not isinstance(value, dict):
+                raise ValueError(f"expected a table, got {value!r}")
+            return inner(value, type_)
+
+        return structure
+
+    def mapping(type_: Any) -> Callable[[Any, Any], Any]:
+        key_type, value_type = get_args(type_) or (Any, Any)
+        noun = _noun(value_type)
+
+        def structure(value: Any, type_: Any) -> dict[Any, Any]:
+            if not isinstance(value, dict):
+                raise ValueError(f"expected a table of {noun}, got {value!r}")
+            keys = _structure_items(conv, ((k, k, key_type) for k in value), type_)
+            values = _structure_items(
+                conv, ((k, v, value_type) for k, v in value.items()), type_)
+            return dict(zip(keys, values, strict=True))
+
+        return structure
+
+    def sequence(type_: Any) -> Callable[[Any, Any], Any]:
+        (item_type,) = get_args(type_) or (Any,)
+        noun = _noun(item_type)
+
+        def structure(value: Any, type_: Any) -> list[Any]:
+            if not isinstance(value, list):
+                raise ValueError(f"expected a list of {noun}, got {value!r}")
+            return _structure_items(
+                conv, ((i, item, item_type) for i, item in enumerate(value)), type_)
+
+        return structure
+
+    conv.register_structure_hook_factory(attrs.has, table)
+    conv.register_structure_hook_factory(lambda t: get_origin(t) is dict, mapping)
+    conv.register_structure_hook_factory(lambda t: get_origin(t) is list, sequence)
+
+    def shell_args(value: Any, _: Any) -> list[str]:
+        if isinstance(value, str):
+            try:
+                return shlex.split(value)
+            except ValueError as exc:
+                raise ValueError(f"expected a shell string ({exc}), got {value!r}") from None
+        if not isinstance(value, list):
+            raise ValueError(f"expected a list of strings or one shell string, got {value!r}")
+        return conv.structure(value, list[str])
+
+    def command(value: Any, _: Any) -> list[str]:
+        args = conv.structure(value, list[str])
+        if not args or not args[0]:
+            raise ValueError("expected a non-empty list of strings (the program, then its "
+                             f"arguments), got {value!r}")
+        return args
+
+    def model_costs(value: Any, _: Any) -> dict[str, ModelCost]:
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a table of model names to tables, got {value!r}")
+        return conv.structure(value, dict[str, ModelCost])
+
+    conv.register_structure_hook(ShellArgs, shell_args)
+    conv.register_structure_hook(Command, command)
+    conv.register_structure_hook(ModelCosts, model_costs)
+
+
 def _make_converter() -> cattrs.Converter:
     conv = cattrs.Converter(forbid_extra_keys=True)
+    _shape_hooks(conv)
     conv.register_structure_hook(PositiveFloat, _number_hook(float, 0, True, "a number > 0"))
     conv.register_structure_hook(NonNegativeFloat, _number_hook(float, 0, False, "a number >= 0"))
     conv.register_structure_hook(PositiveInt, _number_hook(int, 0, True, "an integer > 0"))
     conv.register_structure_hook(NonNegativeInt, _number_hook(int, 0, False, "an integer >= 0"))
+    conv.register_structure_hook(PortStride, _number_hook(int, 2, False, "an integer >= 2"))
     conv.register_structure_hook(Port, _port)
     conv.register_structure_hook(WorkerURL, _worker_url)
+    conv.register_structure_hook(NetworkEntry, _network_entry)
+    conv.register_structure_hook(GpuGroup, _gpu_group)
     conv.register_structure_hook(str, _strict_hook(str, "a string"))
     conv.register_structure_hook(int, _strict_hook(int, "an integer"))
     conv.register_structure_hook(float, _strict_hook(float, "a number"))
@@ -275,7 +455,9 @@ def read_launcher_yaml(path: Path) -> dict[str, Any]:
     """Read sglang-d-router's launcher YAML and map its keys onto `[launcher]` keys.
 
     Unknown keys are passed through under their own name so the converter reports them with
-    the YAML file as source.
+    the YAML file as source. Its value forms (`worker_extra_args` as one shell string,
+    `worker_gpu_ids` entries like `"1,2"` or `3`) are the types' own (`ShellArgs`, `GpuGroup`),
+    so a TOML file may use them too.
     """
     import yaml
 
@@ -288,25 +470,7 @@ def read_launcher_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError([f"{path}: invalid YAML: {exc}"]) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("launcher"), dict):
         raise ConfigError([f"{path}: launcher: expected a mapping under the key 'launcher'"])
-    mapped: dict[str, Any] = {}
-    for key, value in doc["launcher"].items():
-        target = _YAML_LAUNCHER_KEYS.get(key, key)
-        if target == "extra_args" and isinstance(value, str):
-            value = shlex.split(value)
-        if target == "gpu_ids" and isinstance(value, list):
-            value = [_gpu_group(item) for item in value]
-        mapped[target] = value
-    return mapped
-
-
-def _gpu_group(item: Any) -> Any:
-    if isinstance(item, int) and not isinstance(item, bool):
-        return [str(item)]
-    if isinstance(item, str):
-        return [part.strip() for part in item.split(",") if part.strip()]
-    if isinstance(item, list):
-        return [str(x) for x in item]
-    return item
+    return {_YAML_LAUNCHER_KEYS.get(key, key): value for key, value in doc["launcher"].items()}
 
 
 @attrs.frozen
@@ -376,7 +540,7 @@ def structure_config(raw: Mapping[str, Any], source: str,
     """
     try:
         return converter.structure(dict(raw), Config)
-    except (cattrs.BaseValidationError, ValueError, TypeError) as exc:
+    except _STRUCTURE_ERRORS as exc:
         raise ConfigError(_problems(exc, sources or {}, source)) from None
 
 
@@ -402,9 +566,43 @@ def _problems(exc: Exception, sources: Mapping[str, str], default_source: str) -
     return problems
 
 
+_SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSW|CREDENTIAL", re.IGNORECASE)
+MASK = "***"
+
+
 def dump_config(config: Config) -> dict[str, Any]:
-    """The effective config as plain data (for `check-config` and `/admin/config`)."""
-    return converter.unstructure(config)
+    """The effective config as plain data (for `check-config` and `/admin/config`).
+
+    Secrets (fields marked `SECRET`) are masked: this output lands in terminals, CI logs and
+    HTTP answers. An unset secret stays `""`, so the output still tells whether one is set;
+    the `*_env` / `*_file` names that say where a secret comes from stay visible.
+    """
+    return _mask_secrets(config, converter.unstructure(config))
+
+
+def _mask_secrets(obj: Any, data: dict[str, Any]) -> dict[str, Any]:
+    for field in attrs.fields(type(obj)):
+        value = getattr(obj, field.name)
+        if field.metadata.get("secret"):
+            data[field.name] = _mask(value)
+        elif attrs.has(type(value)):
+            _mask_secrets(value, data[field.name])
+        elif isinstance(value, list):
+            for item, item_data in zip(value, data[field.name], strict=True):
+                if attrs.has(type(item)):
+                    _mask_secrets(item, item_data)
+    return data
+
+
+def _mask(value: Any) -> Any:
+    if isinstance(value, str):
+        return MASK if value else ""
+    if isinstance(value, list):
+        return [_mask(item) for item in value]
+    if isinstance(value, dict):
+        return {name: _mask(item) if _SECRET_NAME.search(name) else item
+                for name, item in value.items()}
+    return value
 
 
 def resolve_secret(value: str, env_name: str, file_name: str) -> str:

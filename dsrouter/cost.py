@@ -14,10 +14,11 @@ from typing import Any
 
 import attrs
 
-from dsrouter.config import CostConfig
+from dsrouter.config import CostConfig, ModelCost
 
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX*]\s*(\d+)\s*$")
 MAX_PARSED_BODY = 256 * 1024
+_NO_OVERRIDE = ModelCost()
 
 
 @attrs.frozen
@@ -40,13 +41,13 @@ class CostModel:
     def from_params(self, payload: dict[str, Any], *, video: bool) -> float:
         cfg = self.config
         model = payload.get("model")
-        override = cfg.models.get(model, {}) if isinstance(model, str) else {}
+        override = cfg.models.get(model, _NO_OVERRIDE) if isinstance(model, str) else _NO_OVERRIDE
         width, height = _size(payload)
         if width is None or height is None:
-            width = int(override.get("width", cfg.video_width if video else cfg.image_width))
-            height = int(override.get("height", cfg.video_height if video else cfg.image_height))
-        steps = _positive(payload.get("num_inference_steps")) or override.get(
-            "steps", cfg.default_steps)
+            width = override.width or (cfg.video_width if video else cfg.image_width)
+            height = override.height or (cfg.video_height if video else cfg.image_height)
+        steps = (_positive(payload.get("num_inference_steps")) or override.steps
+                 or cfg.default_steps)
         frames = 1.0
         if video:
             frames = _positive(payload.get("num_frames")) or (

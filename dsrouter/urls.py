@@ -3,15 +3,38 @@
 A worker is identified by its normalised URL everywhere (registry keys, `worker_id`), so
 registering `http://Host:1/` and `http://host:1` must give the same string. The rules keep the
 contract of the routers dsrouter succeeds (see shared/SEEDS.md).
+
+The blocklist (`check_host_allowed`) judges a host by what it says, without DNS: it runs in
+synchronous code (config parsing, the registry) and on every registration. An IP written in
+any form the resolver reads as one (`2852039166`, `0xa9fea9fe`, `::ffff:169.254.169.254`) is
+checked as that IP; other host names only against `BLOCKED_HOSTNAMES`. A name that resolves
+to a blocked address is stopped by `security.allowed_worker_networks` (`check_allowlist`,
+which resolves), not here.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from urllib.parse import quote, urlsplit
 
-BLOCKED_HOSTNAMES = frozenset({"metadata.google.internal", "metadata.google.internal."})
+import trio
+
+RESOLVE_TIMEOUT_S = 5.0
+"""A registration waits at most this long for DNS (allowlist check), never forever."""
+BLOCKED_HOSTNAMES = frozenset({
+    "metadata.google.internal", "metadata",          # GCE (the short name via its search domain)
+    "instance-data.ec2.internal", "instance-data",   # EC2
+})
 METADATA_IP = ipaddress.ip_address("169.254.169.254")
+BLOCKED_IPS = frozenset({
+    METADATA_IP,                                     # AWS, GCP, Azure, OCI, OpenStack
+    ipaddress.ip_address("fd00:ec2::254"),           # AWS (IPv6)
+    ipaddress.ip_address("fd20:ce::254"),            # GCP (IPv6-only instances)
+})
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_IPV4_PART = re.compile(r"0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*")
 
 
 class InvalidWorkerURL(ValueError):
@@ -22,8 +45,10 @@ def normalize_worker_url(raw: str) -> str:
     """Return the canonical form of a worker URL or raise `InvalidWorkerURL`.
 
     Canonical means: http/https only, scheme and host lower-cased, IPv6 hosts bracketed, an
-    explicit port kept as given, no trailing slash, and nothing after the authority. Blocked
-    hosts (cloud metadata, link-local) are rejected here so no caller can forget the check.
+    IPv4 address in any numeric form written dotted-decimal (`2130706433` is `127.0.0.1`: the
+    same worker), an explicit port kept as given, no trailing slash, and nothing after the
+    authority. Blocked hosts (cloud metadata, link-local) are rejected here so no caller can
+    forget the check.
     """
     if not isinstance(raw, str) or not raw.strip():
         raise InvalidWorkerURL("worker url is required")
@@ -47,6 +72,9 @@ def normalize_worker_url(raw: str) -> str:
         raise InvalidWorkerURL(f"worker url has no host: {text!r}")
     host = host.lower()
     check_host_allowed(host)
+    ipv4 = numeric_ipv4(host)
+    if ipv4 is not None:
+        host = str(ipv4)
     if ":" in host:
         host = f"[{host}]"
     netloc = host if port is None else f"{host}:{port}"
@@ -54,17 +82,60 @@ def normalize_worker_url(raw: str) -> str:
 
 
 def check_host_allowed(host: str) -> None:
-    """Reject hosts that would let a caller make the router talk to cloud metadata services."""
-    if host in BLOCKED_HOSTNAMES:
+    """Reject hosts that would let a caller make the router talk to cloud metadata services.
+
+    Blocked: `BLOCKED_HOSTNAMES`, `BLOCKED_IPS` and every link-local address, also written as
+    a number the resolver accepts or embedded in an IPv6 address (IPv4-mapped, -compatible,
+    NAT64, 6to4). A trailing dot changes nothing (`metadata.google.internal.`).
+    """
+    name = host.lower().removesuffix(".")
+    if name in BLOCKED_HOSTNAMES:
         raise InvalidWorkerURL(f"worker host {host!r} is blocked (cloud metadata service)")
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
+    ip = _host_ip(name)
+    if ip is None:
         return
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if ip == METADATA_IP or ip.is_link_local:
-        raise InvalidWorkerURL(f"worker host {host!r} is blocked (link-local address)")
+    for candidate in (ip, *_embedded_ipv4(ip)):
+        if candidate in BLOCKED_IPS:
+            raise InvalidWorkerURL(f"worker host {host!r} is blocked (cloud metadata service)")
+        if candidate.is_link_local:
+            raise InvalidWorkerURL(f"worker host {host!r} is blocked (link-local address)")
+
+
+def numeric_ipv4(host: str) -> ipaddress.IPv4Address | None:
+    """The IPv4 address `host` names by number, or None if it is no number.
+
+    The rules are `inet_aton`'s, which getaddrinfo (and so the HTTP client) applies before
+    any DNS lookup: one to four dot-separated parts, each decimal, octal (leading `0`) or hex
+    (`0x`); the last part fills the remaining bytes (`169.254.43518` is `169.254.169.254`).
+    """
+    parts = host.split(".")
+    if len(parts) > 4 or not all(_IPV4_PART.fullmatch(part) for part in parts):
+        return None
+    values = [int(p, 16) if p[:2] in ("0x", "0X") else int(p, 8) if p[0] == "0" else int(p)
+              for p in parts]
+    *head, last = values
+    if any(value > 255 for value in head) or last >= 256 ** (5 - len(values)):
+        return None
+    return ipaddress.IPv4Address(sum(v << (24 - 8 * i) for i, v in enumerate(head)) + last)
+
+
+def _host_ip(name: str) -> IPAddress | None:
+    if ":" in name:
+        try:
+            return ipaddress.IPv6Address(name.split("%", 1)[0])  # a zone id changes no address
+        except ValueError:
+            return None
+    return numeric_ipv4(name)
+
+
+def _embedded_ipv4(ip: IPAddress) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses an IPv6 address reaches on the IPv4 side of a host, gateway or relay."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return []
+    low32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    embedded = [ip.ipv4_mapped, ip.sixtofour,
+                low32 if ip in _NAT64 or int(ip) >> 32 == 0 else None]
+    return [address for address in embedded if address is not None]
 
 
 def worker_id_for(url: str) -> str:
@@ -86,8 +157,6 @@ async def check_allowlist(url: str, allowed: list[str]) -> None:
     """
     if not allowed:
         return
-    import trio
-
     host = (urlsplit(url).hostname or "").lower()
     names = {entry.lower() for entry in allowed if not _is_network(entry)}
     networks = [ipaddress.ip_network(entry, strict=False) for entry in allowed
@@ -97,10 +166,15 @@ async def check_allowlist(url: str, allowed: list[str]) -> None:
     try:
         addresses = [ipaddress.ip_address(host)]
     except ValueError:
-        try:
-            infos = await trio.socket.getaddrinfo(host, None)
-        except OSError as exc:
-            raise InvalidWorkerURL(f"worker host {host!r} does not resolve: {exc}") from None
+        infos = None
+        with trio.move_on_after(RESOLVE_TIMEOUT_S):
+            try:
+                infos = await trio.socket.getaddrinfo(host, None)
+            except OSError as exc:
+                raise InvalidWorkerURL(f"worker host {host!r} does not resolve: {exc}") from None
+        if infos is None:
+            raise InvalidWorkerURL(
+                f"worker host {host!r} did not resolve within {RESOLVE_TIMEOUT_S:g}s") from None
         addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
     if addresses and all(any(a in net for net in networks) for a in addresses):
         return

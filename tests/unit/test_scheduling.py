@@ -4,7 +4,7 @@ import pytest
 import trio
 import trio.testing
 
-from dsrouter.config import CostConfig, HealthConfig, RoutingConfig
+from dsrouter.config import CostConfig, HealthConfig, ModelCost, RoutingConfig
 from dsrouter.cost import CostModel
 from dsrouter.policies import LeastWork
 from dsrouter.registry import (
@@ -52,7 +52,7 @@ def test_cost_grows_with_pixels_steps_frames_and_outputs() -> None:
 
 
 def test_cost_falls_back_to_defaults_and_per_model_overrides() -> None:
-    model = CostModel(CostConfig(default_steps=20, models={"m": {"steps": 50}}))
+    model = CostModel(CostConfig(default_steps=20, models={"m": ModelCost(steps=50)}))
     default = model.estimate("/v1/images/generations", None, "multipart/form-data")
     assert default == pytest.approx(1.048576 * 20)
     assert model.estimate("/v1/images/generations", b"not json", "application/json") == default

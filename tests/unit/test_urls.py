@@ -1,6 +1,17 @@
-import pytest
+import ipaddress
+import socket
 
-from dsrouter.urls import InvalidWorkerURL, display_id_for, normalize_worker_url, worker_id_for
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from dsrouter.urls import (
+    InvalidWorkerURL,
+    display_id_for,
+    normalize_worker_url,
+    numeric_ipv4,
+    worker_id_for,
+)
 
 
 @pytest.mark.parametrize(
@@ -50,3 +61,65 @@ def test_worker_id_is_percent_encoded_without_safe_characters() -> None:
     assert worker_id_for(url) == "http%3A%2F%2F127.0.0.1%3A10090"
     assert display_id_for(url) == "127.0.0.1:10090"
     assert display_id_for("http://[::1]:5") == "[::1]:5"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "http://2852039166",
+        "http://0xa9fea9fe:80",
+        "http://0XA9FEA9FE",
+        "http://169.254.43518",
+        "http://169.0xfe.0xa9fe",
+        "http://0251.0376.0251.0376",
+        "http://0x00000000a9fea9fe",
+        "http://169.254.169.254.",
+        "http://METADATA.google.internal.",
+        "http://metadata",
+        "http://instance-data.ec2.internal",
+        "http://[fd00:ec2::254]",
+        "http://[fd00:ec2::254%25eth0]:80",
+        "http://[fd20:ce::254]",
+        "http://[::ffff:a9fe:a9fe]",
+        "http://[::169.254.169.254]",
+        "http://[64:ff9b::169.254.169.254]",
+        "http://[2002:a9fe:a9fe::1]",
+        "http://2851995905",            # 169.254.0.1, link-local
+        "http://[::ffff:169.254.0.1]",
+    ],
+)
+def test_metadata_and_link_local_hosts_are_blocked_in_every_spelling(raw: str) -> None:
+    with pytest.raises(InvalidWorkerURL, match="blocked"):
+        normalize_worker_url(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("http://2130706433:5", "http://127.0.0.1:5"),
+        ("http://0x7f000001:5", "http://127.0.0.1:5"),
+        ("http://127.1:5", "http://127.0.0.1:5"),
+        ("http://012.0.0.1:5", "http://10.0.0.1:5"),
+        ("http://[::ffff:127.0.0.1]:5", "http://[::ffff:127.0.0.1]:5"),
+        ("http://1.2.3.4.5:5", "http://1.2.3.4.5:5"),
+        ("http://0x:5", "http://0x:5"),
+        ("http://08.1.1.1:5", "http://08.1.1.1:5"),
+    ],
+)
+def test_numeric_ipv4_hosts_are_written_dotted_so_one_worker_has_one_id(
+        raw: str, expected: str) -> None:
+    assert normalize_worker_url(raw) == expected
+
+
+@given(st.lists(st.text("0123456789abcdefxX", min_size=1, max_size=12), min_size=1,
+                max_size=5).map(".".join))
+@example("4294967295")
+@example("4294967296")
+@example("1.16777216")
+@example("0x")
+def test_numeric_ipv4_reads_hosts_exactly_as_inet_aton(host: str) -> None:
+    try:
+        expected = ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        expected = None
+    assert numeric_ipv4(host) == expected
