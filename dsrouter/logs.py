@@ -11,6 +11,9 @@ from dsrouter.config import LoggingConfig
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line; access lines also carry their fields as keys, so a log
+    pipeline can filter on status or worker without parsing the message."""
+
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
@@ -19,6 +22,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        fields = getattr(record, "access", None)
+        if fields is not None:
+            entry.update(fields)
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry)

@@ -19,7 +19,8 @@ from dsrouter.registry import Registry
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
                    30, 60, 120, 300, 600, 1200, 1800)
 """1 ms (router overhead) to 30 min (long generations)."""
-STATES = ("starting", "healthy", "dead", "sleeping", "draining")
+STATES = ("starting", "healthy", "stale", "dead", "sleeping", "draining")
+"""Every value of `Worker.state`: exactly one is 1 for each worker."""
 
 
 class _WorkerCollector(Collector):
@@ -65,7 +66,7 @@ class Metrics:
     def __init__(self, registry: Registry) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("dsrouter_requests", "Proxied requests by route and status",
+        self.requests = Counter("dsrouter_requests", "HTTP requests by route and status",
                                 ["route", "status"], registry=r)
         self.ttfb = Histogram("dsrouter_request_ttfb_seconds",
                               "Time to the first answer byte", ["route"],

@@ -19,15 +19,16 @@ from __future__ import annotations
 import json
 import logging
 import random
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import quote
 
 import attrs
 import httpx
 import trio
 
 from dsrouter import routes
+from dsrouter.access import RequestRecord
 from dsrouter.body import BodyTooLarge, ClientDisconnected, ClientTooSlow, RequestBody
 from dsrouter.config import Config
 from dsrouter.context import RouterContext
@@ -39,7 +40,6 @@ from dsrouter.routes import Route
 from dsrouter.upstream import Upstream, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("dsrouter.proxy")
-access_log = logging.getLogger("dsrouter.access")
 
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
@@ -50,6 +50,9 @@ RESPONSE_DROP = HOP_BY_HOP | {b"date", b"server"}
 PEEK_LIMIT = 1024 * 1024
 """Largest answer the router reads to learn a job id or status; bigger ones just stream."""
 BODYLESS_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+CLOSE = [(b"connection", b"close")]
+"""On answers given before the request body was read: the rest of it is still on the
+connection, so hypercorn closes it, and the client must know not to reuse it."""
 MiB = 1024 * 1024
 
 
@@ -68,28 +71,29 @@ class Exchange:
 
     scope: Scope
     send: Send
-    request_id: str
+    record: RequestRecord
+    """Request id, status, bytes and the worker, shared with the frontend's access line."""
     route: Route
     body: RequestBody
     headers: dict[bytes, bytes]
     """The client's headers by (lower-case) name, for the few the router reads."""
-    attempts: int = 0
     response_started: bool = False
-    status: int = 0
-    finished: bool = False
-    bytes_out: int = 0
-    worker: str = "-"
-    started_at: float = attrs.Factory(trio.current_time)
-    first_byte_at: float | None = None
 
     @property
     def method(self) -> str:
         return self.scope["method"]
 
+    @property
+    def request_id(self) -> str:
+        return self.record.request_id
+
+    @property
+    def attempts(self) -> int:
+        return self.record.attempts
+
     async def respond(self, status: int, headers: list[tuple[bytes, bytes]],
                       body: bytes = b"", more: bool = False) -> None:
-        headers = [*headers, (b"x-request-id", self.request_id.encode()),
-                   (b"x-dsrouter-attempts", str(self.attempts).encode())]
+        headers = [*headers, (b"x-dsrouter-attempts", str(self.record.attempts).encode())]
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
         self.response_started = True
         await self.send({"type": "http.response.body", "body": body, "more_body": more})
@@ -124,6 +128,7 @@ def _makes_meshes(worker: Worker) -> bool:
 
 
 _ACCEPT = {"IMAGE": _makes_images, "VIDEO": _makes_videos, "MESH": _makes_meshes}
+_JOB_OUTPUTS = frozenset({"VIDEO", "MESH"})
 
 
 def accept_for(output: str | None) -> Callable[[Worker], bool] | None:
@@ -161,10 +166,12 @@ class Proxy:
         """Read at use, so a reload takes effect for the next request."""
         return self.context.config
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def handle(self, scope: Scope, receive: Receive, send: Send,
+                     record: RequestRecord) -> None:
+        """Serve one inference request; `send` already feeds `record` (see `access.py`)."""
         headers = dict(scope["headers"])
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex
         route = routes.classify(scope["method"], scope["path"], scope["query_string"])
+        record.route = routes.label(route)
         length = headers.get(b"content-length")
         content_length = int(length) if length and length.isdigit() else None
         present = scope["method"] not in BODYLESS_METHODS or (
@@ -172,10 +179,9 @@ class Proxy:
         body = RequestBody(receive, present=present, content_length=content_length,
                            max_bytes=self.config.server.max_body_mb * MiB,
                            idle_s=self.config.server.body_idle_timeout_s)
-        exchange = Exchange(scope, _counting(send, lambda m: _observe(exchange, m)),
-                            request_id, route, body, headers)
+        exchange = Exchange(scope, send, record, route, body, headers)
         if content_length is not None and content_length > body.max_bytes:
-            await exchange.respond_error(413, str(BodyTooLarge(body.max_bytes)))
+            await exchange.respond_error(413, str(BodyTooLarge(body.max_bytes)), CLOSE)
             return
         if self.active >= self.config.server.max_connections:
             await exchange.respond_error(
@@ -191,28 +197,7 @@ class Proxy:
                 nursery.cancel_scope.cancel()
         finally:
             self.active -= 1
-            self._account(exchange)
-
-    def _account(self, exchange: Exchange) -> None:
-        """Metrics and the access line, once per request however it ended."""
-        metrics = self.context.metrics
-        label = routes.label(exchange.route)
-        status = str(exchange.status) if exchange.status else "aborted"
-        elapsed = trio.current_time() - exchange.started_at
-        metrics.requests.labels(label, status).inc()
-        metrics.duration.labels(label).observe(elapsed)
-        if exchange.first_byte_at is not None:
-            metrics.ttfb.labels(label).observe(exchange.first_byte_at - exchange.started_at)
-        if exchange.attempts > 1:
-            metrics.retries.inc(exchange.attempts - 1)
-        metrics.bytes.labels("in").inc(exchange.body.received)
-        metrics.bytes.labels("out").inc(exchange.bytes_out)
-        if self.config.logging.access_log:
-            access_log.info(
-                "%s %s %s %s worker=%s attempts=%d in=%d out=%d %.1fms",
-                exchange.request_id, exchange.method, exchange.scope["path"], status,
-                exchange.worker, exchange.attempts, exchange.body.received, exchange.bytes_out,
-                elapsed * 1000)
+            record.bytes_in = body.received
 
     async def _handle(self, exchange: Exchange) -> None:
         try:
@@ -226,9 +211,9 @@ class Proxy:
         except QueueFull as exc:
             await exchange.respond_error(429, str(exc), [(b"retry-after", b"1")])
         except BodyTooLarge as exc:
-            await exchange.respond_error(413, str(exc))
+            await exchange.respond_error(413, str(exc), CLOSE)
         except ClientTooSlow as exc:
-            await exchange.respond_error(408, str(exc))
+            await exchange.respond_error(408, str(exc), CLOSE)
         except UpstreamFailed as exc:
             if exchange.response_started:
                 log.warning("worker broke a response mid-stream: %s [%s]", exc,
@@ -242,7 +227,7 @@ class Proxy:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                if not exchange.finished:
+                if not exchange.record.finished:
                     log.info("client disconnected mid-request [%s]", exchange.request_id)
                     scope.cancel()
                 return
@@ -260,10 +245,14 @@ class Proxy:
         route = exchange.route
         if route.kind == routes.STICKY:
             await self._sticky(exchange)
+        elif route.output in _JOB_OUTPUTS and not any(
+                map(accept_for(route.output), self.registry.workers())):
+            # SEEDS.md: no video-capable worker at all is the client's problem (400), not a
+            # pool outage (503); meshes and job lists follow the same rule.
+            await exchange.respond_error(
+                400, f"No {route.output.lower()}-capable workers available")
         elif route.kind == routes.LIST:
             await self._merged_list(exchange)
-        elif route.output == "VIDEO" and not any(w.video_support for w in self.registry.workers()):
-            await exchange.respond_error(400, "No video-capable workers available")
         else:
             await self._with_failover(exchange, accept_for(route.output))
 
@@ -334,8 +323,11 @@ class Proxy:
             if worker is not None:
                 return worker
             self.registry.jobs.forget(route.job_id)
-        probe_path = (f"/v1/images/{route.job_id}/content" if route.job_kind == "images"
-                      else f"/v1/{route.job_kind}/{route.job_id}")
+        # The id came from the decoded path; any character may be in it (a NUL is not a
+        # valid URL), so it is encoded back for the lookup.
+        job = quote(route.job_id, safe="")
+        probe_path = (f"/v1/images/{job}/content" if route.job_kind == "images"
+                      else f"/v1/{route.job_kind}/{job}")
         found: list[Worker] = []
 
         async def ask(worker: Worker, cancel: trio.CancelScope) -> None:
@@ -363,8 +355,8 @@ class Proxy:
     async def _attempt(self, exchange: Exchange, worker: Worker, *, learn: bool,
                        watch_status: bool = False, may_retry: bool = False) -> int:
         """Send the request to `worker` and stream its answer back; returns the status."""
-        exchange.attempts += 1
-        exchange.worker = worker.display_id
+        exchange.record.attempts += 1
+        exchange.record.worker = worker.display_id
         timeout = self._timeout(exchange.route)
         response: UpstreamResponse | None = None
         with trio.move_on_after(timeout) as deadline:
@@ -462,7 +454,7 @@ class Proxy:
         workers = self.registry.routable(accept_for(exchange.route.output))
         if not workers:
             raise NoWorkerAvailable("No healthy workers available in the pool")
-        exchange.attempts = len(workers)
+        exchange.record.attempts = len(workers)
         status, payload = await merged_job_list(
             self.context.client, workers, exchange.route.path, exchange.scope["query_string"],
             self.config.timeouts.discovery_s)
@@ -480,23 +472,6 @@ async def _read_up_to(chunks: AsyncIterator[bytes], limit: int, idle_s: float) -
             break
         buffer += chunk
     return bytes(buffer)
-
-
-def _counting(send: Send, observe: Callable[[dict[str, Any]], None]) -> Send:
-    async def wrapped(message: dict[str, Any]) -> None:
-        observe(message)
-        await send(message)
-
-    return wrapped
-
-
-def _observe(exchange: Exchange, message: dict[str, Any]) -> None:
-    if message["type"] == "http.response.start":
-        exchange.status = message["status"]
-        exchange.first_byte_at = trio.current_time()
-    else:
-        exchange.bytes_out += len(message.get("body", b""))
-        exchange.finished = not message.get("more_body", False)
 
 
 def _int_header(value: bytes | None) -> int:

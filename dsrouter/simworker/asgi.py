@@ -165,7 +165,14 @@ async def send_response(send: Send, response: Response, extra: list[tuple[str, s
         sent += len(chunk)
         if drip_bps:
             await trio.sleep(len(chunk) / drip_bps)
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    # Shielded (shared/STACK_NOTES.md section 2): sending the last message makes hypercorn
+    # put `http.disconnect` to the app, which wakes `Request.watch_disconnect`, which cancels
+    # the request while hypercorn, still inside this send, starts the connection's idle
+    # watcher. Cancelled there, the watcher never runs: the idle connection is then closed
+    # neither after `keep_alive_timeout` nor on SIGTERM, and shutdown waits out the whole
+    # graceful timeout for it.
+    with trio.CancelScope(shield=True):
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class CutShort(Exception):

@@ -2,8 +2,17 @@
 
 It follows a real worker's start-up order (`WORKER_API.md` section 1): the port stays closed
 while "weights load" (`--load-s`), then HTTP comes up answering `/health` with an empty 503
-while it "warms up" (`--warmup-s`), then it is ready. SIGTERM stops accepting and waits for
-in-flight requests (bounded here, unlike uvicorn's default); a second signal exits at once.
+while it "warms up" (`--warmup-s`), then it is ready.
+
+On SIGTERM it does what uvicorn does: it stops accepting, closes idle keep-alive connections
+at once and waits for requests in flight (bounded by `GRACEFUL_S` here, unlike uvicorn's
+default); a second signal exits at once.
+
+Closing idle connections at once relies on hypercorn's idle watcher, which is only running on
+a connection if the last message of its previous answer was sent shielded (see
+`asgi.send_response`); without that, every connection a client (the router) keeps alive held
+the exit back by the whole `GRACEFUL_S`, and a launcher with a shorter stop timeout SIGKILLed
+the worker.
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ from dsrouter.simworker.state import SimWorker
 PORT_MOVE_STEP = 42
 PORT_MOVE_TRIES = 100
 GRACEFUL_S = 5.0
+"""After SIGTERM, how long requests in flight may still run (uvicorn's
+`--http-graceful-shutdown-timeout`); idle connections do not wait for it."""
 
 
 class PortBusy(Exception):

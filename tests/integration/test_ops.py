@@ -1,5 +1,6 @@
 """Operations through real router processes: systemd notify, SIGHUP reload, /metrics."""
 
+import json
 import os
 import signal
 import socket
@@ -170,3 +171,59 @@ async def test_a_separate_metrics_port_serves_metrics_only(tmp_path: Path,
                                headers={"authorization": "Bearer t0ken"})
         assert other.status_code == 404
         assert (await http.get(f"{router.url}/health")).status_code == 503
+
+
+async def test_every_request_gets_a_request_id_a_json_access_line_and_a_count(
+        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    config = ('[security]\nadmin_token = "adm1n"\napi_keys = ["k3y"]\n'
+              '[logging]\nformat = "json"\n')
+    admin = {"authorization": "Bearer adm1n"}
+    async with trio.open_nursery() as nursery:
+        worker = await start_simworker(nursery, *INSTANT)
+        async with router_process(["--worker-urls", worker.url], config=config,
+                                  tmp_path=tmp_path) as router:
+            async def pool_healthy() -> bool:
+                return (await http.get(f"{router.url}/health")).status_code == 200
+
+            await wait_until(pool_healthy)
+            served = await http.post(f"{router.url}/v1/images/generations", json=IMAGE,
+                                     headers={"authorization": "Bearer k3y"})
+            refused = await http.post(f"{router.url}/v1/images/generations", json=IMAGE)
+            listed = await http.get(f"{router.url}/workers",
+                                    headers={**admin, "x-request-id": "mine-1"})
+            assert (served.status_code, refused.status_code, listed.status_code) == (200, 401,
+                                                                                   200)
+            assert listed.headers["x-request-id"] == "mine-1"
+            assert served.headers["x-request-id"] and refused.headers["x-request-id"]
+            assert served.headers["x-request-id"] != refused.headers["x-request-id"]
+
+            def access_lines() -> list[dict]:
+                entries = []
+                for line in router.output:
+                    if line.startswith("{") and '"logger": "dsrouter.access"' in line:
+                        entries.append(json.loads(line))
+                return entries
+
+            async def three_logged() -> bool:
+                return len(access_lines()) >= 3
+
+            await wait_until(three_logged)
+            by_id = {entry["request_id"]: entry for entry in access_lines()}
+            line = by_id[served.headers["x-request-id"]]
+            assert line["route"] == "/v1/images/generations" and line["status"] == 200
+            assert line["worker"] == worker.url.split("://", 1)[1] and line["attempts"] == 1
+            assert line["bytes_in"] > 0 and line["bytes_out"] == len(served.content)
+            assert line["latency_ms"] >= line["ttfb_ms"] >= 0
+            assert by_id[refused.headers["x-request-id"]]["status"] == 401
+            assert by_id["mine-1"]["route"] == "/workers"
+            assert not any(entry["path"] == "/health" for entry in access_lines())
+            assert not any("adm1n" in text or "k3y" in text for text in router.output)
+
+            text = (await http.get(f"{router.url}/metrics", headers=admin)).text
+            counts = {(s.labels["route"], s.labels["status"]): s.value
+                      for family in text_string_to_metric_families(text)
+                      for s in family.samples if s.name == "dsrouter_requests_total"}
+            assert counts[("/v1/images/generations", "200")] == 1
+            assert counts[("/v1/images/generations", "401")] == 1
+            assert counts[("/workers", "200")] == 1
+        nursery.cancel_scope.cancel()

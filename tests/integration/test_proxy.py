@@ -143,8 +143,8 @@ async def test_videos_are_sticky_listed_and_survive_a_router_restart(
         nursery.cancel_scope.cancel()
 
 
-async def test_video_create_without_video_workers_is_400(tmp_path: Path,
-                                                          http: httpx.AsyncClient) -> None:
+async def test_video_and_mesh_routes_without_capable_workers_are_400(
+        tmp_path: Path, http: httpx.AsyncClient) -> None:
     async with trio.open_nursery() as nursery:
         workers = await start_pool(nursery, ("--task-type", "T2I"))
         async with router_process(["--worker-urls", workers[0].url], config=CONFIG,
@@ -152,6 +152,13 @@ async def test_video_create_without_video_workers_is_400(tmp_path: Path,
             await healthy(http, router.url, 1)
             response = await http.post(f"{router.url}/v1/videos", json={"prompt": "x"})
             assert response.status_code == 400 and "video" in response.json()["error"]
+            listed = await http.get(f"{router.url}/v1/videos")
+            assert listed.status_code == 400 and "video-capable" in listed.json()["error"]
+            mesh = await http.post(f"{router.url}/v1/meshes", json={"prompt": "x"})
+            assert mesh.status_code == 400 and "mesh-capable" in mesh.json()["error"]
+            image = await http.post(f"{router.url}/v1/images/generations",
+                                    json={"prompt": "x", "size": "8x8"})
+            assert image.status_code == 200
         nursery.cancel_scope.cancel()
 
 

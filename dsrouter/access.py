@@ -1,0 +1,145 @@
+"""One record per HTTP request, whoever answers it: request id, access line and metrics.
+
+The frontend opens a `RequestRecord` for every request before it decides who answers (the
+proxy, Quart, or the frontend itself with a 401 or a draining 503), so every request gets
+exactly one `x-request-id`, one access line and one count in `dsrouter_requests_total`.
+The proxy fills in what only it knows (worker, attempts, the route label); the record
+watches the ASGI messages for status, bytes and time to first byte.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+import trio
+
+from dsrouter.config import LoggingConfig
+from dsrouter.metrics import Metrics
+
+access_log = logging.getLogger("dsrouter.access")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+_PREFIX = os.urandom(4).hex()
+_counter = iter(range(1, 1 << 62))
+
+
+def new_request_id() -> str:
+    """Unique across processes (random prefix) and cheap (no syscall per request)."""
+    return f"{_PREFIX}{next(_counter):012x}"
+
+
+@attrs.define(eq=False)
+class RequestRecord:
+    method: str
+    path: str
+    request_id: str
+    started_at: float = attrs.Factory(trio.current_time)
+    route: str | None = None
+    """Bounded-cardinality name for metrics; set by whoever classified the request."""
+    status: int = 0
+    first_byte_at: float | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    worker: str = "-"
+    attempts: int = 0
+    finished: bool = False
+    """The last body message was sent: a disconnect after this is not an abort."""
+
+    @classmethod
+    def open(cls, scope: Scope) -> RequestRecord:
+        """Read the client's `x-request-id`, or make one and add it to the scope's headers so
+        that Quart handlers and the proxy see the same id the client will get back."""
+        headers = scope["headers"]
+        request_id = ""
+        for key, value in headers:
+            if key == b"x-request-id":
+                request_id = value.decode("latin-1")
+                break
+        if not request_id:
+            request_id = new_request_id()
+            scope["headers"] = [*headers, (b"x-request-id", request_id.encode())]
+        return cls(scope["method"], scope["path"], request_id)
+
+    def wrap_send(self, send: Send) -> Send:
+        """Observe status and bytes; stamp `x-request-id` on the response head."""
+        own_id = (b"x-request-id", self.request_id.encode())
+
+        async def wrapped(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                self.status = message["status"]
+                self.first_byte_at = trio.current_time()
+                message["headers"] = [*(h for h in message.get("headers", ())
+                                        if h[0].lower() != b"x-request-id"), own_id]
+            elif message["type"] == "http.response.body":
+                self.bytes_out += len(message.get("body", b""))
+                self.finished = not message.get("more_body", False)
+            await send(message)
+
+        return wrapped
+
+    def wrap_receive(self, receive: Receive) -> Receive:
+        """Count request body bytes (for handlers that do not count them themselves)."""
+        async def wrapped() -> dict[str, Any]:
+            message = await receive()
+            if message["type"] == "http.request":
+                self.bytes_in += len(message.get("body", b""))
+            return message
+
+        return wrapped
+
+
+class AccessLog:
+    """Turns a finished `RequestRecord` into metrics and (unless excluded) an access line."""
+
+    def __init__(self, metrics: Metrics, config: Callable[[], LoggingConfig]) -> None:
+        self.metrics = metrics
+        self._config = config
+        """Read at use, so a reload changes logging for the next request."""
+        # Labelled children, looked up once: `labels()` takes a lock and builds a key on
+        # every call, and these run on every request.
+        self._counters: dict[tuple[str, str], Any] = {}
+        self._histograms: dict[str, tuple[Any, Any]] = {}
+        self._bytes_in = metrics.bytes.labels("in")
+        self._bytes_out = metrics.bytes.labels("out")
+
+    def finish(self, record: RequestRecord, route: str) -> None:
+        metrics = self.metrics
+        status = str(record.status) if record.status else "aborted"
+        elapsed = trio.current_time() - record.started_at
+        counter = self._counters.get((route, status))
+        if counter is None:
+            counter = self._counters[route, status] = metrics.requests.labels(route, status)
+        counter.inc()
+        histograms = self._histograms.get(route)
+        if histograms is None:
+            histograms = self._histograms[route] = (metrics.duration.labels(route),
+                                                    metrics.ttfb.labels(route))
+        histograms[0].observe(elapsed)
+        if record.first_byte_at is not None:
+            histograms[1].observe(record.first_byte_at - record.started_at)
+        if record.attempts > 1:
+            metrics.retries.inc(record.attempts - 1)
+        self._bytes_in.inc(record.bytes_in)
+        self._bytes_out.inc(record.bytes_out)
+        config = self._config()
+        if not config.access_log or record.path in config.access_log_exclude:
+            return
+        fields = {
+            "request_id": record.request_id, "method": record.method, "path": record.path,
+            "route": route, "status": record.status or None, "worker": record.worker,
+            "attempts": record.attempts, "bytes_in": record.bytes_in,
+            "bytes_out": record.bytes_out, "latency_ms": round(elapsed * 1000, 2),
+            "ttfb_ms": None if record.first_byte_at is None
+            else round((record.first_byte_at - record.started_at) * 1000, 2),
+        }
+        access_log.info("%s %s %s %s worker=%s attempts=%d in=%d out=%d %.1fms",
+                        record.request_id, record.method, record.path, status, record.worker,
+                        record.attempts, record.bytes_in, record.bytes_out, elapsed * 1000,
+                        extra={"access": fields})
