@@ -10,11 +10,13 @@ the router queue instead of failing.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
 import logging
 import random
+import uuid
 from typing import Any
 
 import attrs
@@ -34,6 +36,11 @@ WEIGHT_ROUTES = frozenset({"/update_weights_from_disk", "/update_weights_from_te
                            "/v1/set_lora", "/v1/merge_lora_weights", "/v1/unmerge_lora_weights"})
 REPLAYABLE = frozenset(WEIGHT_ROUTES - {"/update_weights_from_tensor"})
 """Tensor payloads are CUDA IPC handles of a co-located trainer: they cannot be replayed."""
+CHECKSUM_BODY = b"{}"
+"""What `get_weights_checksum` is asked for (all modules), after a refit and in a catch-up
+alike, so the two answers are comparable."""
+CATCH_UP_FIRST_DELAY_S = 1.0
+CATCH_UP_MAX_DELAY_S = 60.0
 
 
 class ControlError(Exception):
@@ -61,7 +68,12 @@ class PoolControl:
         self.client = context.client
         self.metrics = context.metrics
         self.recipe: list[Step] = []
-        """Weight changes since the last refit from disk: what a late worker must replay."""
+        """Weight changes since the last refit from disk: what a late worker must replay.
+        A tensor update cannot be replayed, so it leaves only its (body-less) marker."""
+        self.checksum: str | None = None
+        """The checksum the pool agreed on (canonical JSON) when its current version was
+        verified (`verify_checksum`), else None. A catch-up must reproduce it: replaying the
+        recipe is not proof that a worker holds the same weights as the others."""
         self._rng = random.Random()
 
     @property
@@ -71,18 +83,26 @@ class PoolControl:
     # ---- broadcasting --------------------------------------------------------------------
 
     async def broadcast(self, workers: list[Worker], method: str, path: str,
-                        body: bytes | None) -> list[dict[str, Any]]:
-        """One call to each worker, concurrently, each bounded by `timeouts.control_s`."""
-        results = await trio_gather([self._call(w, method, path, body) for w in workers])
+                        body: bytes | None, request_id: str | None = None,
+                        ) -> list[dict[str, Any]]:
+        """One call to each worker, concurrently, each bounded by `timeouts.control_s`.
+
+        Every call carries `request_id` as `x-request-id`, so the workers' logs of one
+        broadcast can be found from the router's.
+        """
+        request_id = request_id or new_request_id()
+        results = await trio_gather([self._call(w, method, path, body, request_id)
+                                     for w in workers])
         ok = all(r["status_code"] == 200 for r in results)
         self.metrics.broadcasts.labels(path, "ok" if ok else "partial").inc()
         return results
 
-    async def _call(self, worker: Worker, method: str, path: str,
-                    body: bytes | None) -> dict[str, Any]:
+    async def _call(self, worker: Worker, method: str, path: str, body: bytes | None,
+                    request_id: str | None = None) -> dict[str, Any]:
         entry: dict[str, Any] = {"worker_url": worker.url, "status_code": None, "body": None}
         timeout = self.config.timeouts.control_s
         headers = {"content-type": "application/json"} if body is not None else {}
+        headers["x-request-id"] = request_id or new_request_id()
         key = worker.api_key or self.config.security.worker_api_key
         if key:
             headers["authorization"] = f"Bearer {key}"
@@ -104,8 +124,16 @@ class PoolControl:
 
     # ---- refit ---------------------------------------------------------------------------
 
-    async def change_weights(self, path: str, raw: bytes) -> tuple[int, dict[str, Any]]:
-        """A weight change (disk, tensor, LoRA) applied to the pool as one transaction."""
+    async def change_weights(self, path: str, raw: bytes,
+                             request_id: str | None = None) -> tuple[int, dict[str, Any]]:
+        """A weight change (disk, tensor, LoRA) applied to the pool as one transaction.
+
+        The body is parsed only to read the router's own options (`ROUTER_FIELDS`). Workers
+        get the client's bytes verbatim (SEEDS.md), unless the body carries router options:
+        workers would reject those, so then it is re-encoded without them. The bytes sent
+        are also what a catch-up replays.
+        """
+        request_id = request_id or new_request_id()
         options = _json_object(raw)
         version = options.get("weight_version")
         if version is not None and not isinstance(version, str):
@@ -113,8 +141,13 @@ class PoolControl:
         mode = options.get("mode", "drain")
         if mode not in ("drain", "immediate"):
             raise ControlError(400, "mode must be 'drain' or 'immediate'")
-        forwarded = json.dumps({k: v for k, v in options.items()
-                                if k not in ROUTER_FIELDS}).encode()
+        if not raw.strip():
+            forwarded = b"{}"
+        elif ROUTER_FIELDS.isdisjoint(options):
+            forwarded = raw
+        else:
+            forwarded = json.dumps({k: v for k, v in options.items()
+                                    if k not in ROUTER_FIELDS}).encode()
         version = version or _derive_version(path, forwarded, self.registry.target_version)
         async with self.registry.control_lock:
             targets = [w for w in self.registry.workers() if active(w)]
@@ -123,31 +156,41 @@ class PoolControl:
             with self.registry.pause() if mode == "drain" else contextlib.nullcontext():
                 if mode == "drain":
                     await self._drain(targets, options.get("drain_timeout_s"))
-                results = await self.broadcast(targets, "POST", path, forwarded)
+                results = await self.broadcast(targets, "POST", path, forwarded, request_id)
                 confirmed = [w for w, r in zip(targets, results, strict=True) if _succeeded(r)]
                 if confirmed:
                     self._commit(path, forwarded, version, confirmed, targets, results)
+                agreed = True
                 if confirmed and options.get("verify_checksum"):
-                    await self._verify(confirmed)
+                    agreed = await self._verify(confirmed, request_id)
         stale = [w.url for w in self.registry.workers() if w.stale]
-        success = len(confirmed) == len(targets) and not any(
+        success = agreed and len(confirmed) == len(targets) and not any(
             w.url in stale for w in confirmed)
         answer = {"results": results, "success": success,
                   "version": self.registry.target_version, "stale_workers": stale}
         if not confirmed:
             answer["message"] = "no worker applied the update; the pool keeps its weights"
+        elif not agreed:
+            answer["message"] = ("the weights checksum could not be verified: no majority "
+                                 "of the workers' answers agrees; none was marked stale")
         status = 200
         if options.get("strict") and not success:
             status = 207 if confirmed else 500
-        log.info("%s -> version %s: %d/%d workers confirmed", path,
-                 self.registry.target_version, len(confirmed), len(targets))
+        log.info("%s -> version %s: %d/%d workers confirmed [%s]", path,
+                 self.registry.target_version, len(confirmed), len(targets), request_id)
         return status, answer
 
     def _commit(self, path: str, body: bytes, version: str, confirmed: list[Worker],
                 targets: list[Worker], results: list[dict[str, Any]]) -> None:
+        """Move the pool to `version`. Workers that failed are marked stale, which also has
+        the registry task catch them up (`Registry.mark_stale`)."""
         if path == "/update_weights_from_disk":
             self.recipe = []
-        self.recipe.append(Step(path, body))
+        if path in REPLAYABLE:
+            self.recipe.append(Step(path, body))
+        else:  # never replayed: keep the marker, not a body that may be gigabytes
+            self.recipe = [Step(path, b"")]
+        self.checksum = None
         self.registry.set_target(version)
         for worker in confirmed:
             self.registry.confirm_weights(worker, version)
@@ -163,22 +206,31 @@ class PoolControl:
             while any(w.in_flight for w in workers):
                 await self.registry.changed.wait()
 
-    async def _verify(self, workers: list[Worker]) -> None:
-        """Checksums after a refit: workers disagreeing with the majority become stale."""
-        results = await self.broadcast(workers, "POST", "/get_weights_checksum", b"{}")
-        sums = [json.dumps(r["body"], sort_keys=True) if r["status_code"] == 200 else None
-                for r in results]
-        counted = [s for s in sums if s is not None]
-        if not counted:
-            return
-        majority = max(set(counted), key=counted.count)
+    async def _verify(self, workers: list[Worker], request_id: str) -> bool:
+        """Checksums after a refit: workers disagreeing with the majority become stale.
+
+        The majority is remembered (`self.checksum`) so that a catch-up of any of this
+        version's stale workers is held to it too. Without a strict majority (two workers
+        that disagree, or a tie) nothing says which side is right: no worker is marked, and
+        False tells the caller the pool is not verified.
+        """
+        results = await self.broadcast(workers, "POST", "/get_weights_checksum",
+                                       CHECKSUM_BODY, request_id)
+        sums = [_canonical(r["body"]) if r["status_code"] == 200 else None for r in results]
+        ranked = collections.Counter(s for s in sums if s is not None).most_common(2)
+        if not ranked or (len(ranked) == 2 and ranked[0][1] == ranked[1][1]):
+            log.warning("no majority among the checksums after the refit [%s]", request_id)
+            return False
+        majority = ranked[0][0]
+        self.checksum = majority
         for worker, checksum in zip(workers, sums, strict=True):
             if checksum != majority:
                 self.registry.mark_stale(worker, "weights checksum differs from the pool")
+        return True
 
     # ---- sleep and wake ------------------------------------------------------------------
 
-    async def release(self, raw: bytes) -> dict[str, Any]:
+    async def release(self, raw: bytes, request_id: str | None = None) -> dict[str, Any]:
         async with self.registry.control_lock:
             workers = self.registry.workers()
             targets = [w for w in workers if active(w)]
@@ -189,7 +241,7 @@ class PoolControl:
             with self.registry.pause():
                 await self._drain(targets)
                 results = await self.broadcast(targets, "POST", "/release_memory_occupation",
-                                               raw or b"{}")
+                                               raw or b"{}", request_id)
                 for worker, result in zip(targets, results, strict=True):
                     if result["status_code"] == 200:
                         self.registry.set_sleeping(worker, True)
@@ -197,14 +249,14 @@ class PoolControl:
                     all(w.sleeping for w in self.registry.workers() if active(w) or w.sleeping))
         return {"results": results}
 
-    async def resume(self, raw: bytes) -> dict[str, Any]:
+    async def resume(self, raw: bytes, request_id: str | None = None) -> dict[str, Any]:
         async with self.registry.control_lock:
             targets = [w for w in self.registry.workers() if w.sleeping]
             self.registry.set_pool_sleeping(False)
             if not targets:
                 return {"results": [], "message": "No sleeping workers to resume"}
             results = await self.broadcast(targets, "POST", "/resume_memory_occupation",
-                                           raw or b"{}")
+                                           raw or b"{}", request_id)
             for worker, result in zip(targets, results, strict=True):
                 if result["status_code"] == 200:
                     self.registry.set_sleeping(worker, False)
@@ -213,8 +265,15 @@ class PoolControl:
     # ---- catch-up (run by the registry task) ---------------------------------------------
 
     async def catch_up(self, url: str) -> None:
-        """Replay the pool's weight changes on a stale worker, retrying with backoff."""
-        delay = 1.0
+        """Replay the pool's weight changes on a stale worker, retrying with backoff.
+
+        Runs until the worker is on the pool's version, or can no longer be caught up now
+        (gone, not healthy, asleep: the registry asks again when that changes). Marking the
+        worker stale from in here (`mark_stale`) asks for a catch-up too, but the registry
+        runs one catch-up per worker at a time and drops that request, so this loop is the
+        only retry.
+        """
+        delay = CATCH_UP_FIRST_DELAY_S
         while True:
             worker = self.registry.by_url(url)
             if worker is None or not worker.stale or worker.health is not Health.HEALTHY:
@@ -226,28 +285,45 @@ class PoolControl:
                                          "from a tensor update, which cannot be replayed")
                 return
             async with self.registry.control_lock:
-                if await self._replay(worker):
-                    return
+                await self._replay(worker, new_request_id())
+            if not worker.stale:
+                return
             await trio.sleep(delay * self._rng.uniform(0.8, 1.2))
-            delay = min(delay * 2, 60.0)
+            delay = min(delay * 2, CATCH_UP_MAX_DELAY_S)
 
-    async def _replay(self, worker: Worker) -> bool:
+    async def _replay(self, worker: Worker, request_id: str) -> None:
+        """One catch-up attempt: the recipe, then the checksum check if the pool has one.
+
+        The worker is confirmed only at the very end, so it is never routable on weights
+        that were not checked.
+        """
         version = self.registry.target_version
-        if version is None or not self.recipe:
-            return True
+        if version is None or not self.recipe or not worker.stale:
+            return
         for step in self.recipe:
-            result = await self._call(worker, "POST", step.path, step.body)
+            result = await self._call(worker, "POST", step.path, step.body, request_id)
             if not _succeeded(result):
-                worker.last_error = f"catch-up failed: {_reason(result)}"
-                log.warning("catch-up of %s failed: %s", worker.display_id, _reason(result))
-                return False
+                self.registry.mark_stale(worker, f"catch-up failed: {_reason(result)}")
+                log.warning("catch-up of %s failed: %s [%s]", worker.display_id,
+                            _reason(result), request_id)
+                return
+        if self.checksum is not None:
+            result = await self._call(worker, "POST", "/get_weights_checksum", CHECKSUM_BODY,
+                                      request_id)
+            if result["status_code"] != 200 or _canonical(result["body"]) != self.checksum:
+                reason = ("weights checksum differs from the pool's" if result["status_code"]
+                          == 200 else f"weights checksum unavailable: {_reason(result)}")
+                self.registry.mark_stale(worker, f"catch-up failed: {reason}")
+                log.warning("catch-up of %s failed: %s [%s]", worker.display_id, reason,
+                            request_id)
+                return
         self.registry.confirm_weights(worker, version)
-        log.info("worker %s caught up to %s", worker.display_id, version)
+        log.info("worker %s caught up to %s [%s]", worker.display_id, version, request_id)
         if self.registry.pool_sleeping:
-            result = await self._call(worker, "POST", "/release_memory_occupation", b"{}")
+            result = await self._call(worker, "POST", "/release_memory_occupation", b"{}",
+                                      request_id)
             if result["status_code"] == 200:
                 self.registry.set_sleeping(worker, True)
-        return True
 
 
 async def trio_gather(calls: list[Any]) -> list[Any]:
@@ -261,6 +337,16 @@ async def trio_gather(calls: list[Any]) -> list[Any]:
         for index, call in enumerate(calls):
             nursery.start_soon(run, index, call)
     return results
+
+
+def new_request_id() -> str:
+    """The id of a control call nobody named (a catch-up, a caller without one)."""
+    return uuid.uuid4().hex
+
+
+def _canonical(body: Any) -> str:
+    """A checksum answer in a form that compares equal whatever the key order."""
+    return json.dumps(body, sort_keys=True)
 
 
 def _json_object(raw: bytes) -> dict[str, Any]:

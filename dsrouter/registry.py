@@ -124,6 +124,9 @@ class Worker:
     """When the breaker last opened (trio clock); a trial is allowed `breaker_open_s` later."""
     trial_in_flight: bool = attrs.field(default=False, on_setattr=_routing_changed)
     half_open_after: float = attrs.field(default=math.inf, on_setattr=_routing_changed)
+    tripped_by_requests: bool = False
+    """Dead because requests failed (the breaker), not probes: a worker can answer /health
+    while its generations fail, so good probes alone must not close the breaker early."""
     weights: str | None = None
     """The weight version this worker last confirmed (None: its launch weights)."""
     stale: bool = attrs.field(default=False, on_setattr=_routing_changed)
@@ -543,6 +546,7 @@ class Registry:
         elif (worker.health is Health.HEALTHY
               and worker.consecutive_failures >= self.health_config.failure_threshold):
             self._set_health(worker, Health.DEAD)
+            worker.tripped_by_requests = True
 
     def _open_breaker(self, worker: Worker) -> None:
         worker.opened_at = self.clock()
@@ -556,7 +560,9 @@ class Registry:
 
         starting --ok--> healthy --N failures--> dead --M oks--> healthy. A worker that has not
         been healthy yet and is refused or warming stays `starting`: that is model loading,
-        not a fault. Dead workers keep being probed so they can recover on their own.
+        not a fault. Dead workers keep being probed so they can recover on their own; one
+        whose breaker failed requests opened comes back only through its half-open trial
+        (after `breaker_open_s`), unless its probes fail too, which makes it probe-dead.
         """
         worker = self._workers.get(url)
         if worker is None:
@@ -573,7 +579,8 @@ class Registry:
             if worker.health is Health.STARTING or (
                 worker.health is Health.DEAD
                 and not worker.quarantined_by_operator
-                and (worker.consecutive_successes >= cfg.recovery_threshold
+                and ((worker.consecutive_successes >= cfg.recovery_threshold
+                      and not worker.tripped_by_requests)
                      or self._half_open(worker))
             ):
                 self._set_health(worker, Health.HEALTHY)
@@ -584,6 +591,7 @@ class Registry:
         if worker.health is Health.STARTING:
             return
         if worker.health is Health.DEAD:
+            worker.tripped_by_requests = False
             self._open_breaker(worker)
         elif worker.consecutive_failures >= cfg.failure_threshold:
             self._set_health(worker, Health.DEAD)
@@ -604,6 +612,8 @@ class Registry:
         log.info("worker %s %s", worker.display_id, "draining" if draining else "undrained")
         if worker.remove_when_idle and worker.in_flight == 0:
             self.remove(worker.url)
+        elif not draining and worker.stale:
+            self.request_catch_up(worker.url)  # refits skip draining workers
         self._notify()
 
     def set_sleeping(self, worker: Worker, sleeping: bool) -> None:
@@ -634,6 +644,7 @@ class Registry:
             self._open_breaker(worker)
         else:
             worker.half_open_after = math.inf
+            worker.tripped_by_requests = False
         level = logging.WARNING if health is Health.DEAD else logging.INFO
         log.log(level, "worker %s: %s -> %s%s", worker.display_id, previous.value, health.value,
                 f" ({worker.last_error})" if worker.last_error and health is Health.DEAD else "")
@@ -664,10 +675,18 @@ class Registry:
         self._notify()
 
     def mark_stale(self, worker: Worker, reason: str) -> None:
-        """A refit failed on this worker: keep it out of rotation until it catches up."""
+        """A refit (or its checksum check) failed on this worker: keep it out of rotation
+        and have the registry task catch it up, which retries with backoff.
+
+        The catch-up itself calls this on each failed attempt; that request is dropped
+        because one catch-up per worker runs at a time (`request_catch_up`), so failures
+        cannot start a second retry loop.
+        """
         worker.weights = None
         worker.last_error = reason
         self._update_staleness(worker)
+        if worker.stale:
+            self.request_catch_up(worker.url)
         self._notify()
 
     def set_pool_sleeping(self, sleeping: bool) -> None:
@@ -698,7 +717,10 @@ class Registry:
         return event
 
     def request_catch_up(self, url: str) -> None:
-        """Ask the registry task to bring a stale worker to the pool's weights (and sleep)."""
+        """Ask the registry task to bring a stale worker to the pool's weights (and sleep).
+
+        A no-op while that worker's catch-up runs: the running one retries until done.
+        """
         if url not in self._catching_up:
             self._catching_up.add(url)
             self._refresh_send.send_nowait(("catch-up", url))

@@ -1,4 +1,8 @@
-"""`GET /v1/models`: the pool's models, merged from every routable worker."""
+"""`GET /v1/models`: the pool's models, merged from every routable worker.
+
+While the pool sleeps it answers like inference does (503 "pool is asleep" with
+Retry-After), so a client can tell "come back later" from "the pool is broken".
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import httpx
 import trio
 from quart import Blueprint
 
-from dsrouter.api.errors import error
+from dsrouter.api.errors import ASLEEP_RETRY_AFTER_S, error
 from dsrouter.api.workers import ctx
 
 bp = Blueprint("discovery", __name__)
@@ -19,6 +23,9 @@ async def list_models() -> Any:
     context = ctx()
     workers = context.registry.routable()
     if not workers:
+        if context.registry.pool_sleeping:
+            return error(503, "pool is asleep",
+                         headers=[("Retry-After", str(ASLEEP_RETRY_AFTER_S))])
         return error(503, "No healthy workers available in the pool")
     answers: dict[str, Any] = {}
     failures: dict[str, str] = {}

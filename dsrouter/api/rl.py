@@ -3,7 +3,8 @@
 Answers keep the seed shape `{"results": [{"worker_url", "status_code", "body"}...]}` and add
 fields (`success`, `version`, `stale_workers`); the status stays 200 unless a refit asks
 for `strict` semantics. An empty body is sent to workers as `{}`: they answer an empty body
-on the weight routes with a plain-text 500 (WORKER_API.md §9).
+on the weight routes with a plain-text 500 (WORKER_API.md §9). Every call of a broadcast
+carries the request's `x-request-id`, so the workers' logs can be matched to the router's.
 """
 
 from __future__ import annotations
@@ -14,13 +15,18 @@ from typing import Any
 from quart import Blueprint, Response, current_app, request
 
 from dsrouter.api.errors import error
-from dsrouter.control import WEIGHT_ROUTES, ControlError, PoolControl, active
+from dsrouter.control import WEIGHT_ROUTES, ControlError, PoolControl, active, new_request_id
 
 bp = Blueprint("rl", __name__)
 
 
 def control() -> PoolControl:
     return current_app.config["DSROUTER_CONTROL"]
+
+
+def request_id() -> str:
+    """The client's `x-request-id` (the frontend adds one when there is none), or a new one."""
+    return request.headers.get("x-request-id") or new_request_id()
 
 
 @bp.errorhandler(ControlError)
@@ -30,7 +36,8 @@ async def _control_error(exc: ControlError) -> tuple[Response, int]:
 
 def _weight_route(path: str) -> None:
     async def handler() -> Any:
-        status, answer = await control().change_weights(path, await request.get_data())
+        status, answer = await control().change_weights(path, await request.get_data(),
+                                                        request_id())
         return answer, status
 
     handler.__name__ = "weights_" + path.strip("/").replace("/", "_")
@@ -45,7 +52,7 @@ def _read_route(path: str, method: str) -> None:
             if not workers:
                 raise ControlError(503, "No healthy workers available in the pool")
             body = (await request.get_data() or b"{}") if method == "POST" else None
-            results = await pool.broadcast(workers, method, path, body)
+            results = await pool.broadcast(workers, method, path, body, request_id())
         answer: dict[str, Any] = {"results": results}
         if path == "/get_weights_checksum":
             answer["consistent"] = _checksums_agree(results)
@@ -68,9 +75,9 @@ _read_route("/v1/list_loras", "GET")
 
 @bp.post("/release_memory_occupation")
 async def release_memory() -> Any:
-    return await control().release(await request.get_data())
+    return await control().release(await request.get_data(), request_id())
 
 
 @bp.post("/resume_memory_occupation")
 async def resume_memory() -> Any:
-    return await control().resume(await request.get_data())
+    return await control().resume(await request.get_data(), request_id())

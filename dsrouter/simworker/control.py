@@ -5,6 +5,10 @@ that is what makes the router's drain-before-refit matter. Refits are simulated 
 name: the worker "loads" whatever `model_path` it is given, except paths that contain
 `missing` (a load failure, 400) or when the `refit_fails` fault is set, so tests can make
 exactly one worker of a pool miss a refit.
+
+Simulator-only: a successful weight update also answers `simworker_received`, the SHA-256 of
+the body exactly as it arrived and its `x-request-id`, so tests can check what the router's
+broadcast sent (the router keeps workers' answer bodies, not their headers).
 """
 
 from __future__ import annotations
@@ -36,6 +40,11 @@ async def _weights_body(request: Request) -> dict[str, Any]:
     return body
 
 
+def _received(request: Request) -> dict[str, str]:
+    return {"body_sha256": request.body_sha256.hexdigest(),
+            "x-request-id": request.header("x-request-id")}
+
+
 def _failed(status: int, message: str) -> Response:
     return json_response(status, {"success": False, "message": message})
 
@@ -53,7 +62,8 @@ async def update_weights_from_disk(worker: SimWorker, request: Request) -> Respo
         worker.model_path = path
         worker.weight_updates += 1
     return json_response(200, {"success": True,
-                               "message": f"Updated weights from {path} (simulated)"})
+                               "message": f"Updated weights from {path} (simulated)",
+                               "simworker_received": _received(request)})
 
 
 async def update_weights_from_tensor(worker: SimWorker, request: Request) -> Response:
@@ -67,7 +77,8 @@ async def update_weights_from_tensor(worker: SimWorker, request: Request) -> Res
         if worker.faults.refit_fails:
             return _failed(400, "Failed to apply the tensor update")
         worker.weight_updates += 1
-    return json_response(200, {"success": True, "message": "Updated weights from tensors"})
+    return json_response(200, {"success": True, "message": "Updated weights from tensors",
+                               "simworker_received": _received(request)})
 
 
 async def update_weights_from_tensor_checker(worker: SimWorker, request: Request) -> Response:

@@ -171,6 +171,32 @@ def test_a_failed_trial_reopens_the_breaker() -> None:
     assert reg.routable() == [worker]
 
 
+def test_good_probes_alone_do_not_close_a_breaker_that_failed_requests_opened() -> None:
+    clock = Clock()
+    reg = registry(clock, failure_threshold=2, recovery_threshold=2, breaker_open_s=10)
+    worker = reg.by_url(URL)
+    reg.apply_probe(URL, ProbeOutcome.OK)
+    reg.record_result(worker, False, "answered 500")
+    reg.record_result(worker, False, "answered 500")
+    for _ in range(5):  # /health says 200 while generations fail
+        reg.apply_probe(URL, ProbeOutcome.OK)
+    assert worker.health is Health.DEAD and reg.routable() == []
+    clock.now = 10.0
+    reg.apply_probe(URL, ProbeOutcome.OK)  # the half-open probe closes it
+    assert worker.health is Health.HEALTHY
+
+
+def test_a_breaker_worker_whose_probes_fail_too_recovers_by_probes() -> None:
+    reg = registry(failure_threshold=1, recovery_threshold=2, breaker_open_s=100)
+    worker = reg.by_url(URL)
+    reg.apply_probe(URL, ProbeOutcome.OK)
+    reg.record_result(worker, False, "connect refused")
+    reg.apply_probe(URL, ProbeOutcome.REFUSED)  # it really is down (restarting)
+    reg.apply_probe(URL, ProbeOutcome.OK)
+    reg.apply_probe(URL, ProbeOutcome.OK)
+    assert worker.health is Health.HEALTHY
+
+
 def test_operator_quarantine_never_half_opens() -> None:
     clock = Clock()
     reg = registry(clock, breaker_open_s=1)
