@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from dsrouter.client import (
     ADMIN_TOKEN_ENV,
@@ -27,6 +28,8 @@ from dsrouter.client import (
     RefitError,
     RouterUnreachableError,
     WorkerInfo,
+    _Call,
+    _json,
 )
 from dsrouter.urls import InvalidWorkerURL
 
@@ -112,6 +115,26 @@ def format_status(url: str, health: PoolHealth, workers: list[WorkerInfo]) -> st
     return "\n".join(lines)
 
 
+def format_slots(slots: list[dict[str, Any]]) -> str:
+    """Launcher slots that are not serving (starting, backoff, failed, stopped), one line
+    each plus why; "" when every slot is ready. Ready ones are rows of the table already;
+    the others are in no table, since the registry holds a worker only while it is ready."""
+    lines = []
+    for slot in slots:
+        if slot.get("state") == "ready":
+            continue
+        parts = [f"{slot.get('restarts', 0)} restart(s)"]
+        if slot.get("last_exit"):
+            parts.append(f"last exit: {slot['last_exit']}")
+        if slot.get("log_file"):
+            parts.append(f"log {slot['log_file']}")
+        lines.append(f"  worker {slot.get('index')} ({slot.get('url')}): {slot.get('state')}, "
+                     + ", ".join(parts))
+        if slot.get("detail"):
+            lines.append(f"    {slot['detail']}")
+    return "\n".join(["launched workers not serving:", *lines]) if lines else ""
+
+
 def format_broadcast(result: BroadcastResult, done: str) -> str:
     if not result.results:
         return result.message or "no worker targeted"
@@ -122,9 +145,19 @@ def format_broadcast(result: BroadcastResult, done: str) -> str:
 # ---- commands ----------------------------------------------------------------------------
 
 
+def _launcher_slots(client: Client) -> list[dict[str, Any]]:
+    """`managed_workers` of `GET /workers` ([] from a router without a launcher, or one
+    too old to report it). Sent as a client call description, like every other call."""
+    return client._send(_Call("GET", "/workers",
+                              lambda r: list(_json(r).get("managed_workers") or [])))
+
+
 def _status(client: Client, args: argparse.Namespace) -> int:
     health, workers = client.health(), client.workers()
     print(format_status(client.base_url, health, workers))
+    slots = format_slots(_launcher_slots(client))
+    if slots:
+        print(f"\n{slots}")
     return OK
 
 

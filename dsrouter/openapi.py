@@ -1,8 +1,15 @@
-"""The OpenAPI 3.1 description of the router's own routes, served at `/openapi.json`.
+"""The OpenAPI 3.1 description of every route the router serves, served at `/openapi.json`.
 
-Inference routes are described as pass-through (their bodies are the worker's contract);
-management and control routes are described fully, so schema-driven fuzzers can exercise
-them.
+Two kinds of route, described differently:
+
+* Quart's routes (management, health, discovery, RL control, operator endpoints) are the
+  router's own contract: described with their answers, so schema-driven fuzzers can
+  exercise them. `tests/fuzz/test_api_properties.py` checks that every Quart rule is here.
+* Inference routes go to the streaming proxy (`routes.py` decides where each goes): their
+  bodies are the worker's contract (shared/WORKER_API.md), so they are described as
+  pass-through, with the errors the router itself adds. Each carries `x-dsrouter-routing`,
+  the `routes.Route.kind` it is classified as (pool, create, sticky, list); the same test
+  checks that against `routes.classify`. Any other path is proxied to one worker as well.
 """
 
 from __future__ import annotations
@@ -23,7 +30,35 @@ _WORKER = {
         "is_sleeping": {"type": "boolean"}, "is_draining": {"type": "boolean"},
         "consecutive_failures": {"type": "integer"},
         "video_support": {"type": ["boolean", "null"]},
+        "managed": {"type": "boolean", "description": "launched by the router"},
+        "supervisor": {"type": "object", "description": "launched workers only"},
     },
+}
+_SLOT = {
+    "type": "object",
+    "description": "one launcher slot, whatever its state (the registry holds a launched "
+                   "worker only while it is ready)",
+    "required": ["index", "url", "worker_id", "state", "pid", "restarts", "last_exit",
+                 "log_file", "registered"],
+    "properties": {
+        "index": {"type": "integer"}, "url": {"type": "string"},
+        "worker_id": {"type": "string"},
+        "state": {"enum": ["new", "starting", "ready", "backoff", "failed", "stopped"]},
+        "detail": {"type": "string", "description": "what it waits for, or why it failed"},
+        "pid": {"type": ["integer", "null"], "description": "null while no process runs"},
+        "restarts": {"type": "integer"}, "last_exit": {"type": ["string", "null"]},
+        "log_file": {"type": ["string", "null"]},
+        "gpus": {"type": "array", "items": {"type": "string"}},
+        "registered": {"type": "boolean", "description": "in `workers` (routable) now"},
+    },
+}
+_WORKER_LIST = {
+    "type": "object", "required": ["workers"],
+    "properties": {"workers": {"type": "array", "items": _WORKER},
+                   "queued": {"type": "integer"},
+                   "target_version": {"type": ["string", "null"]},
+                   "pool_sleeping": {"type": "boolean"},
+                   "managed_workers": {"type": "array", "items": _SLOT}},
 }
 _URL_BODY = {"type": "object", "properties": {"url": {"type": "string"},
                                               "worker_url": {"type": "string"}}}
@@ -31,6 +66,13 @@ _RESULTS = {"type": "object", "properties": {"results": {"type": "array", "items
     "type": "object", "properties": {"worker_url": {"type": "string"},
                                      "status_code": {"type": ["integer", "null"]},
                                      "body": {}}}}}}
+_RELOAD = {"type": "object", "properties": {
+    "status": {"enum": ["reloaded", "rejected"]},
+    "errors": {"type": "array", "items": {"type": "string"}},
+    "workers_added": {"type": "array", "items": {"type": "string"}},
+    "workers_removed": {"type": "array", "items": {"type": "string"}},
+    "needs_restart": {"type": "array", "items": {"type": "string"}},
+    "rolling_restart": {"type": "array", "items": {"type": "integer"}}}}
 
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
@@ -44,22 +86,72 @@ def _answers(ok: dict[str, Any], *errors: int) -> dict[str, Any]:
     return answers
 
 
-def _worker_id_param() -> dict[str, Any]:
-    return {"name": "worker_id", "in": "path", "required": True,
-            "description": "the worker URL, percent-encoded", "schema": {"type": "string"}}
+def _path_param(name: str, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "description": description,
+            "schema": {"type": "string"}}
 
 
-def _control(summary: str) -> dict[str, Any]:
-    return {"post": {"summary": summary, "requestBody": {"required": False, **_json(
-        {"type": "object"})}, "responses": _answers(_RESULTS, 401, 503)}}
+def _control(summary: str, method: str = "post") -> dict[str, Any]:
+    operation: dict[str, Any] = {"summary": summary, "responses": _answers(_RESULTS, 401, 503)}
+    if method == "post":
+        operation["requestBody"] = {"required": False, **_json({"type": "object"})}
+    return {method: operation}
 
 
-def _passthrough(summary: str, method: str = "post") -> dict[str, Any]:
-    return {method: {"summary": summary + " (proxied to a worker, streamed)",
+def _passthrough(summary: str, routing: str, *methods: str) -> dict[str, Any]:
+    """Proxied operations: the worker's answer streamed back, or one of the router's errors."""
+    return {method: {"summary": f"{summary} (proxied to a worker, streamed)",
+                     "x-dsrouter-routing": routing,
                      "responses": {"200": {"description": "the worker's answer"},
+                                   "404": {"description": "unknown job id (sticky routes)",
+                                           **_json(_ERROR)},
                                    "502": {"description": "worker unreachable", **_json(_ERROR)},
                                    "503": {"description": "no routable worker", **_json(_ERROR)},
-                                   "504": {"description": "worker too slow", **_json(_ERROR)}}}}
+                                   "504": {"description": "worker too slow", **_json(_ERROR)}}}
+            for method in methods or ("post",)}
+
+
+def _job_routes(kind: str, noun: str) -> dict[str, Any]:
+    """`/v1/videos` or `/v1/meshes`: create and list, then status/delete and content by id."""
+    param = [_path_param(f"{noun}_id", f"the {noun} job id (sticky to its worker)")]
+    return {
+        f"/v1/{kind}": {
+            **_passthrough(f"create a {noun} job", "create", "post"),
+            **_passthrough(f"{noun} jobs of every suitable worker, merged; with "
+                           f"?{noun}_id=, ?id= or ?job_id= one job's status", "list", "get"),
+        },
+        f"/v1/{kind}/{{{noun}_id}}": {
+            "parameters": param,
+            **_passthrough(f"{noun} job status or deletion", "sticky", "get", "delete"),
+        },
+        f"/v1/{kind}/{{{noun}_id}}/content": {
+            "parameters": param,
+            **_passthrough(f"{noun} file", "sticky", "get"),
+        },
+    }
+
+
+def _inference() -> dict[str, Any]:
+    return {
+        "/v1/images/generations": _passthrough("text to image", "create"),
+        "/v1/images/edits": _passthrough("image edit (multipart)", "create"),
+        "/v1/images/{image_id}/content": {
+            "parameters": [_path_param("image_id", "an image id from a `url` answer")],
+            **_passthrough("stored image bytes (sticky)", "sticky", "get")},
+        "/v1/diffusion/generate": _passthrough("native diffusion generation", "pool"),
+        "/rollout/generate": _passthrough("RL rollout (msgpack answer)", "pool"),
+        **_job_routes("videos", "video"),
+        **_job_routes("meshes", "mesh"),
+        "/generate": _passthrough("Miles alias of /v1/images/generations", "create"),
+        "/generate_video": _passthrough("Miles alias of /v1/videos", "create"),
+        "/v1/models/{model}": {
+            "parameters": [_path_param("model", "a model id (may contain `/`)")],
+            **_passthrough("one model card", "pool", "get")},
+        "/v1/model_info": _passthrough("the worker's model path", "pool", "get"),
+        "/model_info": _passthrough("the worker's model and task types", "pool", "get"),
+        "/server_info": _passthrough("the worker's server settings", "pool", "get"),
+        "/vertex_generate": _passthrough("Vertex AI predict shape", "pool"),
+    }
 
 
 def build_openapi() -> dict[str, Any]:
@@ -68,16 +160,15 @@ def build_openapi() -> dict[str, Any]:
             "200": {"description": "a routable worker exists", **_json({"type": "object"})},
             "503": {"description": "none, or draining", **_json({"type": "object"})}}}},
         "/workers": {
-            "get": {"summary": "list workers", "responses": _answers(
-                {"type": "object", "properties": {"workers": {"type": "array",
-                                                              "items": _WORKER}}}, 401)},
+            "get": {"summary": "list workers, and every launcher slot in any state",
+                    "responses": _answers(_WORKER_LIST, 401)},
             "post": {"summary": "register a worker",
                      "parameters": [{"name": "url", "in": "query", "schema": {"type": "string"}}],
                      "requestBody": {"required": False, **_json(_URL_BODY)},
                      "responses": _answers({"type": "object"}, 400, 401)},
         },
         "/workers/{worker_id}": {
-            "parameters": [_worker_id_param()],
+            "parameters": [_path_param("worker_id", "the worker URL, percent-encoded")],
             "get": {"summary": "one worker", "responses": _answers(
                 {"type": "object", "properties": {"worker": _WORKER}}, 400, 401, 404)},
             "put": {"summary": "quarantine, recover, drain, refresh capabilities",
@@ -103,6 +194,16 @@ def build_openapi() -> dict[str, Any]:
                                "responses": _answers({"type": "object"}, 502, 503)}},
         "/metrics": {"get": {"summary": "Prometheus metrics",
                              "responses": {"200": {"description": "text exposition format"}}}},
+        "/openapi.json": {"get": {"summary": "this document",
+                                  "responses": _answers({"type": "object"})}},
+        "/admin/reload": {"post": {
+            "summary": "re-read router.toml (as SIGHUP); 400 keeps the running configuration",
+            "responses": {"200": {"description": "applied", **_json(_RELOAD)},
+                          "400": {"description": "rejected, with one error per problem",
+                                  **_json(_RELOAD)},
+                          "401": {"description": "error", **_json(_ERROR)}}}},
+        "/admin/config": {"get": {"summary": "the effective configuration, secrets masked",
+                                  "responses": _answers({"type": "object"}, 401)}},
         "/update_weights_from_disk": _control("refit every active worker from disk"),
         "/update_weights_from_tensor": _control("refit from tensors (co-located trainer)"),
         "/get_weights_checksum": _control("per-worker weight checksums"),
@@ -111,17 +212,12 @@ def build_openapi() -> dict[str, Any]:
         "/v1/set_lora": _control("load or activate a LoRA on every worker"),
         "/v1/merge_lora_weights": _control("merge LoRA weights on every worker"),
         "/v1/unmerge_lora_weights": _control("unmerge LoRA weights on every worker"),
-        "/v1/images/generations": _passthrough("text to image"),
-        "/v1/images/edits": _passthrough("image edit (multipart)"),
-        "/v1/videos": _passthrough("create a video job"),
-        "/v1/videos/{video_id}": _passthrough("video job status (sticky)", "get"),
-        "/v1/videos/{video_id}/content": _passthrough("video bytes (sticky)", "get"),
-        "/rollout/generate": _passthrough("RL rollout (msgpack answer)"),
-        "/generate": _passthrough("Miles alias of /v1/images/generations"),
-        "/generate_video": _passthrough("Miles alias of /v1/videos"),
+        "/v1/list_loras": _control("LoRA status of every active worker", "get"),
+        **_inference(),
     }
     return {"openapi": "3.1.0",
             "info": {"title": "dsrouter", "version": __version__,
-                     "description": "Router for SGLang diffusion workers"},
+                     "description": "Router for SGLang diffusion workers. Paths not listed "
+                                    "here are proxied to one routable worker."},
             "paths": paths,
             "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}}

@@ -94,12 +94,24 @@ async def miles_add_worker() -> Any:
     return {"status": "success", "worker_urls": [w.url for w in ctx().registry.workers()]}
 
 
+def managed_workers() -> list[dict[str, Any]]:
+    """Every launcher slot, whatever its state (`Pool.managed_workers`); [] without one.
+
+    Read through the reloader, which the daemon hands the launcher's `Pool` once it is up
+    (before that the frontend does not serve); the registry holds only ready workers.
+    """
+    reloader = current_app.config.get("DSROUTER_RELOAD")
+    pool = None if reloader is None else reloader.pool
+    return [] if pool is None else pool.managed_workers()
+
+
 @bp.get("/workers")
 async def list_workers() -> Any:
     registry = ctx().registry
     return {"workers": [w.to_json() for w in registry.workers()],
             "queued": registry.summary()["queued"],
-            "target_version": registry.target_version, "pool_sleeping": registry.pool_sleeping}
+            "target_version": registry.target_version, "pool_sleeping": registry.pool_sleeping,
+            "managed_workers": managed_workers()}
 
 
 @bp.get("/list_workers")

@@ -17,7 +17,9 @@ exhausts its restarts stays `failed` while the others keep serving.
 Registration: a worker is in the registry only while its process has passed readiness and
 is running. A worker still loading would otherwise be a target of RL broadcasts (which go to
 every worker that is not dead), and one that exited must not keep its job ids. The launcher
-talks to the registry only through its synchronous methods (its single-owner rule).
+talks to the registry only through its synchronous methods (its single-owner rule). Every
+slot, registered or not, is visible through `Supervisor.slot` (`Pool.managed_workers`, shown
+by `GET /workers` as `managed_workers`).
 
 Replacement: `Supervisor.replace` stops the worker and starts it with another plan, at once
 and without counting a restart; if the new plan does not come up, the worker goes straight
@@ -52,6 +54,7 @@ from dsrouter.launcher.progress import Progress
 from dsrouter.launcher.restarts import RestartTracker
 from dsrouter.launcher.rolling import Pool
 from dsrouter.registry import Health, ProbeOutcome, Registry
+from dsrouter.urls import worker_id_for
 
 log = logging.getLogger("dsrouter.launcher")
 
@@ -116,6 +119,7 @@ class Supervisor:
         self.on_restart = on_restart
         self.restarts = RestartTracker(cfg)
         self.pid: int | None = None
+        """The running process; None between runs (backoff) and once settled."""
         self.last_exit: str | None = None
         self.settled = False
         """True once `run` returned: the worker is failed or stopped for good."""
@@ -135,7 +139,7 @@ class Supervisor:
         return self.progress.states[self.index]
 
     def info(self) -> dict[str, Any]:
-        """What `/workers` shows as `supervisor` for this worker."""
+        """What `/workers` shows as `supervisor` for this worker while it is registered."""
         return {
             "index": self.index,
             "pid": self.pid,
@@ -144,6 +148,21 @@ class Supervisor:
             "log_file": None if self.output.path is None else str(self.output.path),
             "gpus": list(self.plan.gpus),
             "last_exit": self.last_exit,
+        }
+
+    def slot(self) -> dict[str, Any]:
+        """What `/workers` shows under `managed_workers`, in every state.
+
+        The registry holds a worker only while it is ready, so a slot that is starting, in
+        backoff, failed or stopped is visible only here. Read live, never cached: `detail`
+        says what a worker in progress waits for, or why it failed.
+        """
+        return {
+            **self.info(),
+            "url": self.plan.url,
+            "worker_id": worker_id_for(self.plan.url),
+            "detail": self.progress.details[self.index],
+            "registered": self._registered,
         }
 
     def configure(self, cfg: LauncherConfig) -> None:
@@ -271,6 +290,7 @@ class Supervisor:
                     if child.returncode is None:
                         await self._stop(child)
                     self._deregister()
+                    self.pid = None
                     self.pidfile.set_group(self.index, None)
                     pump_scope.deadline = trio.current_time() + PUMP_GRACE_S
 

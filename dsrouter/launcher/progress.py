@@ -25,8 +25,8 @@ class Progress:
     """The supervisor state of every worker, as the operator sees it.
 
     States: starting, ready, backoff, failed, stopped (what `/workers` shows as
-    `supervisor.state`), and "new" before a worker's first start. The detail says what a
-    worker in progress waits for.
+    `managed_workers[].state`, and as `supervisor.state` of a registered worker), and "new"
+    before a worker's first start. The detail says what a worker in progress waits for.
     """
 
     def __init__(self, total: int, stream: TextIO | None = None) -> None:

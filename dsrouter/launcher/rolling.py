@@ -40,7 +40,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -91,6 +91,15 @@ class Pool:
         self._registry = registry
         self._nursery = nursery
         self._rolling = False
+
+    def managed_workers(self) -> list[dict[str, Any]]:
+        """One entry per launcher slot, in index order, whatever its supervisor state.
+
+        Read-only: what `GET /workers` shows as `managed_workers`. A worker that is starting,
+        in backoff, failed or stopped is not in the registry, so this is the only place an
+        operator sees it (with its last exit and log file).
+        """
+        return [supervisor.slot() for supervisor in self._supervisors]
 
     async def reconfigure(self, new: LauncherConfig) -> Reconfiguration:
         """Plan `new` against the running pool; nothing changes until `apply`.

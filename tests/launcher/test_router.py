@@ -109,8 +109,6 @@ async def _models(http: httpx.AsyncClient, router: str) -> list[str]:
 
 async def test_sighup_with_new_extra_args_restarts_workers_one_by_one_without_failing_requests(
         tmp_path: Path, http: httpx.AsyncClient) -> None:
-    # The simulated worker (hypercorn) waits for idle keep-alive connections on SIGTERM, so
-    # each stop ends with the SIGKILL after stop_timeout_s.
     config = _router_toml(2, stop_timeout_s=2.0)
     with trio.fail_after(TEST_TIMEOUT_S):
         async with router_process([], config=config, tmp_path=tmp_path,
@@ -158,12 +156,25 @@ async def test_sighup_with_new_extra_args_restarts_workers_one_by_one_without_fa
         await wait_dead(pids, timeout_s=2)
 
 
+async def _slots(http: httpx.AsyncClient, router: str) -> list[dict[str, Any]]:
+    """`managed_workers` of `GET /workers`: every launcher slot, registered or not."""
+    return (await http.get(f"{router}/workers")).json()["managed_workers"]
+
+
 async def test_a_worker_out_of_restarts_is_failed_and_the_rest_keep_serving(
         tmp_path: Path, http: httpx.AsyncClient) -> None:
+    logs = tmp_path / "logs"
+    config = _router_toml(2, max_restarts=1, log_dir=str(logs))
     with trio.fail_after(TEST_TIMEOUT_S):
-        async with router_process([], config=_router_toml(2, max_restarts=1),
-                                  tmp_path=tmp_path, env=_env(tmp_path)) as router:
-            first = (await _managed(http, router.url))[0]["supervisor"]["pid"]
+        async with router_process([], config=config, tmp_path=tmp_path,
+                                  env=_env(tmp_path)) as router:
+            managed = await _managed(http, router.url)
+            slots = await _slots(http, router.url)
+            assert [(s["index"], s["state"], s["registered"]) for s in slots] == [
+                (0, "ready", True), (1, "ready", True)]
+            assert [s["url"] for s in slots] == [managed[0]["url"], managed[1]["url"]]
+            assert [s["pid"] for s in slots] == [managed[i]["supervisor"]["pid"] for i in (0, 1)]
+            first = slots[0]["pid"]
             os.kill(first, signal.SIGKILL)
 
             async def back() -> bool:
@@ -174,23 +185,42 @@ async def test_a_worker_out_of_restarts_is_failed_and_the_rest_keep_serving(
             second = (await _managed(http, router.url))[0]["supervisor"]["pid"]
             os.kill(second, signal.SIGKILL)
 
-            def failed_logged() -> list[str]:
-                return [line for line in router.output if "worker 0: ready -> failed" in line]
-
             async def failed() -> bool:
-                return bool(failed_logged())
+                return (await _slots(http, router.url))[0]["state"] == "failed"
 
             await wait_until(failed, timeout_s=20)
-            assert "killed by SIGKILL; 1 restart(s) within 600s already" in failed_logged()[0]
-            managed = await _managed(http, router.url)
-            assert list(managed) == [1]
+            # The registry forgot worker 0; /workers still shows its slot, and why it failed.
+            answer = (await http.get(f"{router.url}/workers")).json()
+            assert [w["supervisor"]["index"] for w in answer["workers"] if w["managed"]] == [1]
+            gone, serving = answer["managed_workers"]
+            assert gone == gone | {
+                "index": 0, "url": managed[0]["url"], "worker_id": managed[0]["worker_id"],
+                "state": "failed", "registered": False, "pid": None, "restarts": 1,
+                "last_exit": "killed by SIGKILL", "log_file": str(logs / "worker-0.log"),
+                "detail": "killed by SIGKILL; 1 restart(s) within 600s already"}
+            assert serving == serving | {"index": 1, "state": "ready", "registered": True,
+                                         "pid": managed[1]["supervisor"]["pid"], "restarts": 0}
+            assert any("worker 0: ready -> failed (killed by SIGKILL; 1 restart(s) within 600s "
+                       "already)" in line for line in router.output)
+            log_text = await trio.Path(gone["log_file"]).read_text()
+            assert log_text.count("---- dsrouter ") == 2, "one header per run: start + restart"
+            status = await trio.run_process(
+                [sys.executable, "-m", "dsrouter", "status", "--url", router.url],
+                capture_stdout=True)
+            lines = status.stdout.decode().splitlines()
+            at = lines.index("launched workers not serving:")
+            assert lines[at + 1:] == [
+                f"  worker 0 ({managed[0]['url']}): failed, 1 restart(s), last exit: killed by "
+                f"SIGKILL, log {gone['log_file']}",
+                "    killed by SIGKILL; 1 restart(s) within 600s already"]
             health = (await http.get(f"{router.url}/health")).json()
             assert health["status"] == "healthy" and health["healthy_workers"] == 1
             for _ in range(3):
                 response = await http.post(f"{router.url}/v1/images/generations",
                                            json={"prompt": "still serving", "size": "64x64"})
                 assert response.status_code == 200
-            survivor = managed[1]["supervisor"]["pid"]
+                assert response.headers["x-dsrouter-worker"] == managed[1]["display_id"]
+            survivor = serving["pid"]
         await wait_dead([first, second, survivor], timeout_s=2)
 
 

@@ -181,7 +181,7 @@ async def test_exhausted_restarts_leave_the_worker_failed_and_the_rest_serving(
         return [r.getMessage() for r in caplog.records if "-> failed" in r.getMessage()]
 
     with trio.fail_after(TEST_TIMEOUT_S):
-        async with _pool(cfg, registry):
+        async with _pool(cfg, registry) as pool:
             first = _managed(registry, 0)
             assert first is not None
             os.kill(first.managed["pid"], signal.SIGKILL)  # type: ignore[index]
@@ -195,6 +195,38 @@ async def test_exhausted_restarts_leave_the_worker_failed_and_the_rest_serving(
             assert _managed(registry, 0) is None
             survivor = _managed(registry, 1)
             assert survivor is not None and survivor.routable
+            # Out of the registry, the failed worker is still one of the pool's slots.
+            failed, serving = pool.managed_workers()
+            assert failed == failed | {
+                "index": 0, "url": first.url, "worker_id": first.worker_id, "state": "failed",
+                "pid": None, "restarts": 1, "last_exit": "killed by SIGKILL",
+                "detail": "killed by SIGKILL; 1 restart(s) within 600s already",
+                "registered": False}
+            assert serving == survivor.managed | {"url": survivor.url, "registered": True,
+                                                  "worker_id": survivor.worker_id,
+                                                  "detail": serving["detail"]}
+            assert serving["state"] == "ready" and serving["pid"] is not None
+            await wait_dead([first.managed["pid"], second.managed["pid"]])  # type: ignore[index]
+
+
+async def test_a_worker_waiting_to_restart_is_a_backoff_slot_without_a_process() -> None:
+    registry = _registry()
+    cfg = _config(backoff_initial_s=60.0, backoff_max_s=60.0)
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with _pool(cfg, registry) as pool:
+            assert [s["state"] for s in pool.managed_workers()] == ["ready", "ready"]
+            victim = _managed(registry, 0)
+            assert victim is not None
+            os.kill(victim.managed["pid"], signal.SIGKILL)  # type: ignore[index]
+            await _until(lambda: pool.managed_workers()[0]["state"] == "backoff")
+            waiting, serving = pool.managed_workers()
+            assert waiting == waiting | {
+                "state": "backoff", "pid": None, "restarts": 1, "registered": False,
+                "last_exit": "killed by SIGKILL",
+                "detail": "killed by SIGKILL; restart 1 in 60 s"}
+            assert _managed(registry, 0) is None
+            assert serving["state"] == "ready" and serving["registered"] is True
+            assert _managed(registry, 1) is not None
 
 
 async def test_an_exit_during_the_first_start_fails_the_launch_with_its_last_lines() -> None:
