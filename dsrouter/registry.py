@@ -409,7 +409,7 @@ class Registry:
             if not self.pool_sleeping:
                 raise NoWorkerAvailable("No healthy workers available in the pool")
         if not self._queue:
-            worker = self._place(accept, excluded, cost)
+            worker, _ = self._place(accept, excluded, cost)
             if worker is not None:
                 return self.lease_worker(worker, cost)
         if len(self._queue) >= self.routing.queue_size:
@@ -448,24 +448,39 @@ class Registry:
         return [w for w in workers if id(w) not in excluded and (not cap or w.in_flight < cap)]
 
     def _dispatch_queue(self) -> None:
-        """Hand freed capacity to queued requests, in priority then arrival order."""
+        """Hand freed capacity to queued requests, in priority then arrival order.
+
+        A request that keeps waiting for a busy worker it will go to first counts, for the
+        rest of this pass, as work queued on that worker (`held`): otherwise every request
+        behind it would see the same short backlog, all would wait for the one fast worker,
+        and slower workers that would finish them sooner would stay idle.
+        """
         if not self._queue:
             return
         served = []
-        for entry in heapq.nsmallest(DISPATCH_DEPTH, self._queue):
-            waiter = entry[2]
-            worker = self._place(waiter.accept, waiter.exclude, waiter.cost)
-            if worker is not None:
-                waiter.lease = self.lease_worker(worker, waiter.cost)
-                waiter.event.set()
-                served.append(entry)
+        held: list[tuple[Worker, float]] = []
+        try:
+            for entry in heapq.nsmallest(DISPATCH_DEPTH, self._queue):
+                waiter = entry[2]
+                worker, wait_for = self._place(waiter.accept, waiter.exclude, waiter.cost)
+                if worker is not None:
+                    waiter.lease = self.lease_worker(worker, waiter.cost)
+                    waiter.event.set()
+                    served.append(entry)
+                elif wait_for is not None:
+                    wait_for.outstanding_cost += waiter.cost
+                    held.append((wait_for, waiter.cost))
+        finally:
+            for worker, cost in held:
+                worker.outstanding_cost -= cost
         if served:
             self._queue = [e for e in self._queue if e not in served]
             heapq.heapify(self._queue)
 
     def _place(self, accept: Callable[[Worker], bool] | None, excluded: frozenset[int],
-               cost: float) -> Worker | None:
-        """The worker a request should start on now, or None: it waits in the queue.
+               cost: float) -> tuple[Worker | None, Worker | None]:
+        """The worker a request should start on now, or (None, the busy worker it waits
+        for, if it waits for a particular one): it waits in the queue.
 
         With a per-worker limit, a predictive policy (least-work) chooses among all suitable
         workers, busy ones included, and the request waits if the best one is full: a big job
@@ -474,15 +489,15 @@ class Registry:
         policies, and pools too large to compare every worker, take the best free worker.
         """
         if self._paused:
-            return None
+            return None, None
         cap = self.routing.max_inflight_per_worker
         if cap and self.policy.predictive:
             candidates = self._candidates(accept, excluded, limit=False)
             if candidates and len(candidates) <= SAMPLE_ABOVE:
                 best = self._choose(candidates, cost)
-                return best if best.in_flight < cap else None
+                return (best, None) if best.in_flight < cap else (None, best)
         free = self._candidates(accept, excluded, limit=True)
-        return self._choose(free, cost) if free else None
+        return (self._choose(free, cost) if free else None), None
 
     def _choose(self, candidates: list[Worker], cost: float) -> Worker:
         if self._spu_cache is None:

@@ -153,6 +153,32 @@ async def test_queue_waits_for_a_faster_busy_worker_and_backfills_the_slow_one()
     assert got["big"] is fast and registry.summary()["queued"] == 0
 
 
+async def test_requests_waiting_for_the_fast_worker_count_as_its_backlog() -> None:
+    clock = Clock()
+    registry = pool(2, clock, max_inflight_per_worker=1)
+    fast, slow = registry.workers()
+    fast.speed.observe(1, 1.0)
+    slow.speed.observe(1, 2.5)
+    running = await registry.acquire(cost=1.0)
+    assert running.worker is fast
+    got: dict[str, Worker] = {}
+
+    async def wait(name: str) -> None:
+        got[name] = (await registry.acquire(cost=1.0)).worker
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait, "first")  # fast: done at 2 s, slow: at 2.5 s -> waits
+        await trio.testing.wait_all_tasks_blocked()
+        assert not got
+        # Behind it, the fast worker finishes this one at 3 s: the idle slow one is sooner.
+        nursery.start_soon(wait, "second")
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == {"second": slow}
+        running.release()
+    assert got["first"] is fast
+    assert fast.outstanding_cost == pytest.approx(1.0) and slow.outstanding_cost == 1.0
+
+
 async def test_a_request_held_for_a_worker_that_overruns_goes_elsewhere() -> None:
     clock = Clock()
     registry = pool(2, clock, max_inflight_per_worker=1)
