@@ -421,6 +421,11 @@ class _Calls:
                      lambda r: [WorkerInfo.from_json(w) for w in _json(r)["workers"]])
 
     @staticmethod
+    def managed_workers() -> _Call[list[dict[str, Any]]]:
+        return _Call("GET", "/workers",
+                     lambda r: list(_json(r).get("managed_workers") or []))
+
+    @staticmethod
     def health() -> _Call[PoolHealth]:
         return _Call("GET", "/health", _parse_health)
 
@@ -535,6 +540,11 @@ class Client(_Base):
     def workers(self) -> list[WorkerInfo]:
         return self._send(_Calls.workers())
 
+    def managed_workers(self) -> list[dict[str, Any]]:
+        """The launcher's slots in any state (starting, ready, backoff, failed, stopped):
+        a failed worker is out of `workers()`, not out of this. [] without a launcher."""
+        return self._send(_Calls.managed_workers())
+
     def health(self) -> PoolHealth:
         """The pool summary; an unhealthy pool (503) is an answer, not an error."""
         return self._send(_Calls.health())
@@ -604,6 +614,10 @@ class AsyncClient(_Base):
 
     async def workers(self) -> list[WorkerInfo]:
         return await self._send(_Calls.workers())
+
+    async def managed_workers(self) -> list[dict[str, Any]]:
+        """See `Client.managed_workers`."""
+        return await self._send(_Calls.managed_workers())
 
     async def health(self) -> PoolHealth:
         """See `Client.health`."""

@@ -28,8 +28,6 @@ from dsrouter.client import (
     RefitError,
     RouterUnreachableError,
     WorkerInfo,
-    _Call,
-    _json,
 )
 from dsrouter.urls import InvalidWorkerURL
 
@@ -145,17 +143,10 @@ def format_broadcast(result: BroadcastResult, done: str) -> str:
 # ---- commands ----------------------------------------------------------------------------
 
 
-def _launcher_slots(client: Client) -> list[dict[str, Any]]:
-    """`managed_workers` of `GET /workers` ([] from a router without a launcher, or one
-    too old to report it). Sent as a client call description, like every other call."""
-    return client._send(_Call("GET", "/workers",
-                              lambda r: list(_json(r).get("managed_workers") or [])))
-
-
 def _status(client: Client, args: argparse.Namespace) -> int:
     health, workers = client.health(), client.workers()
     print(format_status(client.base_url, health, workers))
-    slots = format_slots(_launcher_slots(client))
+    slots = format_slots(client.managed_workers())
     if slots:
         print(f"\n{slots}")
     return OK
