@@ -17,7 +17,7 @@ import trio
 
 from dsrouter.simworker import media
 from tests.integration.test_proxy import image_size
-from tests.support import free_port, start_simworker, wait_until
+from tests.support import start_simworker, wait_until
 
 INSTANT = ("--sec-per-mpx-step", "0")
 
@@ -192,11 +192,15 @@ async def test_faults_readiness_and_ports(http: httpx.AsyncClient) -> None:
         busy.close()
         assert strict.returncode == 1 and b"in use" in strict.stderr
 
-        pair = free_port()
-        many = await start_simworker(nursery, *INSTANT, "--port", str(pair + 7), port=pair)
+        # Two ports the kernel handed out at the same time, so they differ and were free.
+        with socket.socket() as a, socket.socket() as b:
+            a.bind(("127.0.0.1", 0))
+            b.bind(("127.0.0.1", 0))
+            pair, second = a.getsockname()[1], b.getsockname()[1]
+        many = await start_simworker(nursery, *INSTANT, "--port", str(second), port=pair)
         await http.post(f"{many.url}/_sim/faults", json={"slow_body_bps": 10})
-        other = (await http.get(f"http://127.0.0.1:{pair + 7}/_sim/state")).json()
-        assert other["faults"]["slow_body_bps"] == 0 and other["port"] == pair + 7
+        other = (await http.get(f"http://127.0.0.1:{second}/_sim/state")).json()
+        assert other["faults"]["slow_body_bps"] == 0 and other["port"] == second
 
         many.process.send_signal(signal.SIGTERM)
         with trio.fail_after(10):
