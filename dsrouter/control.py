@@ -16,13 +16,13 @@ import hashlib
 import json
 import logging
 import random
-import uuid
 from typing import Any
 
 import attrs
 import httpx
 import trio
 
+from dsrouter.access import new_request_id
 from dsrouter.config import Config
 from dsrouter.context import RouterContext
 from dsrouter.registry import Health, Worker
@@ -102,7 +102,7 @@ class PoolControl:
         entry: dict[str, Any] = {"worker_url": worker.url, "status_code": None, "body": None}
         timeout = self.config.timeouts.control_s
         headers = {"content-type": "application/json"} if body is not None else {}
-        headers["x-request-id"] = request_id or new_request_id()
+        headers["x-request-id"] = request_id or new_request_id()  # catch-ups have none
         key = worker.api_key or self.config.security.worker_api_key
         if key:
             headers["authorization"] = f"Bearer {key}"
@@ -337,11 +337,6 @@ async def trio_gather(calls: list[Any]) -> list[Any]:
         for index, call in enumerate(calls):
             nursery.start_soon(run, index, call)
     return results
-
-
-def new_request_id() -> str:
-    """The id of a control call nobody named (a catch-up, a caller without one)."""
-    return uuid.uuid4().hex
 
 
 def _canonical(body: Any) -> str:

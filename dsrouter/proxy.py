@@ -35,7 +35,14 @@ from dsrouter.context import RouterContext
 from dsrouter.cost import CostModel
 from dsrouter.frontend import Receive, Scope, Send
 from dsrouter.listing import merged_job_list
-from dsrouter.registry import NoWorkerAvailable, PoolAsleep, QueueFull, QueueTimeout, Worker
+from dsrouter.registry import (
+    ASLEEP_RETRY_AFTER_S,
+    NoWorkerAvailable,
+    PoolAsleep,
+    QueueFull,
+    QueueTimeout,
+    Worker,
+)
 from dsrouter.routes import Route
 from dsrouter.upstream import Upstream, UpstreamError, UpstreamResponse
 
@@ -50,6 +57,7 @@ RESPONSE_DROP = HOP_BY_HOP | {b"date", b"server"}
 PEEK_LIMIT = 1024 * 1024
 """Largest answer the router reads to learn a job id or status; bigger ones just stream."""
 BODYLESS_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+ASLEEP_RETRY_AFTER = [(b"retry-after", str(ASLEEP_RETRY_AFTER_S).encode())]
 CLOSE = [(b"connection", b"close")]
 """On answers given before the request body was read: the rest of it is still on the
 connection, so hypercorn closes it, and the client must know not to reuse it."""
@@ -207,7 +215,7 @@ class Proxy:
         except (NoWorkerAvailable, QueueTimeout) as exc:
             await exchange.respond_error(503, str(exc))
         except PoolAsleep as exc:
-            await exchange.respond_error(503, str(exc), [(b"retry-after", b"10")])
+            await exchange.respond_error(503, str(exc), ASLEEP_RETRY_AFTER)
         except QueueFull as exc:
             await exchange.respond_error(429, str(exc), [(b"retry-after", b"1")])
         except BodyTooLarge as exc:

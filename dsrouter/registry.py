@@ -73,6 +73,10 @@ class QueueTimeout(Exception):
     """A request waited `routing.queue_timeout_s` without a worker freeing up (503)."""
 
 
+ASLEEP_RETRY_AFTER_S = 10
+"""The Retry-After of every "pool is asleep" answer (inference and discovery alike)."""
+
+
 class PoolAsleep(Exception):
     """Every worker sleeps (released its GPU memory); the client should come back (503)."""
 

@@ -12,8 +12,9 @@ import httpx
 import trio
 from quart import Blueprint
 
-from dsrouter.api.errors import ASLEEP_RETRY_AFTER_S, error
+from dsrouter.api.errors import error
 from dsrouter.api.workers import ctx
+from dsrouter.registry import ASLEEP_RETRY_AFTER_S
 
 bp = Blueprint("discovery", __name__)
 

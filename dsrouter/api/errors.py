@@ -11,10 +11,6 @@ from quart import Response, jsonify
 log = logging.getLogger("dsrouter.api")
 
 
-ASLEEP_RETRY_AFTER_S = 10
-"""What a client is told to wait when the pool sleeps (as the proxy answers inference)."""
-
-
 def error(status: int, message: str, *, headers: Iterable[tuple[str, str]] = (),
           **extra: Any) -> tuple[Response, int]:
     """The JSON error answer; `extra` adds fields to the body, `headers` to the response."""

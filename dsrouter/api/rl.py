@@ -14,8 +14,9 @@ from typing import Any
 
 from quart import Blueprint, Response, current_app, request
 
+from dsrouter.access import new_request_id
 from dsrouter.api.errors import error
-from dsrouter.control import WEIGHT_ROUTES, ControlError, PoolControl, active, new_request_id
+from dsrouter.control import WEIGHT_ROUTES, ControlError, PoolControl, active
 
 bp = Blueprint("rl", __name__)
 

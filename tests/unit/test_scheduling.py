@@ -37,6 +37,15 @@ def pool(n: int, clock: Clock | None = None, **routing: object) -> Registry:
     return registry
 
 
+def fast_and_slow(clock: Clock, slow_spu: float) -> tuple[Registry, Worker, Worker]:
+    """Two workers with learned speeds (1 s per unit, `slow_spu`), one request each at most."""
+    registry = pool(2, clock, max_inflight_per_worker=1)
+    fast, slow = registry.workers()
+    fast.speed.observe(1, 1.0)
+    slow.speed.observe(1, slow_spu)
+    return registry, fast, slow
+
+
 def test_cost_grows_with_pixels_steps_frames_and_outputs() -> None:
     model = CostModel(CostConfig())
     small = model.estimate("/v1/images/generations",
@@ -129,10 +138,7 @@ async def test_queue_binds_late_to_the_first_worker_that_frees() -> None:
 
 async def test_queue_waits_for_a_faster_busy_worker_and_backfills_the_slow_one() -> None:
     clock = Clock()
-    registry = pool(2, clock, max_inflight_per_worker=1)
-    fast, slow = registry.workers()
-    fast.speed.observe(1, 1.0)
-    slow.speed.observe(1, 4.0)
+    registry, fast, slow = fast_and_slow(clock, slow_spu=4.0)
     running = await registry.acquire(cost=1.0)
     assert running.worker is fast
     got: dict[str, Worker] = {}
@@ -155,10 +161,7 @@ async def test_queue_waits_for_a_faster_busy_worker_and_backfills_the_slow_one()
 
 async def test_requests_waiting_for_the_fast_worker_count_as_its_backlog() -> None:
     clock = Clock()
-    registry = pool(2, clock, max_inflight_per_worker=1)
-    fast, slow = registry.workers()
-    fast.speed.observe(1, 1.0)
-    slow.speed.observe(1, 2.5)
+    registry, fast, slow = fast_and_slow(clock, slow_spu=2.5)
     running = await registry.acquire(cost=1.0)
     assert running.worker is fast
     got: dict[str, Worker] = {}
@@ -181,10 +184,7 @@ async def test_requests_waiting_for_the_fast_worker_count_as_its_backlog() -> No
 
 async def test_a_request_held_for_a_worker_that_overruns_goes_elsewhere() -> None:
     clock = Clock()
-    registry = pool(2, clock, max_inflight_per_worker=1)
-    fast, slow = registry.workers()
-    fast.speed.observe(1, 1.0)
-    slow.speed.observe(1, 4.0)
+    registry, fast, slow = fast_and_slow(clock, slow_spu=4.0)
     hung = await registry.acquire(cost=1.0)
     assert hung.worker is fast
 
