@@ -43,9 +43,20 @@ def simworkers(*specs: list[str]) -> Iterator[list[str]]:
         for args in specs:
             port = free_port()
             process = subprocess.Popen(
-                [sys.executable, "-m", "dsrouter.simworker", "--host", "127.0.0.1",
-                 "--port", str(port), *args],
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                [
+                    sys.executable,
+                    "-m",
+                    "dsrouter.simworker",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    *args,
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
             processes.append(process)
             _wait_line(process, "simworker listening on")
             urls.append(f"http://127.0.0.1:{port}")
@@ -67,9 +78,24 @@ def router(config: str, worker_urls: list[str]) -> Iterator[tuple[str, int]]:
         workers = "".join(f'\n[[workers]]\nurl = "{url}"\n' for url in worker_urls)
         path.write_text(config + workers)
         process = subprocess.Popen(
-            [sys.executable, "-m", "dsrouter", "run", "--config", str(path), "--host",
-             "127.0.0.1", "--port", "0", "--log-level", "error"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            [
+                sys.executable,
+                "-m",
+                "dsrouter",
+                "run",
+                "--config",
+                str(path),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--log-level",
+                "error",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         try:
             line = _wait_line(process, "dsrouter listening on")
             url = line.split("dsrouter listening on ", 1)[1].strip()

@@ -47,6 +47,7 @@ def section_a() -> None:
     """Median and p99 latency of 1 KiB requests, direct vs through the router."""
     body = {"prompt": "x" * 900, "size": "8x8", "response_format": "url", "seed": 1}
     with simworkers(["--task-type", "T2I", *INSTANT]) as urls, router(BASE, urls) as (url, _):
+
         def timings(target: str, count: int = 400) -> list[float]:
             out = []
             with httpx.Client(timeout=30) as client:
@@ -60,8 +61,10 @@ def section_a() -> None:
 
         direct, routed = timings(urls[0]), timings(url)
     figures = {
-        "direct_p50_ms": percentile(direct, 50), "direct_p99_ms": percentile(direct, 99),
-        "router_p50_ms": percentile(routed, 50), "router_p99_ms": percentile(routed, 99),
+        "direct_p50_ms": percentile(direct, 50),
+        "direct_p99_ms": percentile(direct, 99),
+        "router_p50_ms": percentile(routed, 50),
+        "router_p99_ms": percentile(routed, 99),
     }
     figures["added_p50_ms"] = figures["router_p50_ms"] - figures["direct_p50_ms"]
     figures["added_p99_ms"] = figures["router_p99_ms"] - figures["direct_p99_ms"]
@@ -78,14 +81,22 @@ def section_b() -> None:
     for policy in ("least-work", "least-request", "round-robin", "random"):
         config = BASE + f'[routing]\nalgorithm = "{policy}"\n'
         with simworkers(*specs) as urls, router(config, urls) as (url, pid):
-            subprocess.run(["wrk", "-t1", "-c64", "-d3s", f"{url}/server_info"],
-                           capture_output=True, check=True)
+            subprocess.run(
+                ["wrk", "-t1", "-c64", "-d3s", f"{url}/server_info"],
+                capture_output=True,
+                check=True,
+            )
             before = cpu_seconds(pid)
-            out = subprocess.run(["wrk", "-t1", "-c64", "-d10s", f"{url}/server_info"],
-                                 capture_output=True, text=True, check=True).stdout
+            out = subprocess.run(
+                ["wrk", "-t1", "-c64", "-d10s", f"{url}/server_info"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
             cpu = cpu_seconds(pid) - before
-        rate = float(next(line.split()[1] for line in out.splitlines()
-                          if line.startswith("Requests/sec")))
+        rate = float(
+            next(line.split()[1] for line in out.splitlines() if line.startswith("Requests/sec"))
+        )
         figures[policy] = {"req_per_s": rate, "router_cpu_ms_per_req": cpu / (rate * 10) * 1000}
     results["b"] = figures
 
@@ -96,8 +107,9 @@ def section_c() -> None:
     worker = ["--task-type", "T2I,T2V", *INSTANT, "--video-bytes", str(size)]
     with simworkers(worker) as urls, router(BASE, urls) as (url, pid):
         with httpx.Client(timeout=120) as client:
-            job = client.post(f"{url}/v1/videos", json={"prompt": "p", "seconds": 1,
-                                                        "size": "64x64"}).json()
+            job = client.post(
+                f"{url}/v1/videos", json={"prompt": "p", "seconds": 1, "size": "64x64"}
+            ).json()
             while client.get(f"{url}/v1/videos/{job['id']}").json()["status"] != "completed":
                 time.sleep(0.1)
             rss_before = rss_mib(pid)
@@ -107,14 +119,23 @@ def section_c() -> None:
                 for chunk in response.iter_raw(1024 * 1024):
                     received += len(chunk)
             elapsed = time.perf_counter() - start
-            download = {"mb_per_s": received / MiB / elapsed,
-                        "rss_growth_mib": rss_mib(pid, "VmHWM") - rss_before}
+            download = {
+                "mb_per_s": received / MiB / elapsed,
+                "rss_growth_mib": rss_mib(pid, "VmHWM") - rss_before,
+            }
 
         async def images() -> tuple[float, int]:
-            payload = {"prompt": "big", "width": 2048, "height": 2048, "n": 1,
-                       "output_format": "png", "response_format": "b64_json"}
+            payload = {
+                "prompt": "big",
+                "width": 2048,
+                "height": 2048,
+                "n": 1,
+                "output_format": "png",
+                "response_format": "b64_json",
+            }
             total = 0
             async with httpx.AsyncClient(timeout=120) as client:
+
                 async def one() -> None:
                     nonlocal total
                     for _ in range(4):
@@ -129,8 +150,11 @@ def section_c() -> None:
 
         rss_before = rss_mib(pid)
         elapsed, total = trio.run(images)
-        b64 = {"mb_per_s": total / MiB / elapsed, "answer_mib": total / 32 / MiB,
-               "rss_growth_mib": rss_mib(pid, "VmHWM") - rss_before}
+        b64 = {
+            "mb_per_s": total / MiB / elapsed,
+            "answer_mib": total / 32 / MiB,
+            "rss_growth_mib": rss_mib(pid, "VmHWM") - rss_before,
+        }
     results["c"] = {"download_256mib": download, "b64_images_c8": b64}
 
 
@@ -142,8 +166,9 @@ trace ten times faster, where the fixed per-request cost of Python workers and r
 two shared cores is no longer small next to the service times."""
 
 
-def _trace(sec_per_unit: float, seed: int = 7, count: int = 240,
-           load: float = 0.75) -> list[dict[str, object]]:
+def _trace(
+    sec_per_unit: float, seed: int = 7, count: int = 240, load: float = 0.75
+) -> list[dict[str, object]]:
     """A seeded mix of request sizes and steps (costs differ up to ~80x), Poisson arrivals."""
     rng = random.Random(seed)
     shapes = [(256, 256), (512, 512), (768, 768), (1024, 1024)]
@@ -151,10 +176,12 @@ def _trace(sec_per_unit: float, seed: int = 7, count: int = 240,
     requests = []
     for _ in range(count):
         width, height = rng.choice(shapes)
-        requests.append({"width": width, "height": height,
-                         "num_inference_steps": rng.choice(steps)})
-    mean_cost = statistics.mean(r["width"] * r["height"] / 1e6 * r["num_inference_steps"]
-                                for r in requests)
+        requests.append(
+            {"width": width, "height": height, "num_inference_steps": rng.choice(steps)}
+        )
+    mean_cost = statistics.mean(
+        r["width"] * r["height"] / 1e6 * r["num_inference_steps"] for r in requests
+    )
     rate = load * sum(SPEEDS) / (mean_cost * sec_per_unit)
     t = 0.0
     for request in requests:
@@ -169,8 +196,10 @@ def _oracle(trace: list[dict[str, object]], sec_per_unit: float) -> list[float]:
     latencies = []
     for request in trace:
         cost = request["width"] * request["height"] / 1e6 * request["num_inference_steps"]
-        finishes = [max(request["at"], free[i]) + cost * sec_per_unit / speed
-                    for i, speed in enumerate(SPEEDS)]
+        finishes = [
+            max(request["at"], free[i]) + cost * sec_per_unit / speed
+            for i, speed in enumerate(SPEEDS)
+        ]
         best = min(range(len(SPEEDS)), key=finishes.__getitem__)
         free[best] = finishes[best]
         latencies.append(finishes[best] - request["at"])
@@ -178,8 +207,12 @@ def _oracle(trace: list[dict[str, object]], sec_per_unit: float) -> list[float]:
 
 
 def _summary(latencies: list[float], makespan: float) -> dict[str, float]:
-    return {"mean_s": statistics.mean(latencies), "p50_s": percentile(latencies, 50),
-            "p99_s": percentile(latencies, 99), "makespan_s": makespan}
+    return {
+        "mean_s": statistics.mean(latencies),
+        "p50_s": percentile(latencies, 50),
+        "p99_s": percentile(latencies, 99),
+        "makespan_s": makespan,
+    }
 
 
 def section_d() -> None:
@@ -188,20 +221,33 @@ def section_d() -> None:
     trace = _trace(spu)
     oracle = _oracle(trace, spu)
     last = max(r["at"] for r in trace)
-    oracle_summary = _summary(oracle, max(r["at"] + lat for r, lat in zip(trace, oracle,
-                                                                         strict=True)))
-    specs = [["--task-type", "T2I", "--sec-per-mpx-step", str(spu), "--speed",
-              str(speed)] for speed in SPEEDS]
-    figures: dict[str, object] = {"sec_per_unit": spu, "oracle": oracle_summary,
-                                  "requests": len(trace), "trace_span_s": last}
+    oracle_summary = _summary(
+        oracle, max(r["at"] + lat for r, lat in zip(trace, oracle, strict=True))
+    )
+    specs = [
+        ["--task-type", "T2I", "--sec-per-mpx-step", str(spu), "--speed", str(speed)]
+        for speed in SPEEDS
+    ]
+    figures: dict[str, object] = {
+        "sec_per_unit": spu,
+        "oracle": oracle_summary,
+        "requests": len(trace),
+        "trace_span_s": last,
+    }
     # "+queue:N": routing.max_inflight_per_worker = N, the rest waits in the router
-    variants = [("least-work+queue:1", "least-work", 1), ("least-work+queue:2", "least-work", 2),
-                ("least-work", "least-work", 0),
-                ("least-request", "least-request", 0), ("round-robin", "round-robin", 0),
-                ("random", "random", 0)]
+    variants = [
+        ("least-work+queue:1", "least-work", 1),
+        ("least-work+queue:2", "least-work", 2),
+        ("least-work", "least-work", 0),
+        ("least-request", "least-request", 0),
+        ("round-robin", "round-robin", 0),
+        ("random", "random", 0),
+    ]
     for name, policy, cap in variants:
-        config = BASE + (f'[routing]\nalgorithm = "{policy}"\nmax_inflight_per_worker = {cap}\n'
-                         f'[cost]\ndefault_seconds_per_unit = {spu}\n')
+        config = BASE + (
+            f'[routing]\nalgorithm = "{policy}"\nmax_inflight_per_worker = {cap}\n'
+            f"[cost]\ndefault_seconds_per_unit = {spu}\n"
+        )
         with simworkers(*specs) as urls, router(config, urls) as (url, _):
             latencies, makespan = trio.run(_replay, url, trace)
         summary = _summary(latencies, makespan)
@@ -220,8 +266,10 @@ async def _replay(url: str, trace: list[dict[str, object]]) -> tuple[list[float]
             await trio.sleep_until(start + request["at"])
             sent = trio.current_time()
             body = {k: v for k, v in request.items() if k != "at"}
-            answer = await c.post(f"{url}/v1/images/generations",
-                                  json={"prompt": "bench", "response_format": "url", **body})
+            answer = await c.post(
+                f"{url}/v1/images/generations",
+                json={"prompt": "bench", "response_format": "url", **body},
+            )
             answer.raise_for_status()
             latencies[index] = trio.current_time() - sent
 
@@ -239,8 +287,7 @@ def section_e() -> None:
 
     count = 1000
     base_port = 21000
-    with simworkers(["--task-type", "T2I", *INSTANT, "--port-range",
-                     f"{base_port}:{count}"]) as _:
+    with simworkers(["--task-type", "T2I", *INSTANT, "--port-range", f"{base_port}:{count}"]) as _:
         urls = [f"http://127.0.0.1:{base_port + i}" for i in range(count)]
         config = BASE.replace("interval_s = 2.0", "interval_s = 10.0")
         with router(config, urls) as (_, pid):
@@ -250,6 +297,7 @@ def section_e() -> None:
             share = (cpu_seconds(pid) - before) / (time.monotonic() - start)
     routing: dict[str, float] = {}
     for policy in ("least-work", "least-request", "round-robin", "random"):
+
         async def measure(policy: str = policy) -> float:
             registry = Registry(HealthConfig(), make_policy(policy), routing=RoutingConfig())
             for i in range(count):
@@ -263,8 +311,11 @@ def section_e() -> None:
             return (time.perf_counter() - begin) / rounds * 1e6
 
         routing[policy] = trio.run(measure)
-    results["e"] = {"workers": count, "probe_loop_cpu_share_of_a_core": share,
-                    "routing_us_per_request": routing}
+    results["e"] = {
+        "workers": count,
+        "probe_loop_cpu_share_of_a_core": share,
+        "routing_us_per_request": routing,
+    }
 
 
 SECTIONS = {"a": section_a, "b": section_b, "c": section_c, "d": section_d, "e": section_e}
@@ -274,8 +325,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="abcde", help="sections, e.g. a,d")
     parser.add_argument("--write", action="store_true", help="rewrite bench/RESULTS.md")
-    parser.add_argument("--sec-per-unit", type=float, default=SEC_PER_UNIT,
-                        help="(d) seconds per megapixel-step at speed 1")
+    parser.add_argument(
+        "--sec-per-unit",
+        type=float,
+        default=SEC_PER_UNIT,
+        help="(d) seconds per megapixel-step at speed 1",
+    )
     args = parser.parse_args(namespace=options)
     for name in args.only.replace(",", ""):
         print(f"--- section {name}: {SECTIONS[name].__doc__}", flush=True)
@@ -290,15 +345,26 @@ def main() -> None:
 
 
 def render(only: str) -> str:
-    lines = ["# Benchmark results", "",
-             f"Command: `python bench/run.py --only {only} --write` on "
-             f"{platform.node() or 'this machine'} ({platform.machine()}, "
-             f"{__import__('os').cpu_count()} cores, Python {platform.python_version()}), "
-             f"{time.strftime('%Y-%m-%d')}.", "",
-             "Raw figures per section (see the docstrings in bench/run.py):", ""]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Command: `python bench/run.py --only {only} --write` on "
+        f"{platform.node() or 'this machine'} ({platform.machine()}, "
+        f"{__import__('os').cpu_count()} cores, Python {platform.python_version()}), "
+        f"{time.strftime('%Y-%m-%d')}.",
+        "",
+        "Raw figures per section (see the docstrings in bench/run.py):",
+        "",
+    ]
     for name in only.replace(",", ""):
-        lines += [f"## ({name}) {SECTIONS[name].__doc__}", "", "```json",
-                  json.dumps(results[name], indent=2), "```", ""]
+        lines += [
+            f"## ({name}) {SECTIONS[name].__doc__}",
+            "",
+            "```json",
+            json.dumps(results[name], indent=2),
+            "```",
+            "",
+        ]
     return "\n".join(lines)
 
 

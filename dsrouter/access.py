@@ -75,8 +75,10 @@ class RequestRecord:
             if message["type"] == "http.response.start":
                 self.status = message["status"]
                 self.first_byte_at = trio.current_time()
-                message["headers"] = [*(h for h in message.get("headers", ())
-                                        if h[0].lower() != b"x-request-id"), own_id]
+                message["headers"] = [
+                    *(h for h in message.get("headers", ()) if h[0].lower() != b"x-request-id"),
+                    own_id,
+                ]
             elif message["type"] == "http.response.body":
                 self.bytes_out += len(message.get("body", b""))
                 self.finished = not message.get("more_body", False)
@@ -86,6 +88,7 @@ class RequestRecord:
 
     def wrap_receive(self, receive: Receive) -> Receive:
         """Count request body bytes (for handlers that do not count them themselves)."""
+
         async def wrapped() -> dict[str, Any]:
             message = await receive()
             if message["type"] == "http.request":
@@ -119,8 +122,10 @@ class AccessLog:
         counter.inc()
         histograms = self._histograms.get(route)
         if histograms is None:
-            histograms = self._histograms[route] = (metrics.duration.labels(route),
-                                                    metrics.ttfb.labels(route))
+            histograms = self._histograms[route] = (
+                metrics.duration.labels(route),
+                metrics.ttfb.labels(route),
+            )
         histograms[0].observe(elapsed)
         if record.first_byte_at is not None:
             histograms[1].observe(record.first_byte_at - record.started_at)
@@ -132,14 +137,30 @@ class AccessLog:
         if not config.access_log or record.path in config.access_log_exclude:
             return
         fields = {
-            "request_id": record.request_id, "method": record.method, "path": record.path,
-            "route": route, "status": record.status or None, "worker": record.worker,
-            "attempts": record.attempts, "bytes_in": record.bytes_in,
-            "bytes_out": record.bytes_out, "latency_ms": round(elapsed * 1000, 2),
-            "ttfb_ms": None if record.first_byte_at is None
+            "request_id": record.request_id,
+            "method": record.method,
+            "path": record.path,
+            "route": route,
+            "status": record.status or None,
+            "worker": record.worker,
+            "attempts": record.attempts,
+            "bytes_in": record.bytes_in,
+            "bytes_out": record.bytes_out,
+            "latency_ms": round(elapsed * 1000, 2),
+            "ttfb_ms": None
+            if record.first_byte_at is None
             else round((record.first_byte_at - record.started_at) * 1000, 2),
         }
-        access_log.info("%s %s %s %s worker=%s attempts=%d in=%d out=%d %.1fms",
-                        record.request_id, record.method, record.path, status, record.worker,
-                        record.attempts, record.bytes_in, record.bytes_out, elapsed * 1000,
-                        extra={"access": fields})
+        access_log.info(
+            "%s %s %s %s worker=%s attempts=%d in=%d out=%d %.1fms",
+            record.request_id,
+            record.method,
+            record.path,
+            status,
+            record.worker,
+            record.attempts,
+            record.bytes_in,
+            record.bytes_out,
+            elapsed * 1000,
+            extra={"access": fields},
+        )

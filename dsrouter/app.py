@@ -49,8 +49,9 @@ def create_app(context: RouterContext, control: PoolControl) -> QuartTrio:
     app.register_blueprint(discovery.bp)
     app.register_blueprint(rl.bp)
     app.register_blueprint(ops.bp)
-    control_paths = frozenset(rule.rule for rule in app.url_map.iter_rules()
-                              if rule.endpoint.startswith(f"{rl.bp.name}."))
+    control_paths = frozenset(
+        rule.rule for rule in app.url_map.iter_rules() if rule.endpoint.startswith(f"{rl.bp.name}.")
+    )
 
     def body_limit(path: str) -> int:
         if path in control_paths:
@@ -71,8 +72,7 @@ def _request_class(body_limit: Callable[[str], int]) -> type[TrioRequest]:
     """
 
     class BodyLimitedRequest(TrioRequest):
-        def __init__(self, method: str, scheme: str, path: str, *args: Any,
-                     **kwargs: Any) -> None:
+        def __init__(self, method: str, scheme: str, path: str, *args: Any, **kwargs: Any) -> None:
             limit = body_limit(path)
             kwargs["max_content_length"] = limit
             super().__init__(method, scheme, path, *args, **kwargs)

@@ -18,12 +18,16 @@ PUBLIC_PATHS = frozenset({"/health", "/openapi.json"})
 class Auth:
     def __init__(self, security: SecurityConfig) -> None:
         try:
-            self.admin_token = resolve_secret(security.admin_token, security.admin_token_env,
-                                              security.admin_token_file)
+            self.admin_token = resolve_secret(
+                security.admin_token, security.admin_token_env, security.admin_token_file
+            )
             keys = list(security.api_keys)
             if security.api_keys_file:
-                keys += [line.strip() for line in Path(security.api_keys_file).read_text()
-                         .splitlines() if line.strip() and not line.startswith("#")]
+                keys += [
+                    line.strip()
+                    for line in Path(security.api_keys_file).read_text().splitlines()
+                    if line.strip() and not line.startswith("#")
+                ]
         except OSError as exc:
             raise ConfigError([f"security: cannot read secret file: {exc}"]) from None
         self.api_keys = [key.encode() for key in keys if key]

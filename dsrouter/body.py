@@ -31,8 +31,15 @@ class ClientTooSlow(Exception):
 
 
 class RequestBody:
-    def __init__(self, receive: Receive, *, present: bool, content_length: int | None,
-                 max_bytes: int, idle_s: float) -> None:
+    def __init__(
+        self,
+        receive: Receive,
+        *,
+        present: bool,
+        content_length: int | None,
+        max_bytes: int,
+        idle_s: float,
+    ) -> None:
         self._receive = receive
         self.present = present
         self.content_length = content_length

@@ -22,17 +22,24 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("overrides (sglang-d-router flags)")
     group.add_argument("--host", help="bind address (server.host, default 0.0.0.0)")
     group.add_argument("--port", type=int, help="bind port (server.port, default 30080)")
-    group.add_argument("--worker-urls", nargs="*", metavar="URL",
-                       help="static workers; replaces [[workers]] of the file")
+    group.add_argument(
+        "--worker-urls",
+        nargs="*",
+        metavar="URL",
+        help="static workers; replaces [[workers]] of the file",
+    )
     group.add_argument("--max-connections", type=int, help="server.max_connections")
     group.add_argument("--timeout", type=float, help="seconds a worker may take to answer")
     group.add_argument("--health-check-interval", type=float, help="health.interval_s")
-    group.add_argument("--health-check-failure-threshold", type=int,
-                       help="health.failure_threshold")
-    group.add_argument("--routing-algorithm",
-                       help="least-request | round-robin | random (routing.algorithm)")
-    group.add_argument("--launcher-config", type=Path,
-                       help="sglang-d-router launcher YAML (launcher: ...)")
+    group.add_argument(
+        "--health-check-failure-threshold", type=int, help="health.failure_threshold"
+    )
+    group.add_argument(
+        "--routing-algorithm", help="least-request | round-robin | random (routing.algorithm)"
+    )
+    group.add_argument(
+        "--launcher-config", type=Path, help="sglang-d-router launcher YAML (launcher: ...)"
+    )
     group.add_argument("--log-level", help="debug | info | warning | error")
     group.add_argument("--verbose", action="store_true", help="same as --log-level debug")
 
@@ -63,10 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the router")
     _add_overrides(run)
-    run.add_argument("--demo", action="store_true",
-                     help="also launch simulated CPU workers (no GPU needed)")
-    run.add_argument("--demo-workers", type=int, default=2, metavar="N",
-                     help="number of simulated workers with --demo (default 2)")
+    run.add_argument(
+        "--demo", action="store_true", help="also launch simulated CPU workers (no GPU needed)"
+    )
+    run.add_argument(
+        "--demo-workers",
+        type=int,
+        default=2,
+        metavar="N",
+        help="number of simulated workers with --demo (default 2)",
+    )
     check = commands.add_parser("check-config", help="validate and print the effective config")
     _add_overrides(check)
     ctl.add_parsers(commands)
@@ -91,5 +104,3 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(config.logging)
     return main_run(config, lambda: _load(args))
-
-

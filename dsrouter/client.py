@@ -103,8 +103,10 @@ class RefitError(DsrouterError):
         self.failed = result.failed
         names = "; ".join(f"{url}: {reason}" for url, reason in self.failed.items())
         confirmed = sum(1 for r in result.results if r.ok)
-        text = (f"refit failed on {len(self.failed)} worker(s) ({confirmed}/"
-                f"{len(result.results)} confirmed, pool version {result.version}): {names}")
+        text = (
+            f"refit failed on {len(self.failed)} worker(s) ({confirmed}/"
+            f"{len(result.results)} confirmed, pool version {result.version}): {names}"
+        )
         if result.message:
             text += f" ({result.message})"
         super().__init__(text)
@@ -147,14 +149,21 @@ class WorkerResult:
         if self.error:
             return self.error
         body = self.body
-        message = (body.get("message") or body.get("detail") or body.get("error")
-                   if isinstance(body, dict) else body)
+        message = (
+            body.get("message") or body.get("detail") or body.get("error")
+            if isinstance(body, dict)
+            else body
+        )
         return f"{self.status_code}: {str(message)[:200]}"
 
     @classmethod
     def from_json(cls, entry: dict[str, Any]) -> WorkerResult:
-        return cls(entry.get("worker_url", "?"), entry.get("status_code"), entry.get("body"),
-                   entry.get("error"))
+        return cls(
+            entry.get("worker_url", "?"),
+            entry.get("status_code"),
+            entry.get("body"),
+            entry.get("error"),
+        )
 
 
 @attrs.frozen
@@ -170,8 +179,9 @@ class BroadcastResult:
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> BroadcastResult:
-        return cls([WorkerResult.from_json(r) for r in body.get("results", [])],
-                   body.get("message"))
+        return cls(
+            [WorkerResult.from_json(r) for r in body.get("results", [])], body.get("message")
+        )
 
 
 @attrs.frozen
@@ -199,8 +209,13 @@ class RefitResult:
         success = body.get("success")
         if not isinstance(success, bool):
             success = all(r.ok for r in results)
-        return cls(success, body.get("version"), results, list(body.get("stale_workers", [])),
-                   body.get("message"))
+        return cls(
+            success,
+            body.get("version"),
+            results,
+            list(body.get("stale_workers", [])),
+            body.get("message"),
+        )
 
 
 @attrs.frozen
@@ -273,11 +288,19 @@ class PoolHealth:
         def count(key: str) -> int:
             return int(data.get(key) or 0)
 
-        return cls(str(data.get("status", "unknown")), count("healthy_workers"),
-                   count("total_workers"), count("dead_workers"), count("sleeping_workers"),
-                   count("draining_workers"), count("stale_workers"), count("in_flight"),
-                   count("queued"), data.get("target_version"),
-                   bool(data.get("pool_sleeping")))
+        return cls(
+            str(data.get("status", "unknown")),
+            count("healthy_workers"),
+            count("total_workers"),
+            count("dead_workers"),
+            count("sleeping_workers"),
+            count("draining_workers"),
+            count("stale_workers"),
+            count("in_flight"),
+            count("queued"),
+            data.get("target_version"),
+            bool(data.get("pool_sleeping")),
+        )
 
 
 # ---- the calls, described once -----------------------------------------------------------
@@ -318,8 +341,9 @@ def _raise_for_status(response: httpx.Response, ok: tuple[int, ...] = (200,)) ->
     cls = HTTPStatusError
     if response.status_code == 503 and "asleep" in message:
         cls = PoolAsleepError
-    raise cls(response.request.method, str(response.request.url), response.status_code,
-              message, body)
+    raise cls(
+        response.request.method, str(response.request.url), response.status_code, message, body
+    )
 
 
 def _json(response: httpx.Response) -> Any:
@@ -327,9 +351,13 @@ def _json(response: httpx.Response) -> Any:
     try:
         return response.json()
     except ValueError:
-        raise HTTPStatusError(response.request.method, str(response.request.url),
-                              response.status_code, "answer is not JSON",
-                              response.text) from None
+        raise HTTPStatusError(
+            response.request.method,
+            str(response.request.url),
+            response.status_code,
+            "answer is not JSON",
+            response.text,
+        ) from None
 
 
 def _expect_ok(response: httpx.Response) -> None:
@@ -341,17 +369,22 @@ def _parse_images(response: httpx.Response) -> ImageResult:
     data = body.get("data") or []
     images = [base64.b64decode(item["b64_json"]) for item in data if item.get("b64_json")]
     urls = [item["url"] for item in data if item.get("url")]
-    return ImageResult(body.get("id"), images, urls, response.headers.get("x-dsrouter-worker"),
-                       body)
+    return ImageResult(
+        body.get("id"), images, urls, response.headers.get("x-dsrouter-worker"), body
+    )
 
 
 def _parse_rollout(response: httpx.Response) -> list[dict[str, Any]]:
     _raise_for_status(response)
     samples = msgpack.unpackb(response.content, raw=False, strict_map_key=False)
     if not isinstance(samples, list):
-        raise HTTPStatusError(response.request.method, str(response.request.url),
-                              response.status_code, "rollout answer is not a msgpack array",
-                              samples)
+        raise HTTPStatusError(
+            response.request.method,
+            str(response.request.url),
+            response.status_code,
+            "rollout answer is not a msgpack array",
+            samples,
+        )
     return samples
 
 
@@ -372,9 +405,13 @@ def _parse_health(response: httpx.Response) -> PoolHealth:
     _raise_for_status(response, ok=(200, 503))
     body = _json_or_text(response)
     if not isinstance(body, dict):
-        raise HTTPStatusError(response.request.method, str(response.request.url),
-                              response.status_code, "health answer is not a JSON object",
-                              body)
+        raise HTTPStatusError(
+            response.request.method,
+            str(response.request.url),
+            response.status_code,
+            "health answer is not a JSON object",
+            body,
+        )
     return PoolHealth.from_json(body)
 
 
@@ -387,8 +424,9 @@ class _Calls:
     """Every call as data; `Client` and `AsyncClient` only send them."""
 
     @staticmethod
-    def generate_images(prompt: str, size: str | None, n: int, response_format: str,
-                        extra: dict[str, Any]) -> _Call[ImageResult]:
+    def generate_images(
+        prompt: str, size: str | None, n: int, response_format: str, extra: dict[str, Any]
+    ) -> _Call[ImageResult]:
         body = {"prompt": prompt, "n": n, "response_format": response_format, **extra}
         if size is not None:
             body["size"] = size
@@ -396,12 +434,23 @@ class _Calls:
 
     @staticmethod
     def rollout(prompt: str, seed: int, fields: dict[str, Any]) -> _Call[list[dict[str, Any]]]:
-        return _Call("POST", "/rollout/generate", _parse_rollout,
-                     {"prompt": prompt, "seed": seed, **fields}, admin=False)
+        return _Call(
+            "POST",
+            "/rollout/generate",
+            _parse_rollout,
+            {"prompt": prompt, "seed": seed, **fields},
+            admin=False,
+        )
 
     @staticmethod
-    def refit(path: str, version: str | None, mode: str, verify_checksum: bool,
-              drain_timeout_s: float | None, extra: dict[str, Any]) -> _Call[RefitResult]:
+    def refit(
+        path: str,
+        version: str | None,
+        mode: str,
+        verify_checksum: bool,
+        drain_timeout_s: float | None,
+        extra: dict[str, Any],
+    ) -> _Call[RefitResult]:
         body: dict[str, Any] = {"model_path": path, "mode": mode, **extra}
         if version is not None:
             body["weight_version"] = version
@@ -417,13 +466,13 @@ class _Calls:
 
     @staticmethod
     def workers() -> _Call[list[WorkerInfo]]:
-        return _Call("GET", "/workers",
-                     lambda r: [WorkerInfo.from_json(w) for w in _json(r)["workers"]])
+        return _Call(
+            "GET", "/workers", lambda r: [WorkerInfo.from_json(w) for w in _json(r)["workers"]]
+        )
 
     @staticmethod
     def managed_workers() -> _Call[list[dict[str, Any]]]:
-        return _Call("GET", "/workers",
-                     lambda r: list(_json(r).get("managed_workers") or []))
+        return _Call("GET", "/workers", lambda r: list(_json(r).get("managed_workers") or []))
 
     @staticmethod
     def health() -> _Call[PoolHealth]:
@@ -431,8 +480,9 @@ class _Calls:
 
     @staticmethod
     def add_worker(url: str) -> _Call[WorkerInfo]:
-        return _Call("POST", "/workers", lambda r: WorkerInfo.from_json(_json(r)["worker"]),
-                     {"url": url})
+        return _Call(
+            "POST", "/workers", lambda r: WorkerInfo.from_json(_json(r)["worker"]), {"url": url}
+        )
 
     @staticmethod
     def remove_worker(url: str) -> _Call[None]:
@@ -441,15 +491,17 @@ class _Calls:
     @staticmethod
     def set_draining(url: str, draining: bool, remove_when_drained: bool) -> _Call[WorkerInfo]:
         body = {"draining": draining, "remove_when_drained": remove_when_drained}
-        return _Call("PUT", _worker_path(url),
-                     lambda r: WorkerInfo.from_json(_json(r)["worker"]), body)
+        return _Call(
+            "PUT", _worker_path(url), lambda r: WorkerInfo.from_json(_json(r)["worker"]), body
+        )
 
 
 class _Base:
     def __init__(self, base_url: str, admin_token: str | None, api_key: str | None) -> None:
         self.base_url = base_url.rstrip("/")
-        self._admin_token = (os.environ.get(ADMIN_TOKEN_ENV, "") if admin_token is None
-                             else admin_token)
+        self._admin_token = (
+            os.environ.get(ADMIN_TOKEN_ENV, "") if admin_token is None else admin_token
+        )
         self._api_key = os.environ.get(API_KEY_ENV, "") if api_key is None else api_key
 
     def _headers(self, admin: bool) -> dict[str, str]:
@@ -476,16 +528,26 @@ class Client(_Base):
     router's drain timeout for refits.
     """
 
-    def __init__(self, base_url: str = DEFAULT_URL, *, admin_token: str | None = None,
-                 api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        *,
+        admin_token: str | None = None,
+        api_key: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
         super().__init__(base_url, admin_token, api_key)
         self._http = httpx.Client(base_url=self.base_url, timeout=_timeout(timeout))
 
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
         self.close()
 
     def close(self) -> None:
@@ -493,14 +555,22 @@ class Client(_Base):
 
     def _send(self, call: _Call[T]) -> T:
         try:
-            response = self._http.request(call.method, call.path, json=call.json,
-                                          headers=self._headers(call.admin))
+            response = self._http.request(
+                call.method, call.path, json=call.json, headers=self._headers(call.admin)
+            )
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc
         return call.parse(response)
 
-    def generate_images(self, prompt: str, *, size: str | None = None, n: int = 1,
-                        response_format: str = "b64_json", **extra: Any) -> ImageResult:
+    def generate_images(
+        self,
+        prompt: str,
+        *,
+        size: str | None = None,
+        n: int = 1,
+        response_format: str = "b64_json",
+        **extra: Any,
+    ) -> ImageResult:
         """`POST /v1/images/generations`; `extra` goes into the body as is (seed, steps...).
 
         `size` None keeps the worker's default (1024x1024 on sglang).
@@ -516,9 +586,16 @@ class Client(_Base):
         """
         return self._send(_Calls.rollout(prompt, seed, fields))
 
-    def refit(self, path: str, *, version: str | None = None, mode: str = "drain",
-              verify_checksum: bool = False, drain_timeout_s: float | None = None,
-              **extra: Any) -> RefitResult:
+    def refit(
+        self,
+        path: str,
+        *,
+        version: str | None = None,
+        mode: str = "drain",
+        verify_checksum: bool = False,
+        drain_timeout_s: float | None = None,
+        **extra: Any,
+    ) -> RefitResult:
         """Load new weights on every active worker (`POST /update_weights_from_disk`).
 
         `version` names the weights (default: `path`); `mode="drain"` lets in-flight
@@ -526,8 +603,9 @@ class Client(_Base):
         (`flush_cache`, `target_modules`). Raises `RefitError` unless every worker
         confirmed.
         """
-        return self._send(_Calls.refit(path, version, mode, verify_checksum, drain_timeout_s,
-                                       extra))
+        return self._send(
+            _Calls.refit(path, version, mode, verify_checksum, drain_timeout_s, extra)
+        )
 
     def sleep(self) -> BroadcastResult:
         """Release the pool's GPU memory (for training); requests get `PoolAsleepError`."""
@@ -555,8 +633,9 @@ class Client(_Base):
     def remove_worker(self, url: str) -> None:
         self._send(_Calls.remove_worker(url))
 
-    def set_draining(self, url: str, draining: bool = True, *,
-                     remove_when_drained: bool = False) -> WorkerInfo:
+    def set_draining(
+        self, url: str, draining: bool = True, *, remove_when_drained: bool = False
+    ) -> WorkerInfo:
         """Take a worker out of rotation (or back in); in-flight requests finish."""
         return self._send(_Calls.set_draining(url, draining, remove_when_drained))
 
@@ -564,16 +643,26 @@ class Client(_Base):
 class AsyncClient(_Base):
     """The async twin of `Client` (same methods, awaited); works under asyncio and trio."""
 
-    def __init__(self, base_url: str = DEFAULT_URL, *, admin_token: str | None = None,
-                 api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        *,
+        admin_token: str | None = None,
+        api_key: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
         super().__init__(base_url, admin_token, api_key)
         self._http = httpx.AsyncClient(base_url=self.base_url, timeout=_timeout(timeout))
 
     async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, traceback: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:
@@ -581,28 +670,43 @@ class AsyncClient(_Base):
 
     async def _send(self, call: _Call[T]) -> T:
         try:
-            response = await self._http.request(call.method, call.path, json=call.json,
-                                                headers=self._headers(call.admin))
+            response = await self._http.request(
+                call.method, call.path, json=call.json, headers=self._headers(call.admin)
+            )
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc
         return call.parse(response)
 
-    async def generate_images(self, prompt: str, *, size: str | None = None, n: int = 1,
-                              response_format: str = "b64_json", **extra: Any) -> ImageResult:
+    async def generate_images(
+        self,
+        prompt: str,
+        *,
+        size: str | None = None,
+        n: int = 1,
+        response_format: str = "b64_json",
+        **extra: Any,
+    ) -> ImageResult:
         """See `Client.generate_images`."""
-        return await self._send(_Calls.generate_images(prompt, size, n, response_format,
-                                                       extra))
+        return await self._send(_Calls.generate_images(prompt, size, n, response_format, extra))
 
     async def rollout(self, prompt: str, *, seed: int, **fields: Any) -> list[dict[str, Any]]:
         """See `Client.rollout`."""
         return await self._send(_Calls.rollout(prompt, seed, fields))
 
-    async def refit(self, path: str, *, version: str | None = None, mode: str = "drain",
-                    verify_checksum: bool = False, drain_timeout_s: float | None = None,
-                    **extra: Any) -> RefitResult:
+    async def refit(
+        self,
+        path: str,
+        *,
+        version: str | None = None,
+        mode: str = "drain",
+        verify_checksum: bool = False,
+        drain_timeout_s: float | None = None,
+        **extra: Any,
+    ) -> RefitResult:
         """See `Client.refit`."""
-        return await self._send(_Calls.refit(path, version, mode, verify_checksum,
-                                             drain_timeout_s, extra))
+        return await self._send(
+            _Calls.refit(path, version, mode, verify_checksum, drain_timeout_s, extra)
+        )
 
     async def sleep(self) -> BroadcastResult:
         """See `Client.sleep`."""
@@ -629,7 +733,8 @@ class AsyncClient(_Base):
     async def remove_worker(self, url: str) -> None:
         await self._send(_Calls.remove_worker(url))
 
-    async def set_draining(self, url: str, draining: bool = True, *,
-                           remove_when_drained: bool = False) -> WorkerInfo:
+    async def set_draining(
+        self, url: str, draining: bool = True, *, remove_when_drained: bool = False
+    ) -> WorkerInfo:
         """See `Client.set_draining`."""
         return await self._send(_Calls.set_draining(url, draining, remove_when_drained))

@@ -205,8 +205,10 @@ def _is_number(value: object) -> bool:
 
 def _number_hook(kind: type, minimum: float, strict: bool, what: str) -> Any:
     def structure(value: Any, _: Any) -> Any:
-        ok_type = _is_number(value) if kind is float else isinstance(value, int) and not isinstance(
-            value, bool
+        ok_type = (
+            _is_number(value)
+            if kind is float
+            else isinstance(value, int) and not isinstance(value, bool)
         )
         if not ok_type or (value <= minimum if strict else value < minimum):
             raise ValueError(f"expected {what}, got {value!r}")
@@ -252,11 +254,14 @@ def _gpu_group(value: Any, _: Any) -> list[str]:
     if isinstance(value, str):
         ids = [part.strip() for part in value.split(",")]
     elif isinstance(value, list) and all(
-            isinstance(x, str) or (type(x) is int and x >= 0) for x in value):
+        isinstance(x, str) or (type(x) is int and x >= 0) for x in value
+    ):
         ids = [str(x).strip() for x in value]
     if not ids or not all(_GPU_ID.fullmatch(i) for i in ids):
-        raise ValueError('expected the GPU ids of one worker: a list like ["0", "1"], a string '
-                         f'like "0,1" or an integer, got {value!r}')
+        raise ValueError(
+            'expected the GPU ids of one worker: a list like ["0", "1"], a string '
+            f'like "0,1" or an integer, got {value!r}'
+        )
     return ids
 
 
@@ -274,8 +279,7 @@ def _network_entry(value: Any, _: Any) -> str:
     raise ValueError(f"expected a CIDR like '10.0.0.0/8' or a host name, got {value!r}")
 
 
-_STRUCTURE_ERRORS = (cattrs.BaseValidationError, cattrs.errors.CattrsError, ValueError,
-                     TypeError)
+_STRUCTURE_ERRORS = (cattrs.BaseValidationError, cattrs.errors.CattrsError, ValueError, TypeError)
 _NOUNS: dict[Any, str] = {
     str: "strings",
     NetworkEntry: "CIDRs or host names",
@@ -294,8 +298,9 @@ def _noun(type_: Any) -> str:
     return getattr(type_, "__name__", str(type_))
 
 
-def _structure_items(conv: cattrs.Converter, items: Iterable[tuple[Any, Any, Any]],
-                     whole: Any) -> list[Any]:
+def _structure_items(
+    conv: cattrs.Converter, items: Iterable[tuple[Any, Any, Any]], whole: Any
+) -> list[Any]:
     """Structure each `(index, value, type)`; report every failure at once, each under its
     index or key, the way cattrs's own collection hooks do for `transform_error`."""
     results, errors = [], []
@@ -333,8 +338,7 @@ def _shape_hooks(conv: cattrs.Converter) -> None:
             if not isinstance(value, dict):
                 raise ValueError(f"expected a table of {noun}, got {value!r}")
             keys = _structure_items(conv, ((k, k, key_type) for k in value), type_)
-            values = _structure_items(
-                conv, ((k, v, value_type) for k, v in value.items()), type_)
+            values = _structure_items(conv, ((k, v, value_type) for k, v in value.items()), type_)
             return dict(zip(keys, values, strict=True))
 
         return structure
@@ -347,7 +351,8 @@ def _shape_hooks(conv: cattrs.Converter) -> None:
             if not isinstance(value, list):
                 raise ValueError(f"expected a list of {noun}, got {value!r}")
             return _structure_items(
-                conv, ((i, item, item_type) for i, item in enumerate(value)), type_)
+                conv, ((i, item, item_type) for i, item in enumerate(value)), type_
+            )
 
         return structure
 
@@ -368,8 +373,10 @@ def _shape_hooks(conv: cattrs.Converter) -> None:
     def command(value: Any, _: Any) -> list[str]:
         args = conv.structure(value, list[str])
         if not args or not args[0]:
-            raise ValueError("expected a non-empty list of strings (the program, then its "
-                             f"arguments), got {value!r}")
+            raise ValueError(
+                "expected a non-empty list of strings (the program, then its "
+                f"arguments), got {value!r}"
+            )
         return args
 
     def model_costs(value: Any, _: Any) -> dict[str, ModelCost]:
@@ -531,8 +538,9 @@ def load_config(path: Path | None, overrides: Overrides | None = None) -> Config
     return structure_config(raw, str(path) if path is not None else "(defaults)", sources)
 
 
-def structure_config(raw: Mapping[str, Any], source: str,
-                     sources: Mapping[str, str] | None = None) -> Config:
+def structure_config(
+    raw: Mapping[str, Any], source: str, sources: Mapping[str, str] | None = None
+) -> Config:
     """Turn plain data into a `Config` or raise `ConfigError` listing every problem.
 
     `sources` maps key paths to where their values came from (a flag, another file);
@@ -555,8 +563,11 @@ def _problems(exc: Exception, sources: Mapping[str, str], default_source: str) -
             pairs = [(key or "(top level)", message)]
         for full_key, text in pairs:
             source = next(
-                (src for prefix, src in sources.items() if full_key == prefix
-                 or full_key.startswith((prefix + ".", prefix + "["))),
+                (
+                    src
+                    for prefix, src in sources.items()
+                    if full_key == prefix or full_key.startswith((prefix + ".", prefix + "["))
+                ),
                 default_source,
             )
             if source.startswith("--"):
@@ -600,8 +611,9 @@ def _mask(value: Any) -> Any:
     if isinstance(value, list):
         return [_mask(item) for item in value]
     if isinstance(value, dict):
-        return {name: _mask(item) if _SECRET_NAME.search(name) else item
-                for name, item in value.items()}
+        return {
+            name: _mask(item) if _SECRET_NAME.search(name) else item for name, item in value.items()
+        }
     return value
 
 

@@ -29,11 +29,19 @@ from dsrouter.registry import Health, Worker
 
 log = logging.getLogger("dsrouter.control")
 
-ROUTER_FIELDS = frozenset({"mode", "strict", "verify_checksum", "drain_timeout_s",
-                           "weight_version"})
+ROUTER_FIELDS = frozenset(
+    {"mode", "strict", "verify_checksum", "drain_timeout_s", "weight_version"}
+)
 """Refit options for the router itself; workers would reject unknown fields."""
-WEIGHT_ROUTES = frozenset({"/update_weights_from_disk", "/update_weights_from_tensor",
-                           "/v1/set_lora", "/v1/merge_lora_weights", "/v1/unmerge_lora_weights"})
+WEIGHT_ROUTES = frozenset(
+    {
+        "/update_weights_from_disk",
+        "/update_weights_from_tensor",
+        "/v1/set_lora",
+        "/v1/merge_lora_weights",
+        "/v1/unmerge_lora_weights",
+    }
+)
 REPLAYABLE = frozenset(WEIGHT_ROUTES - {"/update_weights_from_tensor"})
 """Tensor payloads are CUDA IPC handles of a co-located trainer: they cannot be replayed."""
 CHECKSUM_BODY = b"{}"
@@ -82,23 +90,35 @@ class PoolControl:
 
     # ---- broadcasting --------------------------------------------------------------------
 
-    async def broadcast(self, workers: list[Worker], method: str, path: str,
-                        body: bytes | None, request_id: str | None = None,
-                        ) -> list[dict[str, Any]]:
+    async def broadcast(
+        self,
+        workers: list[Worker],
+        method: str,
+        path: str,
+        body: bytes | None,
+        request_id: str | None = None,
+    ) -> list[dict[str, Any]]:
         """One call to each worker, concurrently, each bounded by `timeouts.control_s`.
 
         Every call carries `request_id` as `x-request-id`, so the workers' logs of one
         broadcast can be found from the router's.
         """
         request_id = request_id or new_request_id()
-        results = await trio_gather([self._call(w, method, path, body, request_id)
-                                     for w in workers])
+        results = await trio_gather(
+            [self._call(w, method, path, body, request_id) for w in workers]
+        )
         ok = all(r["status_code"] == 200 for r in results)
         self.metrics.broadcasts.labels(path, "ok" if ok else "partial").inc()
         return results
 
-    async def _call(self, worker: Worker, method: str, path: str, body: bytes | None,
-                    request_id: str | None = None) -> dict[str, Any]:
+    async def _call(
+        self,
+        worker: Worker,
+        method: str,
+        path: str,
+        body: bytes | None,
+        request_id: str | None = None,
+    ) -> dict[str, Any]:
         entry: dict[str, Any] = {"worker_url": worker.url, "status_code": None, "body": None}
         timeout = self.config.timeouts.control_s
         headers = {"content-type": "application/json"} if body is not None else {}
@@ -108,8 +128,9 @@ class PoolControl:
             headers["authorization"] = f"Bearer {key}"
         with self.registry.lease_worker(worker), trio.move_on_after(timeout) as scope:
             try:
-                response = await self.client.request(method, worker.url + path, content=body,
-                                                     headers=headers)
+                response = await self.client.request(
+                    method, worker.url + path, content=body, headers=headers
+                )
             except httpx.HTTPError as exc:
                 entry["error"] = f"Worker request failed: {type(exc).__name__}: {exc}"
                 return entry
@@ -124,8 +145,9 @@ class PoolControl:
 
     # ---- refit ---------------------------------------------------------------------------
 
-    async def change_weights(self, path: str, raw: bytes,
-                             request_id: str | None = None) -> tuple[int, dict[str, Any]]:
+    async def change_weights(
+        self, path: str, raw: bytes, request_id: str | None = None
+    ) -> tuple[int, dict[str, Any]]:
         """A weight change (disk, tensor, LoRA) applied to the pool as one transaction.
 
         The body is parsed only to read the router's own options (`ROUTER_FIELDS`). Workers
@@ -146,8 +168,9 @@ class PoolControl:
         elif ROUTER_FIELDS.isdisjoint(options):
             forwarded = raw
         else:
-            forwarded = json.dumps({k: v for k, v in options.items()
-                                    if k not in ROUTER_FIELDS}).encode()
+            forwarded = json.dumps(
+                {k: v for k, v in options.items() if k not in ROUTER_FIELDS}
+            ).encode()
         version = version or _derive_version(path, forwarded, self.registry.target_version)
         async with self.registry.control_lock:
             targets = [w for w in self.registry.workers() if active(w)]
@@ -164,24 +187,44 @@ class PoolControl:
                 if confirmed and options.get("verify_checksum"):
                     agreed = await self._verify(confirmed, request_id)
         stale = [w.url for w in self.registry.workers() if w.stale]
-        success = agreed and len(confirmed) == len(targets) and not any(
-            w.url in stale for w in confirmed)
-        answer = {"results": results, "success": success,
-                  "version": self.registry.target_version, "stale_workers": stale}
+        success = (
+            agreed and len(confirmed) == len(targets) and not any(w.url in stale for w in confirmed)
+        )
+        answer = {
+            "results": results,
+            "success": success,
+            "version": self.registry.target_version,
+            "stale_workers": stale,
+        }
         if not confirmed:
             answer["message"] = "no worker applied the update; the pool keeps its weights"
         elif not agreed:
-            answer["message"] = ("the weights checksum could not be verified: no majority "
-                                 "of the workers' answers agrees; none was marked stale")
+            answer["message"] = (
+                "the weights checksum could not be verified: no majority "
+                "of the workers' answers agrees; none was marked stale"
+            )
         status = 200
         if options.get("strict") and not success:
             status = 207 if confirmed else 500
-        log.info("%s -> version %s: %d/%d workers confirmed [%s]", path,
-                 self.registry.target_version, len(confirmed), len(targets), request_id)
+        log.info(
+            "%s -> version %s: %d/%d workers confirmed [%s]",
+            path,
+            self.registry.target_version,
+            len(confirmed),
+            len(targets),
+            request_id,
+        )
         return status, answer
 
-    def _commit(self, path: str, body: bytes, version: str, confirmed: list[Worker],
-                targets: list[Worker], results: list[dict[str, Any]]) -> None:
+    def _commit(
+        self,
+        path: str,
+        body: bytes,
+        version: str,
+        confirmed: list[Worker],
+        targets: list[Worker],
+        results: list[dict[str, Any]],
+    ) -> None:
         """Move the pool to `version`. Workers that failed are marked stale, which also has
         the registry task catch them up (`Registry.mark_stale`)."""
         if path == "/update_weights_from_disk":
@@ -214,8 +257,9 @@ class PoolControl:
         that disagree, or a tie) nothing says which side is right: no worker is marked, and
         False tells the caller the pool is not verified.
         """
-        results = await self.broadcast(workers, "POST", "/get_weights_checksum",
-                                       CHECKSUM_BODY, request_id)
+        results = await self.broadcast(
+            workers, "POST", "/get_weights_checksum", CHECKSUM_BODY, request_id
+        )
         sums = [_canonical(r["body"]) if r["status_code"] == 200 else None for r in results]
         ranked = collections.Counter(s for s in sums if s is not None).most_common(2)
         if not ranked or (len(ranked) == 2 and ranked[0][1] == ranked[1][1]):
@@ -240,13 +284,15 @@ class PoolControl:
                 raise ControlError(503, "No healthy workers available in the pool")
             with self.registry.pause():
                 await self._drain(targets)
-                results = await self.broadcast(targets, "POST", "/release_memory_occupation",
-                                               raw or b"{}", request_id)
+                results = await self.broadcast(
+                    targets, "POST", "/release_memory_occupation", raw or b"{}", request_id
+                )
                 for worker, result in zip(targets, results, strict=True):
                     if result["status_code"] == 200:
                         self.registry.set_sleeping(worker, True)
                 self.registry.set_pool_sleeping(
-                    all(w.sleeping for w in self.registry.workers() if active(w) or w.sleeping))
+                    all(w.sleeping for w in self.registry.workers() if active(w) or w.sleeping)
+                )
         return {"results": results}
 
     async def resume(self, raw: bytes, request_id: str | None = None) -> dict[str, Any]:
@@ -255,8 +301,9 @@ class PoolControl:
             self.registry.set_pool_sleeping(False)
             if not targets:
                 return {"results": [], "message": "No sleeping workers to resume"}
-            results = await self.broadcast(targets, "POST", "/resume_memory_occupation",
-                                           raw or b"{}", request_id)
+            results = await self.broadcast(
+                targets, "POST", "/resume_memory_occupation", raw or b"{}", request_id
+            )
             for worker, result in zip(targets, results, strict=True):
                 if result["status_code"] == 200:
                     self.registry.set_sleeping(worker, False)
@@ -281,8 +328,11 @@ class PoolControl:
             if worker.sleeping:
                 return
             if any(step.path not in REPLAYABLE for step in self.recipe):
-                self.registry.mark_stale(worker, "cannot catch up: the pool's weights came "
-                                         "from a tensor update, which cannot be replayed")
+                self.registry.mark_stale(
+                    worker,
+                    "cannot catch up: the pool's weights came "
+                    "from a tensor update, which cannot be replayed",
+                )
                 return
             async with self.registry.control_lock:
                 await self._replay(worker, new_request_id())
@@ -304,24 +354,29 @@ class PoolControl:
             result = await self._call(worker, "POST", step.path, step.body, request_id)
             if not _succeeded(result):
                 self.registry.mark_stale(worker, f"catch-up failed: {_reason(result)}")
-                log.warning("catch-up of %s failed: %s [%s]", worker.display_id,
-                            _reason(result), request_id)
+                log.warning(
+                    "catch-up of %s failed: %s [%s]", worker.display_id, _reason(result), request_id
+                )
                 return
         if self.checksum is not None:
-            result = await self._call(worker, "POST", "/get_weights_checksum", CHECKSUM_BODY,
-                                      request_id)
+            result = await self._call(
+                worker, "POST", "/get_weights_checksum", CHECKSUM_BODY, request_id
+            )
             if result["status_code"] != 200 or _canonical(result["body"]) != self.checksum:
-                reason = ("weights checksum differs from the pool's" if result["status_code"]
-                          == 200 else f"weights checksum unavailable: {_reason(result)}")
+                reason = (
+                    "weights checksum differs from the pool's"
+                    if result["status_code"] == 200
+                    else f"weights checksum unavailable: {_reason(result)}"
+                )
                 self.registry.mark_stale(worker, f"catch-up failed: {reason}")
-                log.warning("catch-up of %s failed: %s [%s]", worker.display_id, reason,
-                            request_id)
+                log.warning("catch-up of %s failed: %s [%s]", worker.display_id, reason, request_id)
                 return
         self.registry.confirm_weights(worker, version)
         log.info("worker %s caught up to %s [%s]", worker.display_id, version, request_id)
         if self.registry.pool_sleeping:
-            result = await self._call(worker, "POST", "/release_memory_occupation", b"{}",
-                                      request_id)
+            result = await self._call(
+                worker, "POST", "/release_memory_occupation", b"{}", request_id
+            )
             if result["status_code"] == 200:
                 self.registry.set_sleeping(worker, True)
 

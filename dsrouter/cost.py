@@ -28,8 +28,7 @@ class CostModel:
     def estimate(self, path: str, body: bytes | None, content_type: str) -> float:
         video = path.startswith("/v1/videos")
         payload: dict[str, Any] = {}
-        if (body and len(body) <= MAX_PARSED_BODY
-                and content_type.startswith("application/json")):
+        if body and len(body) <= MAX_PARSED_BODY and content_type.startswith("application/json"):
             try:
                 parsed = json.loads(body)
             except ValueError:
@@ -46,13 +45,13 @@ class CostModel:
         if width is None or height is None:
             width = override.width or (cfg.video_width if video else cfg.image_width)
             height = override.height or (cfg.video_height if video else cfg.image_height)
-        steps = (_positive(payload.get("num_inference_steps")) or override.steps
-                 or cfg.default_steps)
+        steps = _positive(payload.get("num_inference_steps")) or override.steps or cfg.default_steps
         frames = 1.0
         if video:
             frames = _positive(payload.get("num_frames")) or (
                 (_positive(payload.get("seconds")) or cfg.video_seconds)
-                * (_positive(payload.get("fps")) or cfg.video_fps))
+                * (_positive(payload.get("fps")) or cfg.video_fps)
+            )
         elif _positive(payload.get("num_frames")):
             frames = float(payload["num_frames"])
         n = _positive(payload.get("n")) or _positive(payload.get("num_outputs_per_prompt")) or 1

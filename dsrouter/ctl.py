@@ -69,13 +69,19 @@ def _sleep_state(health: PoolHealth) -> str:
 
 def format_header(url: str, health: PoolHealth, workers: list[WorkerInfo]) -> str:
     parts = [f"{health.healthy_workers}/{health.total_workers} workers routable"]
-    for count, word in ((health.dead_workers, "dead"), (health.draining_workers, "draining"),
-                        (health.stale_workers, "stale")):
+    for count, word in (
+        (health.dead_workers, "dead"),
+        (health.draining_workers, "draining"),
+        (health.stale_workers, "stale"),
+    ):
         if count:
             parts.append(f"{count} {word}")
-    parts += [f"{health.queued} queued", f"{health.in_flight} in flight",
-              f"weights {health.target_version or pool_version(workers)}",
-              _sleep_state(health)]
+    parts += [
+        f"{health.queued} queued",
+        f"{health.in_flight} in flight",
+        f"weights {health.target_version or pool_version(workers)}",
+        _sleep_state(health),
+    ]
     return f"router {url}: {health.status}, " + ", ".join(parts)
 
 
@@ -90,15 +96,26 @@ def _video(support: bool | None) -> str:
 def format_table(workers: list[WorkerInfo]) -> str:
     """One row per worker, columns padded to the widest cell; numbers right-aligned."""
     header = ("WORKER", "STATE", "IN-FLIGHT", "FAILURES", "SPEED", "VERSION", "VIDEO")
-    rows = [(w.url, w.state, str(w.active_requests), str(w.consecutive_failures),
-             _speed(w.seconds_per_unit), w.weight_version or "launch", _video(w.video_support))
-            for w in workers]
+    rows = [
+        (
+            w.url,
+            w.state,
+            str(w.active_requests),
+            str(w.consecutive_failures),
+            _speed(w.seconds_per_unit),
+            w.weight_version or "launch",
+            _video(w.video_support),
+        )
+        for w in workers
+    ]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     right = {2, 3}
 
     def line(cells: tuple[str, ...]) -> str:
-        return "  ".join(cell.rjust(width) if i in right else cell.ljust(width)
-                         for i, (cell, width) in enumerate(zip(cells, widths, strict=True)))
+        return "  ".join(
+            cell.rjust(width) if i in right else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        )
 
     return "\n".join(line(cells).rstrip() for cells in [header, *rows])
 
@@ -106,8 +123,9 @@ def format_table(workers: list[WorkerInfo]) -> str:
 def format_status(url: str, health: PoolHealth, workers: list[WorkerInfo]) -> str:
     lines = [format_header(url, health, workers)]
     lines.append(format_table(workers) if workers else "no workers registered")
-    problems = [f"  {w.url}: {w.last_error}" for w in workers
-                if w.last_error and w.state != "healthy"]
+    problems = [
+        f"  {w.url}: {w.last_error}" for w in workers if w.last_error and w.state != "healthy"
+    ]
     if problems:
         lines += ["", "last errors:", *problems]
     return "\n".join(lines)
@@ -126,8 +144,10 @@ def format_slots(slots: list[dict[str, Any]]) -> str:
             parts.append(f"last exit: {slot['last_exit']}")
         if slot.get("log_file"):
             parts.append(f"log {slot['log_file']}")
-        lines.append(f"  worker {slot.get('index')} ({slot.get('url')}): {slot.get('state')}, "
-                     + ", ".join(parts))
+        lines.append(
+            f"  worker {slot.get('index')} ({slot.get('url')}): {slot.get('state')}, "
+            + ", ".join(parts)
+        )
         if slot.get("detail"):
             lines.append(f"    {slot['detail']}")
     return "\n".join(["launched workers not serving:", *lines]) if lines else ""
@@ -136,8 +156,9 @@ def format_slots(slots: list[dict[str, Any]]) -> str:
 def format_broadcast(result: BroadcastResult, done: str) -> str:
     if not result.results:
         return result.message or "no worker targeted"
-    return "\n".join(f"{r.worker_url}: {done if r.ok else 'failed: ' + r.reason}"
-                     for r in result.results)
+    return "\n".join(
+        f"{r.worker_url}: {done if r.ok else 'failed: ' + r.reason}" for r in result.results
+    )
 
 
 # ---- commands ----------------------------------------------------------------------------
@@ -172,19 +193,25 @@ def _workers(client: Client, args: argparse.Namespace) -> int:
 
 def _refit(client: Client, args: argparse.Namespace) -> int:
     try:
-        result = client.refit(args.path, version=args.version, mode=args.mode,
-                              verify_checksum=args.verify_checksum)
+        result = client.refit(
+            args.path, version=args.version, mode=args.mode, verify_checksum=args.verify_checksum
+        )
     except RefitError as exc:
         failed = exc.result
-        print(f"refit failed on {len(exc.failed)} of {len(failed.results)} worker(s); "
-              f"pool version {failed.version}", file=sys.stderr)
+        print(
+            f"refit failed on {len(exc.failed)} of {len(failed.results)} worker(s); "
+            f"pool version {failed.version}",
+            file=sys.stderr,
+        )
         for url, reason in exc.failed.items():
             print(f"  {url}: {reason}", file=sys.stderr)
         if failed.message:
             print(failed.message, file=sys.stderr)
         return FAILED
-    print(f"refit: pool on version {result.version} "
-          f"({len(result.results)}/{len(result.results)} workers confirmed)")
+    print(
+        f"refit: pool on version {result.version} "
+        f"({len(result.results)}/{len(result.results)} workers confirmed)"
+    )
     return OK
 
 
@@ -204,46 +231,70 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[t
     """Register the operator subcommands on the `dsrouter` parser."""
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("router connection")
-    group.add_argument("--url", default=None,
-                       help=f"router base URL (default ${URL_ENV}, else {DEFAULT_URL})")
-    group.add_argument("--token-env", metavar="NAME", default=None,
-                       help=f"environment variable holding the admin token "
-                            f"(default {ADMIN_TOKEN_ENV})")
-    group.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
-                       help="give up on the router after this long")
+    group.add_argument(
+        "--url", default=None, help=f"router base URL (default ${URL_ENV}, else {DEFAULT_URL})"
+    )
+    group.add_argument(
+        "--token-env",
+        metavar="NAME",
+        default=None,
+        help=f"environment variable holding the admin token (default {ADMIN_TOKEN_ENV})",
+    )
+    group.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="give up on the router after this long",
+    )
 
     status = commands.add_parser("status", parents=[common], help="pool and worker overview")
     status.set_defaults(ctl=_status, quick=True)
 
     # The connection flags sit on the leaves only: argparse lets a subparser's defaults
     # overwrite what its parent parsed, so `workers --url X drain` would lose X.
-    workers = commands.add_parser("workers",
-                                  help="add, remove, drain or undrain a worker")
+    workers = commands.add_parser("workers", help="add, remove, drain or undrain a worker")
     actions = workers.add_subparsers(dest="action", required=True)
-    for action, text in (("add", "register a worker"), ("remove", "forget a worker"),
-                         ("drain", "stop routing new requests to a worker"),
-                         ("undrain", "put a drained worker back in rotation")):
+    for action, text in (
+        ("add", "register a worker"),
+        ("remove", "forget a worker"),
+        ("drain", "stop routing new requests to a worker"),
+        ("undrain", "put a drained worker back in rotation"),
+    ):
         sub = actions.add_parser(action, parents=[common], help=text)
         sub.add_argument("worker_url", metavar="URL")
         if action == "drain":
-            sub.add_argument("--remove-when-drained", action="store_true",
-                             help="forget the worker once its requests finish")
+            sub.add_argument(
+                "--remove-when-drained",
+                action="store_true",
+                help="forget the worker once its requests finish",
+            )
     workers.set_defaults(ctl=_workers, quick=True)
 
-    refit = commands.add_parser("refit", parents=[common],
-                                help="load new weights from disk on every active worker")
+    refit = commands.add_parser(
+        "refit", parents=[common], help="load new weights from disk on every active worker"
+    )
     refit.add_argument("path", help="checkpoint path, as the workers see it")
     refit.add_argument("--version", help="name of the new weights (default: the path)")
-    refit.add_argument("--mode", choices=("drain", "immediate"), default="drain",
-                       help="drain: finish in-flight requests first (default)")
-    refit.add_argument("--verify-checksum", action="store_true",
-                       help="compare weight checksums afterwards; outliers become stale")
+    refit.add_argument(
+        "--mode",
+        choices=("drain", "immediate"),
+        default="drain",
+        help="drain: finish in-flight requests first (default)",
+    )
+    refit.add_argument(
+        "--verify-checksum",
+        action="store_true",
+        help="compare weight checksums afterwards; outliers become stale",
+    )
     refit.set_defaults(ctl=_refit, quick=False)
 
-    commands.add_parser("sleep", parents=[common], help="release the pool's GPU memory"
-                        ).set_defaults(ctl=_memory(True), quick=False)
-    commands.add_parser("wake", parents=[common], help="take the GPU memory back"
-                        ).set_defaults(ctl=_memory(False), quick=False)
+    commands.add_parser(
+        "sleep", parents=[common], help="release the pool's GPU memory"
+    ).set_defaults(ctl=_memory(True), quick=False)
+    commands.add_parser("wake", parents=[common], help="take the GPU memory back").set_defaults(
+        ctl=_memory(False), quick=False
+    )
 
 
 def _admin_token(args: argparse.Namespace) -> str:
@@ -260,8 +311,7 @@ def main(args: argparse.Namespace) -> int:
     url = args.url or os.environ.get(URL_ENV) or DEFAULT_URL
     timeout = args.timeout or (QUICK_TIMEOUT_S if args.quick else DEFAULT_TIMEOUT_S)
     try:
-        with Client(url, admin_token=_admin_token(args), api_key="",
-                    timeout=timeout) as client:
+        with Client(url, admin_token=_admin_token(args), api_key="", timeout=timeout) as client:
             return args.ctl(client, args)
     except (UsageError, RouterUnreachableError, InvalidWorkerURL) as exc:
         print(f"{prefix}: {exc}", file=sys.stderr)

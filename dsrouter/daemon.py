@@ -81,16 +81,20 @@ def _hypercorn_config(config: Config) -> HypercornConfig:
 def _control_client(config: Config) -> httpx.AsyncClient:
     """Probes, broadcasts and fan-out reads: small bodies, bounded by cancel scopes."""
     return httpx.AsyncClient(
-        timeout=httpx.Timeout(connect=config.server.connect_timeout_s, read=None, write=60,
-                              pool=30),
+        timeout=httpx.Timeout(
+            connect=config.server.connect_timeout_s, read=None, write=60, pool=30
+        ),
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
         follow_redirects=False,
         trust_env=False,
     )
 
 
-async def run_router(config: Config, loader: Callable[[], Config] | None = None,
-                     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+async def run_router(
+    config: Config,
+    loader: Callable[[], Config] | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Run the router until SIGINT/SIGTERM (or cancellation); reports bound addresses.
 
     `loader` re-reads the configuration for SIGHUP and `POST /admin/reload`.
@@ -98,9 +102,13 @@ async def run_router(config: Config, loader: Callable[[], Config] | None = None,
     shutdown = trio.Event()
     serving = trio.Event()
     upstream = Upstream(connect_timeout_s=config.server.connect_timeout_s)
-    registry = Registry(config.health, make_policy(config.routing.algorithm),
-                        routing=config.routing, max_jobs=config.routing.max_jobs,
-                        default_spu=config.cost.default_seconds_per_unit)
+    registry = Registry(
+        config.health,
+        make_policy(config.routing.algorithm),
+        routing=config.routing,
+        max_jobs=config.routing.max_jobs,
+        default_spu=config.cost.default_seconds_per_unit,
+    )
     notifier = Notifier()
     # Received for the whole run, read only while the reload watcher runs: a SIGHUP while
     # the workers stop then waits here instead of killing the router (its default action).
@@ -108,18 +116,34 @@ async def run_router(config: Config, loader: Callable[[], Config] | None = None,
         async with trio.open_nursery() as root:
             async with _control_client(config) as client, trio.open_nursery() as services:
                 health = HealthChecker(registry, client, upstream, config.health)
-                context = RouterContext(config=config, registry=registry, health=health,
-                                        client=client, metrics=Metrics(registry))
+                context = RouterContext(
+                    config=config,
+                    registry=registry,
+                    health=health,
+                    client=client,
+                    metrics=Metrics(registry),
+                )
                 auth = Auth(config.security)
                 control = PoolControl(context)
                 app = create_app(context, control)
-                frontend = Frontend(app, Proxy(context, upstream), auth,
-                                    AccessLog(context.metrics, lambda: context.config.logging))
+                frontend = Frontend(
+                    app,
+                    Proxy(context, upstream),
+                    auth,
+                    AccessLog(context.metrics, lambda: context.config.logging),
+                )
                 reloader = Reloader(context, frontend, loader or (lambda: config), notifier)
                 app.config["DSROUTER_RELOAD"] = reloader
                 _warn_if_exposed(config, auth)
-                root.start_soon(_watch_signals, shutdown, serving, frontend, notifier,
-                                config.server.drain_timeout_s, root.cancel_scope)
+                root.start_soon(
+                    _watch_signals,
+                    shutdown,
+                    serving,
+                    frontend,
+                    notifier,
+                    config.server.drain_timeout_s,
+                    root.cancel_scope,
+                )
                 services.start_soon(_watch_reload_signal, hangups, reloader)
                 await services.start(registry.run, health.capabilities, control.catch_up)
                 services.start_soon(upstream.run)
@@ -127,13 +151,16 @@ async def run_router(config: Config, loader: Callable[[], Config] | None = None,
                     registry.add(worker.url, api_key=worker.api_key, source="config")
                 await services.start(health.run)
                 if config.launcher.num_workers:
-                    reloader.pool = await root.start(run_pool, config.launcher, registry,
-                                                     context.metrics.restarts.inc)
-                binds = await services.start(_serve, frontend, config, shutdown,
-                                             services.cancel_scope)
+                    reloader.pool = await root.start(
+                        run_pool, config.launcher, registry, context.metrics.restarts.inc
+                    )
+                binds = await services.start(
+                    _serve, frontend, config, shutdown, services.cancel_scope
+                )
                 if config.server.metrics_port:
-                    metrics_binds = await services.start(_serve_metrics, frontend, context,
-                                                         config, shutdown)
+                    metrics_binds = await services.start(
+                        _serve_metrics, frontend, context, config, shutdown
+                    )
                     for bind in metrics_binds:
                         print(f"dsrouter metrics on {bind}/metrics", flush=True)
                 serving.set()
@@ -153,28 +180,40 @@ async def run_router(config: Config, loader: Callable[[], Config] | None = None,
             root.cancel_scope.cancel()
 
 
-async def _serve_metrics(frontend: Frontend, context: RouterContext, config: Config,
-                         shutdown: trio.Event,
-                         task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
-                         ) -> None:
+async def _serve_metrics(
+    frontend: Frontend,
+    context: RouterContext,
+    config: Config,
+    shutdown: trio.Event,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
     hc = _hypercorn_config(config)
     host = config.server.host
     port = config.server.metrics_port
     hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-    await serve(MetricsOnly(context.metrics.render, frontend), hc,
-                shutdown_trigger=shutdown.wait, task_status=task_status)
+    await serve(
+        MetricsOnly(context.metrics.render, frontend),
+        hc,
+        shutdown_trigger=shutdown.wait,
+        task_status=task_status,
+    )
 
 
-async def _serve(frontend: Frontend, config: Config, shutdown: trio.Event,
-                 services: trio.CancelScope,
-                 task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+async def _serve(
+    frontend: Frontend,
+    config: Config,
+    shutdown: trio.Event,
+    services: trio.CancelScope,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Serve until `shutdown` (set by `_drain`), then stop the rest of `services`.
 
     hypercorn must be stopped through its `shutdown_trigger`, not by cancellation, which
     would reset open connections and skip Quart's `after_serving`.
     """
-    await serve(frontend, _hypercorn_config(config), shutdown_trigger=shutdown.wait,
-                task_status=task_status)
+    await serve(
+        frontend, _hypercorn_config(config), shutdown_trigger=shutdown.wait, task_status=task_status
+    )
     log.info("frontend closed")
     services.cancel()
 
@@ -188,9 +227,14 @@ async def _first_probes(registry: Registry, config: Config) -> None:
                 await registry.changed.wait()
 
 
-async def _watch_signals(shutdown: trio.Event, serving: trio.Event, frontend: Frontend,
-                         notifier: Notifier, drain_timeout_s: float,
-                         root: trio.CancelScope) -> None:
+async def _watch_signals(
+    shutdown: trio.Event,
+    serving: trio.Event,
+    frontend: Frontend,
+    notifier: Notifier,
+    drain_timeout_s: float,
+    root: trio.CancelScope,
+) -> None:
     """The first signal starts the drain; the next one stops everything at once.
 
     Before the frontend serves there is nothing to drain: a signal during start-up (say,
@@ -209,9 +253,13 @@ async def _watch_signals(shutdown: trio.Event, serving: trio.Event, frontend: Fr
                     log.warning("second %s: stopping now", name)
                     root.cancel()
                     return
-                log.info("%s: draining: new requests get 503, %d in flight may take up to "
-                         "%g s (server.drain_timeout_s)", name, frontend.in_flight,
-                         drain_timeout_s)
+                log.info(
+                    "%s: draining: new requests get 503, %d in flight may take up to "
+                    "%g s (server.drain_timeout_s)",
+                    name,
+                    frontend.in_flight,
+                    drain_timeout_s,
+                )
                 notifier.stopping()
                 frontend.draining = True
                 nursery.start_soon(_drain, frontend, drain_timeout_s, shutdown)
@@ -226,8 +274,13 @@ async def _drain(frontend: Frontend, timeout_s: float, shutdown: trio.Event) -> 
     with trio.move_on_after(timeout_s):
         await frontend.wait_idle()
     if frontend.in_flight:
-        log.warning("server.drain_timeout_s (%g s) is over with %d request(s) in flight: "
-                    "they are cut in %g s", timeout_s, frontend.in_flight, CLOSE_GRACE_S)
+        log.warning(
+            "server.drain_timeout_s (%g s) is over with %d request(s) in flight: "
+            "they are cut in %g s",
+            timeout_s,
+            frontend.in_flight,
+            CLOSE_GRACE_S,
+        )
     else:
         log.info("drained: no request in flight")
     shutdown.set()
@@ -260,7 +313,9 @@ def _warn_if_exposed(config: Config, auth: Auth) -> None:
     log.warning(
         "!!! listening on %s with NO admin token: anyone who can reach this port can register "
         "workers, reload weights and put the pool to sleep. Set security.admin_token "
-        "(or admin_token_env / admin_token_file). !!!", config.server.host)
+        "(or admin_token_env / admin_token_file). !!!",
+        config.server.host,
+    )
 
 
 def _leaves(group: BaseExceptionGroup) -> list[BaseException]:

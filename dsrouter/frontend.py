@@ -38,12 +38,21 @@ def shield_final_send(send: Send) -> Send:
     return wrapped
 
 
-async def send_json(send: Send, status: int, payload: object,
-                    headers: list[tuple[bytes, bytes]] | None = None) -> None:
+async def send_json(
+    send: Send, status: int, payload: object, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
     body = json.dumps(payload).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-        *(headers or [])]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
@@ -108,8 +117,12 @@ class Frontend:
                 if path == "/health":
                     await send_json(send, 503, {"status": "draining"})
                 else:
-                    await send_json(send, 503, {"error": "router is draining (shutting down)"},
-                                    [(b"retry-after", b"5")])
+                    await send_json(
+                        send,
+                        503,
+                        {"error": "router is draining (shutting down)"},
+                        [(b"retry-after", b"5")],
+                    )
                 return
             authorization = None
             for key, value in scope["headers"]:
@@ -117,8 +130,12 @@ class Frontend:
                     authorization = value
                     break
             if not self._allowed(path, admin, authorization):
-                await send_json(send, 401, {"error": "missing or invalid bearer token"},
-                                [(b"www-authenticate", b"Bearer")])
+                await send_json(
+                    send,
+                    401,
+                    {"error": "missing or invalid bearer token"},
+                    [(b"www-authenticate", b"Bearer")],
+                )
                 return
             if not self.in_flight:
                 self._idle = trio.Event()
@@ -162,11 +179,22 @@ class MetricsOnly:
         authorization = dict(scope["headers"]).get(b"authorization")
         auth = self.frontend.auth
         if auth.protect_metrics and not auth.admin_allowed(authorization):
-            await send_json(send, 401, {"error": "missing or invalid bearer token"},
-                            [(b"www-authenticate", b"Bearer")])
+            await send_json(
+                send,
+                401,
+                {"error": "missing or invalid bearer token"},
+                [(b"www-authenticate", b"Bearer")],
+            )
             return
         body = self.render()
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"text/plain; version=0.0.4; charset=utf-8"),
-            (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/plain; version=0.0.4; charset=utf-8"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body, "more_body": False})

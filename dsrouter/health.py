@@ -25,8 +25,9 @@ log = logging.getLogger("dsrouter.health")
 PROBE_BODY_LIMIT = 4096
 
 
-async def probe_health(upstream: Upstream, url: str,
-                       timeout_s: float) -> tuple[ProbeOutcome, str | None, float | None]:
+async def probe_health(
+    upstream: Upstream, url: str, timeout_s: float
+) -> tuple[ProbeOutcome, str | None, float | None]:
     """GET `/health` once; classify the answer the way WORKER_API.md §2 describes it.
 
     Probes ride the proxy's own keep-alive pools rather than httpx: with a thousand workers
@@ -41,7 +42,7 @@ async def probe_health(upstream: Upstream, url: str,
             try:
                 async with aclosing(response.aiter_raw()) as chunks:
                     async for chunk in chunks:
-                        body += chunk[:PROBE_BODY_LIMIT - len(body)]
+                        body += chunk[: PROBE_BODY_LIMIT - len(body)]
             finally:
                 await response.aclose()
         except UpstreamError as exc:
@@ -58,8 +59,9 @@ async def probe_health(upstream: Upstream, url: str,
     return ProbeOutcome.FAILED, f"/health timed out after {timeout_s:g}s", None
 
 
-async def probe_capabilities(client: httpx.AsyncClient, url: str,
-                             timeout_s: float) -> Capabilities | None:
+async def probe_capabilities(
+    client: httpx.AsyncClient, url: str, timeout_s: float
+) -> Capabilities | None:
     """Read task and output types from `/model_info`, falling back to `/v1/models`.
 
     `/model_info` is never held during warm-up and carries `output_types`; `/v1/models` is
@@ -111,16 +113,20 @@ async def _get_json(client: httpx.AsyncClient, url: str, timeout_s: float) -> An
 class HealthChecker:
     """Runs probe rounds and offers a one-off probe for freshly registered workers."""
 
-    def __init__(self, registry: Registry, client: httpx.AsyncClient, upstream: Upstream,
-                 config: HealthConfig) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        client: httpx.AsyncClient,
+        upstream: Upstream,
+        config: HealthConfig,
+    ) -> None:
         self.registry = registry
         self.client = client
         self.upstream = upstream
         self.config = config
 
     async def probe_now(self, url: str) -> None:
-        outcome, error, latency = await probe_health(self.upstream, url,
-                                                     self.config.timeout_s)
+        outcome, error, latency = await probe_health(self.upstream, url, self.config.timeout_s)
         self.registry.apply_probe(url, outcome, error, latency)
 
     async def capabilities(self, url: str) -> Capabilities | None:

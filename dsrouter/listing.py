@@ -18,8 +18,13 @@ PAGE = 100
 MAX_PAGES_PER_WORKER = 20
 
 
-async def merged_job_list(client: httpx.AsyncClient, workers: list[Worker], path: str,
-                          query_string: bytes, timeout_s: float) -> tuple[int, dict[str, Any]]:
+async def merged_job_list(
+    client: httpx.AsyncClient,
+    workers: list[Worker],
+    path: str,
+    query_string: bytes,
+    timeout_s: float,
+) -> tuple[int, dict[str, Any]]:
     """Return (status, body); the body carries `_owners` (worker url, id) pairs to learn."""
     query = parse_qs(query_string.decode("latin-1"))
     order = query.get("order", ["desc"])[0]
@@ -55,8 +60,10 @@ async def merged_job_list(client: httpx.AsyncClient, workers: list[Worker], path
     async with trio.open_nursery() as nursery:
         for worker in workers:
             nursery.start_soon(collect, worker)
-    jobs.sort(key=lambda item: (item[1].get("created_at") or 0, str(item[1].get("id"))),
-              reverse=order == "desc")
+    jobs.sort(
+        key=lambda item: (item[1].get("created_at") or 0, str(item[1].get("id"))),
+        reverse=order == "desc",
+    )
     ids = [str(job.get("id")) for _, job in jobs]
     if after is not None:
         start = ids.index(after) + 1 if after in ids else len(jobs)

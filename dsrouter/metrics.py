@@ -16,8 +16,28 @@ from prometheus_client.registry import Collector
 
 from dsrouter.registry import Registry
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
-                   30, 60, 120, 300, 600, 1200, 1800)
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
+    600,
+    1200,
+    1800,
+)
 """1 ms (router overhead) to 30 min (long generations)."""
 STATES = ("starting", "healthy", "stale", "dead", "sleeping", "draining")
 """Every value of `Worker.state`: exactly one is 1 for each worker."""
@@ -28,14 +48,22 @@ class _WorkerCollector(Collector):
         self.registry = registry
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        state = GaugeMetricFamily("dsrouter_worker_state", "1 for the worker's current state",
-                                  labels=["worker", "state"])
-        in_flight = GaugeMetricFamily("dsrouter_worker_in_flight",
-                                      "Requests the worker is serving", labels=["worker"])
-        failures = GaugeMetricFamily("dsrouter_worker_consecutive_failures",
-                                     "Failed probes or requests in a row", labels=["worker"])
-        speed = GaugeMetricFamily("dsrouter_worker_seconds_per_unit",
-                                  "Learned seconds per megapixel-step", labels=["worker"])
+        state = GaugeMetricFamily(
+            "dsrouter_worker_state", "1 for the worker's current state", labels=["worker", "state"]
+        )
+        in_flight = GaugeMetricFamily(
+            "dsrouter_worker_in_flight", "Requests the worker is serving", labels=["worker"]
+        )
+        failures = GaugeMetricFamily(
+            "dsrouter_worker_consecutive_failures",
+            "Failed probes or requests in a row",
+            labels=["worker"],
+        )
+        speed = GaugeMetricFamily(
+            "dsrouter_worker_seconds_per_unit",
+            "Learned seconds per megapixel-step",
+            labels=["worker"],
+        )
         for worker in self.registry.workers():
             name = worker.display_id
             for candidate in STATES:
@@ -45,18 +73,22 @@ class _WorkerCollector(Collector):
             if worker.speed.seconds_per_unit is not None:
                 speed.add_metric([name], worker.speed.seconds_per_unit)
         summary = self.registry.summary()
-        queued = GaugeMetricFamily("dsrouter_queued", "Requests waiting in the router queue",
-                                   value=summary["queued"])
-        total = GaugeMetricFamily("dsrouter_in_flight", "Requests being served by workers",
-                                  value=summary["in_flight"])
-        probes = CounterMetricFamily("dsrouter_probes", "Health probes by outcome",
-                                     labels=["outcome"])
+        queued = GaugeMetricFamily(
+            "dsrouter_queued", "Requests waiting in the router queue", value=summary["queued"]
+        )
+        total = GaugeMetricFamily(
+            "dsrouter_in_flight", "Requests being served by workers", value=summary["in_flight"]
+        )
+        probes = CounterMetricFamily(
+            "dsrouter_probes", "Health probes by outcome", labels=["outcome"]
+        )
         for outcome, count in sorted(self.registry.probe_counts.items()):
             probes.add_metric([outcome], count)
         transitions = CounterMetricFamily(
             "dsrouter_worker_transitions",
             "Worker health changes (quarantine = breaker open, recovery = closed)",
-            labels=["to"])
+            labels=["to"],
+        )
         for target, count in sorted(self.registry.transition_counts.items()):
             transitions.add_metric([target], count)
         yield from (state, in_flight, failures, speed, queued, total, probes, transitions)
@@ -66,26 +98,43 @@ class Metrics:
     def __init__(self, registry: Registry) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("dsrouter_requests", "HTTP requests by route and status",
-                                ["route", "status"], registry=r)
-        self.ttfb = Histogram("dsrouter_request_ttfb_seconds",
-                              "Time to the first answer byte", ["route"],
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.duration = Histogram("dsrouter_request_duration_seconds",
-                                  "Time to the last answer byte", ["route"],
-                                  buckets=LATENCY_BUCKETS, registry=r)
-        self.retries = Counter("dsrouter_retries", "Attempts moved to another worker",
-                               registry=r)
-        self.bytes = Counter("dsrouter_bytes_proxied", "Body bytes proxied", ["direction"],
-                             registry=r)
-        self.broadcasts = Counter("dsrouter_broadcasts",
-                                  "Control broadcasts by route and outcome",
-                                  ["route", "outcome"], registry=r)
-        self.restarts = Counter("dsrouter_launcher_restarts", "Managed worker restarts",
-                                registry=r)
-        self.queue_wait = Histogram("dsrouter_queue_wait_seconds",
-                                    "Time requests waited in the router queue",
-                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter(
+            "dsrouter_requests",
+            "HTTP requests by route and status",
+            ["route", "status"],
+            registry=r,
+        )
+        self.ttfb = Histogram(
+            "dsrouter_request_ttfb_seconds",
+            "Time to the first answer byte",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.duration = Histogram(
+            "dsrouter_request_duration_seconds",
+            "Time to the last answer byte",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.retries = Counter("dsrouter_retries", "Attempts moved to another worker", registry=r)
+        self.bytes = Counter(
+            "dsrouter_bytes_proxied", "Body bytes proxied", ["direction"], registry=r
+        )
+        self.broadcasts = Counter(
+            "dsrouter_broadcasts",
+            "Control broadcasts by route and outcome",
+            ["route", "outcome"],
+            registry=r,
+        )
+        self.restarts = Counter("dsrouter_launcher_restarts", "Managed worker restarts", registry=r)
+        self.queue_wait = Histogram(
+            "dsrouter_queue_wait_seconds",
+            "Time requests waited in the router queue",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         r.register(_WorkerCollector(registry))
 
     def render(self) -> bytes:

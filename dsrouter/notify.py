@@ -141,9 +141,17 @@ def watchdog_interval(env: Mapping[str, str]) -> float | None:
 
 def describe_pool(summary: Mapping[str, int]) -> str:
     """`6/8 workers healthy, 0 queued` (plus what is unusual) for `systemctl status`."""
-    text = f"{summary['healthy_workers']}/{summary['total_workers']} workers healthy, " \
-           f"{summary['queued']} queued"
-    extras = [f"{summary[key]} {word}" for key, word in
-              (("sleeping_workers", "sleeping"), ("stale_workers", "stale"),
-               ("draining_workers", "draining")) if summary.get(key)]
+    text = (
+        f"{summary['healthy_workers']}/{summary['total_workers']} workers healthy, "
+        f"{summary['queued']} queued"
+    )
+    extras = [
+        f"{summary[key]} {word}"
+        for key, word in (
+            ("sleeping_workers", "sleeping"),
+            ("stale_workers", "stale"),
+            ("draining_workers", "draining"),
+        )
+        if summary.get(key)
+    ]
     return text + ("" if not extras else ", " + ", ".join(extras))

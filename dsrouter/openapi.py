@@ -21,13 +21,25 @@ from dsrouter import __version__
 _ERROR = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
 _WORKER = {
     "type": "object",
-    "required": ["worker_id", "display_id", "url", "active_requests", "is_dead", "is_sleeping",
-                 "consecutive_failures", "video_support"],
+    "required": [
+        "worker_id",
+        "display_id",
+        "url",
+        "active_requests",
+        "is_dead",
+        "is_sleeping",
+        "consecutive_failures",
+        "video_support",
+    ],
     "properties": {
-        "worker_id": {"type": "string"}, "display_id": {"type": "string"},
-        "url": {"type": "string"}, "state": {"type": "string"},
-        "active_requests": {"type": "integer"}, "is_dead": {"type": "boolean"},
-        "is_sleeping": {"type": "boolean"}, "is_draining": {"type": "boolean"},
+        "worker_id": {"type": "string"},
+        "display_id": {"type": "string"},
+        "url": {"type": "string"},
+        "state": {"type": "string"},
+        "active_requests": {"type": "integer"},
+        "is_dead": {"type": "boolean"},
+        "is_sleeping": {"type": "boolean"},
+        "is_draining": {"type": "boolean"},
         "consecutive_failures": {"type": "integer"},
         "video_support": {"type": ["boolean", "null"]},
         "managed": {"type": "boolean", "description": "launched by the router"},
@@ -37,42 +49,74 @@ _WORKER = {
 _SLOT = {
     "type": "object",
     "description": "one launcher slot, whatever its state (the registry holds a launched "
-                   "worker only while it is ready)",
-    "required": ["index", "url", "worker_id", "state", "pid", "restarts", "last_exit",
-                 "log_file", "registered"],
+    "worker only while it is ready)",
+    "required": [
+        "index",
+        "url",
+        "worker_id",
+        "state",
+        "pid",
+        "restarts",
+        "last_exit",
+        "log_file",
+        "registered",
+    ],
     "properties": {
-        "index": {"type": "integer"}, "url": {"type": "string"},
+        "index": {"type": "integer"},
+        "url": {"type": "string"},
         "worker_id": {"type": "string"},
         "state": {"enum": ["new", "starting", "ready", "backoff", "failed", "stopped"]},
         "detail": {"type": "string", "description": "what it waits for, or why it failed"},
         "pid": {"type": ["integer", "null"], "description": "null while no process runs"},
-        "restarts": {"type": "integer"}, "last_exit": {"type": ["string", "null"]},
+        "restarts": {"type": "integer"},
+        "last_exit": {"type": ["string", "null"]},
         "log_file": {"type": ["string", "null"]},
         "gpus": {"type": "array", "items": {"type": "string"}},
         "registered": {"type": "boolean", "description": "in `workers` (routable) now"},
     },
 }
 _WORKER_LIST = {
-    "type": "object", "required": ["workers"],
-    "properties": {"workers": {"type": "array", "items": _WORKER},
-                   "queued": {"type": "integer"},
-                   "target_version": {"type": ["string", "null"]},
-                   "pool_sleeping": {"type": "boolean"},
-                   "managed_workers": {"type": "array", "items": _SLOT}},
+    "type": "object",
+    "required": ["workers"],
+    "properties": {
+        "workers": {"type": "array", "items": _WORKER},
+        "queued": {"type": "integer"},
+        "target_version": {"type": ["string", "null"]},
+        "pool_sleeping": {"type": "boolean"},
+        "managed_workers": {"type": "array", "items": _SLOT},
+    },
 }
-_URL_BODY = {"type": "object", "properties": {"url": {"type": "string"},
-                                              "worker_url": {"type": "string"}}}
-_RESULTS = {"type": "object", "properties": {"results": {"type": "array", "items": {
-    "type": "object", "properties": {"worker_url": {"type": "string"},
-                                     "status_code": {"type": ["integer", "null"]},
-                                     "body": {}}}}}}
-_RELOAD = {"type": "object", "properties": {
-    "status": {"enum": ["reloaded", "rejected"]},
-    "errors": {"type": "array", "items": {"type": "string"}},
-    "workers_added": {"type": "array", "items": {"type": "string"}},
-    "workers_removed": {"type": "array", "items": {"type": "string"}},
-    "needs_restart": {"type": "array", "items": {"type": "string"}},
-    "rolling_restart": {"type": "array", "items": {"type": "integer"}}}}
+_URL_BODY = {
+    "type": "object",
+    "properties": {"url": {"type": "string"}, "worker_url": {"type": "string"}},
+}
+_RESULTS = {
+    "type": "object",
+    "properties": {
+        "results": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "worker_url": {"type": "string"},
+                    "status_code": {"type": ["integer", "null"]},
+                    "body": {},
+                },
+            },
+        }
+    },
+}
+_RELOAD = {
+    "type": "object",
+    "properties": {
+        "status": {"enum": ["reloaded", "rejected"]},
+        "errors": {"type": "array", "items": {"type": "string"}},
+        "workers_added": {"type": "array", "items": {"type": "string"}},
+        "workers_removed": {"type": "array", "items": {"type": "string"}},
+        "needs_restart": {"type": "array", "items": {"type": "string"}},
+        "rolling_restart": {"type": "array", "items": {"type": "integer"}},
+    },
+}
 
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
@@ -87,8 +131,13 @@ def _answers(ok: dict[str, Any], *errors: int) -> dict[str, Any]:
 
 
 def _path_param(name: str, description: str) -> dict[str, Any]:
-    return {"name": name, "in": "path", "required": True, "description": description,
-            "schema": {"type": "string"}}
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "description": description,
+        "schema": {"type": "string"},
+    }
 
 
 def _control(summary: str, method: str = "post") -> dict[str, Any]:
@@ -100,15 +149,20 @@ def _control(summary: str, method: str = "post") -> dict[str, Any]:
 
 def _passthrough(summary: str, routing: str, *methods: str) -> dict[str, Any]:
     """Proxied operations: the worker's answer streamed back, or one of the router's errors."""
-    return {method: {"summary": f"{summary} (proxied to a worker, streamed)",
-                     "x-dsrouter-routing": routing,
-                     "responses": {"200": {"description": "the worker's answer"},
-                                   "404": {"description": "unknown job id (sticky routes)",
-                                           **_json(_ERROR)},
-                                   "502": {"description": "worker unreachable", **_json(_ERROR)},
-                                   "503": {"description": "no routable worker", **_json(_ERROR)},
-                                   "504": {"description": "worker too slow", **_json(_ERROR)}}}
-            for method in methods or ("post",)}
+    return {
+        method: {
+            "summary": f"{summary} (proxied to a worker, streamed)",
+            "x-dsrouter-routing": routing,
+            "responses": {
+                "200": {"description": "the worker's answer"},
+                "404": {"description": "unknown job id (sticky routes)", **_json(_ERROR)},
+                "502": {"description": "worker unreachable", **_json(_ERROR)},
+                "503": {"description": "no routable worker", **_json(_ERROR)},
+                "504": {"description": "worker too slow", **_json(_ERROR)},
+            },
+        }
+        for method in methods or ("post",)
+    }
 
 
 def _job_routes(kind: str, noun: str) -> dict[str, Any]:
@@ -117,8 +171,12 @@ def _job_routes(kind: str, noun: str) -> dict[str, Any]:
     return {
         f"/v1/{kind}": {
             **_passthrough(f"create a {noun} job", "create", "post"),
-            **_passthrough(f"{noun} jobs of every suitable worker, merged; with "
-                           f"?{noun}_id=, ?id= or ?job_id= one job's status", "list", "get"),
+            **_passthrough(
+                f"{noun} jobs of every suitable worker, merged; with "
+                f"?{noun}_id=, ?id= or ?job_id= one job's status",
+                "list",
+                "get",
+            ),
         },
         f"/v1/{kind}/{{{noun}_id}}": {
             "parameters": param,
@@ -137,7 +195,8 @@ def _inference() -> dict[str, Any]:
         "/v1/images/edits": _passthrough("image edit (multipart)", "create"),
         "/v1/images/{image_id}/content": {
             "parameters": [_path_param("image_id", "an image id from a `url` answer")],
-            **_passthrough("stored image bytes (sticky)", "sticky", "get")},
+            **_passthrough("stored image bytes (sticky)", "sticky", "get"),
+        },
         "/v1/diffusion/generate": _passthrough("native diffusion generation", "pool"),
         "/rollout/generate": _passthrough("RL rollout (msgpack answer)", "pool"),
         **_job_routes("videos", "video"),
@@ -146,7 +205,8 @@ def _inference() -> dict[str, Any]:
         "/generate_video": _passthrough("Miles alias of /v1/videos", "create"),
         "/v1/models/{model}": {
             "parameters": [_path_param("model", "a model id (may contain `/`)")],
-            **_passthrough("one model card", "pool", "get")},
+            **_passthrough("one model card", "pool", "get"),
+        },
         "/v1/model_info": _passthrough("the worker's model path", "pool", "get"),
         "/model_info": _passthrough("the worker's model and task types", "pool", "get"),
         "/server_info": _passthrough("the worker's server settings", "pool", "get"),
@@ -156,54 +216,110 @@ def _inference() -> dict[str, Any]:
 
 def build_openapi() -> dict[str, Any]:
     paths: dict[str, Any] = {
-        "/health": {"get": {"summary": "router health", "responses": {
-            "200": {"description": "a routable worker exists", **_json({"type": "object"})},
-            "503": {"description": "none, or draining", **_json({"type": "object"})}}}},
+        "/health": {
+            "get": {
+                "summary": "router health",
+                "responses": {
+                    "200": {"description": "a routable worker exists", **_json({"type": "object"})},
+                    "503": {"description": "none, or draining", **_json({"type": "object"})},
+                },
+            }
+        },
         "/workers": {
-            "get": {"summary": "list workers, and every launcher slot in any state",
-                    "responses": _answers(_WORKER_LIST, 401)},
-            "post": {"summary": "register a worker",
-                     "parameters": [{"name": "url", "in": "query", "schema": {"type": "string"}}],
-                     "requestBody": {"required": False, **_json(_URL_BODY)},
-                     "responses": _answers({"type": "object"}, 400, 401)},
+            "get": {
+                "summary": "list workers, and every launcher slot in any state",
+                "responses": _answers(_WORKER_LIST, 401),
+            },
+            "post": {
+                "summary": "register a worker",
+                "parameters": [{"name": "url", "in": "query", "schema": {"type": "string"}}],
+                "requestBody": {"required": False, **_json(_URL_BODY)},
+                "responses": _answers({"type": "object"}, 400, 401),
+            },
         },
         "/workers/{worker_id}": {
             "parameters": [_path_param("worker_id", "the worker URL, percent-encoded")],
-            "get": {"summary": "one worker", "responses": _answers(
-                {"type": "object", "properties": {"worker": _WORKER}}, 400, 401, 404)},
-            "put": {"summary": "quarantine, recover, drain, refresh capabilities",
-                    "requestBody": {"required": True, **_json({
-                        "type": "object", "additionalProperties": False, "minProperties": 1,
-                        "properties": {"is_dead": {"type": "boolean"},
-                                       "refresh_video_support": {"type": "boolean"},
-                                       "draining": {"type": "boolean"},
-                                       "remove_when_drained": {"type": "boolean"}}})},
-                    "responses": _answers({"type": "object"}, 400, 401, 404)},
-            "delete": {"summary": "deregister", "responses": _answers(
-                {"type": "object"}, 400, 401, 404)},
+            "get": {
+                "summary": "one worker",
+                "responses": _answers(
+                    {"type": "object", "properties": {"worker": _WORKER}}, 400, 401, 404
+                ),
+            },
+            "put": {
+                "summary": "quarantine, recover, drain, refresh capabilities",
+                "requestBody": {
+                    "required": True,
+                    **_json(
+                        {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "minProperties": 1,
+                            "properties": {
+                                "is_dead": {"type": "boolean"},
+                                "refresh_video_support": {"type": "boolean"},
+                                "draining": {"type": "boolean"},
+                                "remove_when_drained": {"type": "boolean"},
+                            },
+                        }
+                    ),
+                },
+                "responses": _answers({"type": "object"}, 400, 401, 404),
+            },
+            "delete": {
+                "summary": "deregister",
+                "responses": _answers({"type": "object"}, 400, 401, 404),
+            },
         },
-        "/add_worker": {"post": {"summary": "Miles alias of POST /workers",
-                                 "parameters": [{"name": "url", "in": "query",
-                                                 "schema": {"type": "string"}}],
-                                 "responses": _answers({"type": "object"}, 400, 401)}},
-        "/list_workers": {"get": {"summary": "Miles: worker URLs",
-                                  "responses": _answers({"type": "object"}, 401)}},
-        "/health_workers": {"get": {"summary": "Miles: per-worker health",
-                                    "responses": _answers({"type": "object"}, 401)}},
-        "/v1/models": {"get": {"summary": "models of the pool, merged",
-                               "responses": _answers({"type": "object"}, 502, 503)}},
-        "/metrics": {"get": {"summary": "Prometheus metrics",
-                             "responses": {"200": {"description": "text exposition format"}}}},
-        "/openapi.json": {"get": {"summary": "this document",
-                                  "responses": _answers({"type": "object"})}},
-        "/admin/reload": {"post": {
-            "summary": "re-read router.toml (as SIGHUP); 400 keeps the running configuration",
-            "responses": {"200": {"description": "applied", **_json(_RELOAD)},
-                          "400": {"description": "rejected, with one error per problem",
-                                  **_json(_RELOAD)},
-                          "401": {"description": "error", **_json(_ERROR)}}}},
-        "/admin/config": {"get": {"summary": "the effective configuration, secrets masked",
-                                  "responses": _answers({"type": "object"}, 401)}},
+        "/add_worker": {
+            "post": {
+                "summary": "Miles alias of POST /workers",
+                "parameters": [{"name": "url", "in": "query", "schema": {"type": "string"}}],
+                "responses": _answers({"type": "object"}, 400, 401),
+            }
+        },
+        "/list_workers": {
+            "get": {"summary": "Miles: worker URLs", "responses": _answers({"type": "object"}, 401)}
+        },
+        "/health_workers": {
+            "get": {
+                "summary": "Miles: per-worker health",
+                "responses": _answers({"type": "object"}, 401),
+            }
+        },
+        "/v1/models": {
+            "get": {
+                "summary": "models of the pool, merged",
+                "responses": _answers({"type": "object"}, 502, 503),
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics",
+                "responses": {"200": {"description": "text exposition format"}},
+            }
+        },
+        "/openapi.json": {
+            "get": {"summary": "this document", "responses": _answers({"type": "object"})}
+        },
+        "/admin/reload": {
+            "post": {
+                "summary": "re-read router.toml (as SIGHUP); 400 keeps the running configuration",
+                "responses": {
+                    "200": {"description": "applied", **_json(_RELOAD)},
+                    "400": {
+                        "description": "rejected, with one error per problem",
+                        **_json(_RELOAD),
+                    },
+                    "401": {"description": "error", **_json(_ERROR)},
+                },
+            }
+        },
+        "/admin/config": {
+            "get": {
+                "summary": "the effective configuration, secrets masked",
+                "responses": _answers({"type": "object"}, 401),
+            }
+        },
         "/update_weights_from_disk": _control("refit every active worker from disk"),
         "/update_weights_from_tensor": _control("refit from tensors (co-located trainer)"),
         "/get_weights_checksum": _control("per-worker weight checksums"),
@@ -215,9 +331,14 @@ def build_openapi() -> dict[str, Any]:
         "/v1/list_loras": _control("LoRA status of every active worker", "get"),
         **_inference(),
     }
-    return {"openapi": "3.1.0",
-            "info": {"title": "dsrouter", "version": __version__,
-                     "description": "Router for SGLang diffusion workers. Paths not listed "
-                                    "here are proxied to one routable worker."},
-            "paths": paths,
-            "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "dsrouter",
+            "version": __version__,
+            "description": "Router for SGLang diffusion workers. Paths not listed "
+            "here are proxied to one routable worker.",
+        },
+        "paths": paths,
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }

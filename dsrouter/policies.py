@@ -39,8 +39,9 @@ class Policy(Protocol):
     """Predicts finish times, so a queued request may wait for a busy worker that would
     still finish it first (see `Registry._place`)."""
 
-    def choose(self, candidates: Sequence[Worker], cost: float, default_spu: float,
-               now: float) -> Worker:
+    def choose(
+        self, candidates: Sequence[Worker], cost: float, default_spu: float, now: float
+    ) -> Worker:
         """Return one of `candidates` (never empty).
 
         `cost` is the request's estimated work; `default_spu` the seconds per cost unit to
@@ -69,8 +70,9 @@ class LeastWork:
         self._turn = 0
         self._rng = rng or random.Random()
 
-    def choose(self, candidates: Sequence[Worker], cost: float, default_spu: float,
-               now: float) -> Worker:
+    def choose(
+        self, candidates: Sequence[Worker], cost: float, default_spu: float, now: float
+    ) -> Worker:
         best: list[Worker] = []
         best_finish, best_in_flight = math.inf, 0
         for worker in _sample(candidates, self._rng):
@@ -99,8 +101,9 @@ class LeastRequest:
         self._turn = 0
         self._rng = rng or random.Random()
 
-    def choose(self, candidates: Sequence[Worker], cost: float, default_spu: float,
-               now: float) -> Worker:
+    def choose(
+        self, candidates: Sequence[Worker], cost: float, default_spu: float, now: float
+    ) -> Worker:
         candidates = _sample(candidates, self._rng)
         lowest = min(w.in_flight for w in candidates)
         tied = [w for w in candidates if w.in_flight == lowest]
@@ -115,8 +118,9 @@ class RoundRobin:
     def __init__(self) -> None:
         self._turn = -1
 
-    def choose(self, candidates: Sequence[Worker], cost: float, default_spu: float,
-               now: float) -> Worker:
+    def choose(
+        self, candidates: Sequence[Worker], cost: float, default_spu: float, now: float
+    ) -> Worker:
         self._turn += 1
         return candidates[self._turn % len(candidates)]
 
@@ -128,8 +132,9 @@ class Random:
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
 
-    def choose(self, candidates: Sequence[Worker], cost: float, default_spu: float,
-               now: float) -> Worker:
+    def choose(
+        self, candidates: Sequence[Worker], cost: float, default_spu: float, now: float
+    ) -> Worker:
         return self._rng.choice(candidates)
 
 

@@ -48,10 +48,21 @@ from dsrouter.upstream import Upstream, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("dsrouter.proxy")
 
-HOP_BY_HOP = frozenset({
-    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
-    b"trailer", b"transfer-encoding", b"upgrade", b"host", b"remote-addr", b"expect",
-})
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"remote-addr",
+        b"expect",
+    }
+)
 RESPONSE_DROP = HOP_BY_HOP | {b"date", b"server"}
 """hypercorn writes its own Date and Server; the worker's would be duplicates."""
 PEEK_LIMIT = 1024 * 1024
@@ -99,25 +110,40 @@ class Exchange:
     def attempts(self) -> int:
         return self.record.attempts
 
-    async def respond(self, status: int, headers: list[tuple[bytes, bytes]],
-                      body: bytes = b"", more: bool = False) -> None:
+    async def respond(
+        self, status: int, headers: list[tuple[bytes, bytes]], body: bytes = b"", more: bool = False
+    ) -> None:
         headers = [*headers, (b"x-dsrouter-attempts", str(self.record.attempts).encode())]
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
         self.response_started = True
         await self.send({"type": "http.response.body", "body": body, "more_body": more})
 
-    async def respond_json(self, status: int, payload: Any,
-                           headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    async def respond_json(
+        self, status: int, payload: Any, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
         body = json.dumps(payload).encode()
-        await self.respond(status, [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode()),
-                                    *(headers or [])], body)
+        await self.respond(
+            status,
+            [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+            body,
+        )
 
-    async def respond_error(self, status: int, message: str,
-                            headers: list[tuple[bytes, bytes]] | None = None) -> None:
-        log.log(logging.WARNING if status >= 500 else logging.INFO,
-                "%s %s -> %d: %s [%s]", self.method, self.scope["path"], status, message,
-                self.request_id)
+    async def respond_error(
+        self, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
+        log.log(
+            logging.WARNING if status >= 500 else logging.INFO,
+            "%s %s -> %d: %s [%s]",
+            self.method,
+            self.scope["path"],
+            status,
+            message,
+            self.request_id,
+        )
         if not self.response_started:
             await self.respond_json(status, {"error": message}, headers)
 
@@ -174,8 +200,9 @@ class Proxy:
         """Read at use, so a reload takes effect for the next request."""
         return self.context.config
 
-    async def handle(self, scope: Scope, receive: Receive, send: Send,
-                     record: RequestRecord) -> None:
+    async def handle(
+        self, scope: Scope, receive: Receive, send: Send, record: RequestRecord
+    ) -> None:
         """Serve one inference request; `send` already feeds `record` (see `access.py`)."""
         headers = dict(scope["headers"])
         route = routes.classify(scope["method"], scope["path"], scope["query_string"])
@@ -183,24 +210,30 @@ class Proxy:
         length = headers.get(b"content-length")
         content_length = int(length) if length and length.isdigit() else None
         present = scope["method"] not in BODYLESS_METHODS or (
-            b"content-length" in headers or b"transfer-encoding" in headers)
-        body = RequestBody(receive, present=present, content_length=content_length,
-                           max_bytes=self.config.server.max_body_mb * MiB,
-                           idle_s=self.config.server.body_idle_timeout_s)
+            b"content-length" in headers or b"transfer-encoding" in headers
+        )
+        body = RequestBody(
+            receive,
+            present=present,
+            content_length=content_length,
+            max_bytes=self.config.server.max_body_mb * MiB,
+            idle_s=self.config.server.body_idle_timeout_s,
+        )
         exchange = Exchange(scope, send, record, route, body, headers)
         if content_length is not None and content_length > body.max_bytes:
             await exchange.respond_error(413, str(BodyTooLarge(body.max_bytes)), CLOSE)
             return
         if self.active >= self.config.server.max_connections:
             await exchange.respond_error(
-                429, f"Too many concurrent requests (limit {self.config.server.max_connections})",
-                [(b"retry-after", b"1")])
+                429,
+                f"Too many concurrent requests (limit {self.config.server.max_connections})",
+                [(b"retry-after", b"1")],
+            )
             return
         self.active += 1
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch_disconnect, exchange, receive,
-                                   nursery.cancel_scope)
+                nursery.start_soon(self._watch_disconnect, exchange, receive, nursery.cancel_scope)
                 await self._handle(exchange)
                 nursery.cancel_scope.cancel()
         finally:
@@ -224,13 +257,13 @@ class Proxy:
             await exchange.respond_error(408, str(exc), CLOSE)
         except UpstreamFailed as exc:
             if exchange.response_started:
-                log.warning("worker broke a response mid-stream: %s [%s]", exc,
-                            exchange.request_id)
+                log.warning("worker broke a response mid-stream: %s [%s]", exc, exchange.request_id)
             else:
                 await exchange.respond_error(exc.status, str(exc))
 
-    async def _watch_disconnect(self, exchange: Exchange, receive: Receive,
-                                scope: trio.CancelScope) -> None:
+    async def _watch_disconnect(
+        self, exchange: Exchange, receive: Receive, scope: trio.CancelScope
+    ) -> None:
         await exchange.body.done.wait()
         while True:
             message = await receive()
@@ -243,8 +276,11 @@ class Proxy:
     def _timeout(self, route: Route) -> float:
         """Seconds a worker may take to start answering, by route."""
         if route.job_kind in ("videos", "meshes"):
-            return self.config.timeouts.job_s if not route.path.endswith(
-                "/content") else self.config.timeouts.content_s
+            return (
+                self.config.timeouts.job_s
+                if not route.path.endswith("/content")
+                else self.config.timeouts.content_s
+            )
         if route.kind == routes.STICKY:
             return self.config.timeouts.content_s
         return self.config.server.request_timeout_s
@@ -254,18 +290,21 @@ class Proxy:
         if route.kind == routes.STICKY:
             await self._sticky(exchange)
         elif route.output in _JOB_OUTPUTS and not any(
-                map(accept_for(route.output), self.registry.workers())):
+            map(accept_for(route.output), self.registry.workers())
+        ):
             # SEEDS.md: no video-capable worker at all is the client's problem (400), not a
             # pool outage (503); meshes and job lists follow the same rule.
             await exchange.respond_error(
-                400, f"No {route.output.lower()}-capable workers available")
+                400, f"No {route.output.lower()}-capable workers available"
+            )
         elif route.kind == routes.LIST:
             await self._merged_list(exchange)
         else:
             await self._with_failover(exchange, accept_for(route.output))
 
-    async def _with_failover(self, exchange: Exchange,
-                             accept: Callable[[Worker], bool] | None) -> None:
+    async def _with_failover(
+        self, exchange: Exchange, accept: Callable[[Worker], bool] | None
+    ) -> None:
         """Try suitable workers one after another until one answers (not 503)."""
         body = exchange.body
         if body.present and self.config.routing.retry_buffer_mb:
@@ -273,7 +312,8 @@ class Proxy:
         route = exchange.route
         headers = exchange.headers
         cost = CostModel(self.config.cost).estimate(
-            route.path, body.buffered, headers.get(b"content-type", b"").decode("latin-1"))
+            route.path, body.buffered, headers.get(b"content-type", b"").decode("latin-1")
+        )
         priority = _int_header(headers.get(b"x-dsrouter-priority"))
         tried: list[Worker] = []
         last_error: UpstreamFailed | None = None
@@ -288,23 +328,34 @@ class Proxy:
                 raise last_error from None
             worker = lease.worker
             with lease:
-                may_retry = (body.replayable and exchange.attempts + 1 < max_attempts
-                             and len(self.registry.routable(accept)) > len(tried) + 1)
+                may_retry = (
+                    body.replayable
+                    and exchange.attempts + 1 < max_attempts
+                    and len(self.registry.routable(accept)) > len(tried) + 1
+                )
                 try:
                     started = trio.current_time()
-                    status = await self._attempt(exchange, worker, learn=learn,
-                                                 may_retry=may_retry)
+                    status = await self._attempt(exchange, worker, learn=learn, may_retry=may_retry)
                     if status == 200 and route.path in routes.SYNCHRONOUS_GENERATIONS:
                         self.registry.observe(worker, cost, started, trio.current_time())
                     return
                 except UpstreamFailed as exc:
-                    if not (exc.retryable and body.replayable and not exchange.response_started
-                            and exchange.attempts < max_attempts):
+                    if not (
+                        exc.retryable
+                        and body.replayable
+                        and not exchange.response_started
+                        and exchange.attempts < max_attempts
+                    ):
                         raise
                     last_error = exc
             tried.append(worker)
-            log.info("attempt %d on %s failed (%s); trying another worker [%s]",
-                     exchange.attempts, worker.display_id, last_error, exchange.request_id)
+            log.info(
+                "attempt %d on %s failed (%s); trying another worker [%s]",
+                exchange.attempts,
+                worker.display_id,
+                last_error,
+                exchange.request_id,
+            )
             backoff = self.config.routing.retry_backoff_s * 2 ** (exchange.attempts - 1)
             await trio.sleep(backoff * self._rng.uniform(0.5, 1.5))
 
@@ -317,8 +368,9 @@ class Proxy:
             await exchange.respond_error(404, f"{noun} not found: {route.job_id}")
             return
         with self.registry.lease_worker(worker):
-            status = await self._attempt(exchange, worker, learn=False,
-                                         watch_status=not route.path.endswith("/content"))
+            status = await self._attempt(
+                exchange, worker, learn=False, watch_status=not route.path.endswith("/content")
+            )
         if exchange.method == "DELETE" and status == 200:
             self.registry.jobs.forget(route.job_id)
 
@@ -334,16 +386,19 @@ class Proxy:
         # The id came from the decoded path; any character may be in it (a NUL is not a
         # valid URL), so it is encoded back for the lookup.
         job = quote(route.job_id, safe="")
-        probe_path = (f"/v1/images/{job}/content" if route.job_kind == "images"
-                      else f"/v1/{route.job_kind}/{job}")
+        probe_path = (
+            f"/v1/images/{job}/content"
+            if route.job_kind == "images"
+            else f"/v1/{route.job_kind}/{job}"
+        )
         found: list[Worker] = []
 
         async def ask(worker: Worker, cancel: trio.CancelScope) -> None:
             with trio.move_on_after(self.config.timeouts.discovery_s):
                 try:
                     async with self.context.client.stream(
-                            "GET", worker.url + probe_path,
-                            headers=self._worker_auth(worker)) as response:
+                        "GET", worker.url + probe_path, headers=self._worker_auth(worker)
+                    ) as response:
                         if response.status_code == 200:
                             found.append(worker)
                             cancel.cancel()
@@ -360,8 +415,15 @@ class Proxy:
         log.info("learned owner of %s %s: %s", route.job_kind, route.job_id, found[0].display_id)
         return found[0]
 
-    async def _attempt(self, exchange: Exchange, worker: Worker, *, learn: bool,
-                       watch_status: bool = False, may_retry: bool = False) -> int:
+    async def _attempt(
+        self,
+        exchange: Exchange,
+        worker: Worker,
+        *,
+        learn: bool,
+        watch_status: bool = False,
+        may_retry: bool = False,
+    ) -> int:
         """Send the request to `worker` and stream its answer back; returns the status."""
         exchange.record.attempts += 1
         exchange.record.worker = worker.display_id
@@ -372,8 +434,9 @@ class Proxy:
                 response = await self.upstream.send(*self._request_parts(exchange, worker))
             except UpstreamError as exc:
                 self._fail(worker, str(exc))
-                raise UpstreamFailed(502, f"Worker request failed: {exc} ({worker.url})",
-                                     retryable=True) from None
+                raise UpstreamFailed(
+                    502, f"Worker request failed: {exc} ({worker.url})", retryable=True
+                ) from None
         if response is None:
             assert deadline.cancelled_caught
             self._fail(worker, f"no answer within {timeout:g}s")
@@ -384,8 +447,9 @@ class Proxy:
             else:
                 self.registry.record_result(worker, True)
             if response.status_code == 503 and may_retry:
-                raise UpstreamFailed(503, f"Worker {worker.display_id} is unavailable (503)",
-                                     retryable=True)
+                raise UpstreamFailed(
+                    503, f"Worker {worker.display_id} is unavailable (503)", retryable=True
+                )
             await self._relay(exchange, worker, response, learn or watch_status)
         finally:
             await response.aclose()
@@ -398,8 +462,9 @@ class Proxy:
         key = worker.api_key or self.config.security.worker_api_key
         return [(b"authorization", b"Bearer " + key.encode())] if key else []
 
-    def _request_parts(self, exchange: Exchange, worker: Worker) -> tuple[
-            str, str, str, list[tuple[bytes, bytes]], bytes | AsyncIterator[bytes] | None]:
+    def _request_parts(
+        self, exchange: Exchange, worker: Worker
+    ) -> tuple[str, str, str, list[tuple[bytes, bytes]], bytes | AsyncIterator[bytes] | None]:
         scope = exchange.scope
         forward_auth = self.config.security.forward_authorization
         headers = _forward_headers(scope["headers"], keep_authorization=forward_auth)
@@ -412,11 +477,17 @@ class Proxy:
         query = scope["query_string"]
         if query and not exchange.route.drop_query:
             target = target + b"?" + query
-        return exchange.method, worker.url, target.decode("latin-1"), headers, \
-            exchange.body.content()
+        return (
+            exchange.method,
+            worker.url,
+            target.decode("latin-1"),
+            headers,
+            exchange.body.content(),
+        )
 
-    async def _relay(self, exchange: Exchange, worker: Worker, response: UpstreamResponse,
-                     learn: bool) -> None:
+    async def _relay(
+        self, exchange: Exchange, worker: Worker, response: UpstreamResponse, learn: bool
+    ) -> None:
         headers = [(k, v) for k, v in response.headers if k not in RESPONSE_DROP]
         headers.append((b"x-dsrouter-worker", worker.display_id.encode()))
         chunks = response.aiter_raw()
@@ -434,14 +505,18 @@ class Proxy:
                     chunk = await anext(chunks, None)
                 if chunk is None:
                     break
-                await exchange.send({"type": "http.response.body", "body": chunk,
-                                     "more_body": True})
+                await exchange.send(
+                    {"type": "http.response.body", "body": chunk, "more_body": True}
+                )
         except (UpstreamError, trio.TooSlowError) as exc:
             self._fail(worker, f"broke its answer: {type(exc).__name__}")
             # Before the first byte reached the client (the answer was still being peeked
             # at), the request may go to another worker like any unanswered one.
-            raise UpstreamFailed(502, f"Worker broke the response: {type(exc).__name__}: {exc}",
-                                 retryable=not exchange.response_started) from None
+            raise UpstreamFailed(
+                502,
+                f"Worker broke the response: {type(exc).__name__}: {exc}",
+                retryable=not exchange.response_started,
+            ) from None
         await exchange.send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _learn(self, route: Route, worker: Worker, body: bytes) -> None:
@@ -464,8 +539,12 @@ class Proxy:
             raise NoWorkerAvailable("No healthy workers available in the pool")
         exchange.record.attempts = len(workers)
         status, payload = await merged_job_list(
-            self.context.client, workers, exchange.route.path, exchange.scope["query_string"],
-            self.config.timeouts.discovery_s)
+            self.context.client,
+            workers,
+            exchange.route.path,
+            exchange.scope["query_string"],
+            self.config.timeouts.discovery_s,
+        )
         for worker_url, job_id in payload.pop("_owners", []):
             self.registry.jobs.remember(job_id, worker_url, exchange.route.job_kind or "")
         await exchange.respond_json(status, payload)
@@ -493,8 +572,9 @@ def _is_json(response: UpstreamResponse) -> bool:
     return (response.header(b"content-type") or b"").startswith(b"application/json")
 
 
-def _forward_headers(raw: list[tuple[bytes, bytes]], *,
-                     keep_authorization: bool) -> list[tuple[bytes, bytes]]:
+def _forward_headers(
+    raw: list[tuple[bytes, bytes]], *, keep_authorization: bool
+) -> list[tuple[bytes, bytes]]:
     """Drop hop-by-hop headers, those `Connection` names, the client's id and credentials."""
     named = {b"x-request-id"}
     if not keep_authorization:

@@ -156,8 +156,12 @@ class Worker:
 
     @property
     def routable(self) -> bool:
-        return (self.health is Health.HEALTHY and not self.sleeping and not self.draining
-                and not self.stale)
+        return (
+            self.health is Health.HEALTHY
+            and not self.sleeping
+            and not self.draining
+            and not self.stale
+        )
 
     @property
     def video_support(self) -> bool | None:
@@ -250,10 +254,16 @@ class _Waiter:
 
 
 class Registry:
-    def __init__(self, health: HealthConfig, policy: Policy, *,
-                 routing: RoutingConfig | None = None, max_jobs: int = 100_000,
-                 default_spu: float = 0.01,
-                 clock: Callable[[], float] = trio.current_time) -> None:
+    def __init__(
+        self,
+        health: HealthConfig,
+        policy: Policy,
+        *,
+        routing: RoutingConfig | None = None,
+        max_jobs: int = 100_000,
+        default_spu: float = 0.01,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
         self.health_config = health
         self.routing = routing or RoutingConfig()
         self.policy = policy
@@ -267,7 +277,8 @@ class Registry:
         self.jobs = JobMap(max_jobs)
         self._workers: dict[str, Worker] = {}
         self._refresh_send, self._refresh_receive = trio.open_memory_channel[tuple[str, str]](
-            math.inf)
+            math.inf
+        )
         self._refreshes: dict[str, trio.Event] = {}
         self._catching_up: set[str] = set()
         self.changed = trio.Event()
@@ -308,7 +319,8 @@ class Registry:
         `proxy.accept_for`); a few distinct ones are cached per rebuild.
         """
         if self._routable_epoch != _ROUTING_EPOCH[0] or (
-                self._routable_until != math.inf and self.clock() >= self._routable_until):
+            self._routable_until != math.inf and self.clock() >= self._routable_until
+        ):
             self._rebuild_routable()
         cached = self._routable.get(accept)
         if cached is None:
@@ -324,9 +336,14 @@ class Registry:
         for w in self._workers.values():
             if w.routable:
                 base.append(w)
-            elif (w.health is Health.DEAD and not w.quarantined_by_operator
-                  and not w.trial_in_flight and not w.sleeping and not w.draining
-                  and w.half_open_after != math.inf):
+            elif (
+                w.health is Health.DEAD
+                and not w.quarantined_by_operator
+                and not w.trial_in_flight
+                and not w.sleeping
+                and not w.draining
+                and w.half_open_after != math.inf
+            ):
                 now = self.clock() if now is None else now
                 if now >= w.half_open_after:
                     base.append(w)
@@ -338,8 +355,11 @@ class Registry:
 
     def _half_open(self, worker: Worker) -> bool:
         """Dead by faults (not by an operator) long enough to deserve one trial request."""
-        return (worker.health is Health.DEAD and not worker.quarantined_by_operator
-                and self.clock() >= worker.half_open_after)
+        return (
+            worker.health is Health.DEAD
+            and not worker.quarantined_by_operator
+            and self.clock() >= worker.half_open_after
+        )
 
     def summary(self) -> dict[str, int]:
         workers = self._workers.values()
@@ -357,15 +377,26 @@ class Registry:
 
     # ---- membership ----------------------------------------------------------------------
 
-    def add(self, url: str, *, managed: dict[str, Any] | None = None, api_key: str = "",
-            source: str = "api") -> tuple[Worker, bool]:
+    def add(
+        self,
+        url: str,
+        *,
+        managed: dict[str, Any] | None = None,
+        api_key: str = "",
+        source: str = "api",
+    ) -> tuple[Worker, bool]:
         """Register `url` (already normalised); returns the worker and whether it is new."""
         existing = self._workers.get(url)
         if existing is not None:
             return existing, False
-        worker = Worker(url=url, worker_id=worker_id_for(url), display_id=display_id_for(url),
-                        managed=managed, api_key=api_key,
-                        source="launcher" if managed is not None else source)
+        worker = Worker(
+            url=url,
+            worker_id=worker_id_for(url),
+            display_id=display_id_for(url),
+            managed=managed,
+            api_key=api_key,
+            source="launcher" if managed is not None else source,
+        )
         self._workers[url] = worker
         _ROUTING_EPOCH[0] += 1
         log.info("worker %s registered", worker.display_id)
@@ -388,8 +419,12 @@ class Registry:
 
     # ---- leases --------------------------------------------------------------------------
 
-    def lease(self, accept: Callable[[Worker], bool] | None = None,
-              exclude: Iterable[Worker] = (), cost: float = 1.0) -> Lease:
+    def lease(
+        self,
+        accept: Callable[[Worker], bool] | None = None,
+        exclude: Iterable[Worker] = (),
+        cost: float = 1.0,
+    ) -> Lease:
         """Pick a routable worker now, ignoring per-worker limits and the queue."""
         excluded = frozenset(map(id, exclude))
         candidates = [w for w in self.routable(accept) if id(w) not in excluded]
@@ -397,9 +432,13 @@ class Registry:
             raise NoWorkerAvailable("No healthy workers available in the pool")
         return self.lease_worker(self._choose(candidates, cost), cost)
 
-    async def acquire(self, accept: Callable[[Worker], bool] | None = None,
-                      exclude: Iterable[Worker] = (), cost: float = 1.0,
-                      priority: int = 0) -> Lease:
+    async def acquire(
+        self,
+        accept: Callable[[Worker], bool] | None = None,
+        exclude: Iterable[Worker] = (),
+        cost: float = 1.0,
+        priority: int = 0,
+    ) -> Lease:
         """A lease on the best worker with room, waiting in the router queue if none has.
 
         FIFO within a priority (higher first). A waiter that is cancelled (client gone,
@@ -433,16 +472,16 @@ class Registry:
             raise
         if waiter.lease is None:
             self._leave_queue(entry)
-            raise QueueTimeout(
-                f"No worker became free within {self.routing.queue_timeout_s:g}s")
+            raise QueueTimeout(f"No worker became free within {self.routing.queue_timeout_s:g}s")
         return waiter.lease
 
     def _leave_queue(self, entry: tuple[int, int, _Waiter]) -> None:
         self._queue.remove(entry)
         heapq.heapify(self._queue)
 
-    def _candidates(self, accept: Callable[[Worker], bool] | None, excluded: frozenset[int],
-                    *, limit: bool) -> list[Worker]:
+    def _candidates(
+        self, accept: Callable[[Worker], bool] | None, excluded: frozenset[int], *, limit: bool
+    ) -> list[Worker]:
         if limit and self._paused:
             return []
         cap = self.routing.max_inflight_per_worker if limit else 0
@@ -481,8 +520,9 @@ class Registry:
             self._queue = [e for e in self._queue if e not in served]
             heapq.heapify(self._queue)
 
-    def _place(self, accept: Callable[[Worker], bool] | None, excluded: frozenset[int],
-               cost: float) -> tuple[Worker | None, Worker | None]:
+    def _place(
+        self, accept: Callable[[Worker], bool] | None, excluded: frozenset[int], cost: float
+    ) -> tuple[Worker | None, Worker | None]:
         """The worker a request should start on now, or (None, the busy worker it waits
         for, if it waits for a particular one): it waits in the queue.
 
@@ -505,8 +545,9 @@ class Registry:
 
     def _choose(self, candidates: list[Worker], cost: float) -> Worker:
         if self._spu_cache is None:
-            self._spu_cache = pool_median([w.speed for w in self._workers.values()],
-                                          self.default_spu)
+            self._spu_cache = pool_median(
+                [w.speed for w in self._workers.values()], self.default_spu
+            )
         return self.policy.choose(candidates, cost, self._spu_cache, self.clock())
 
     def lease_worker(self, worker: Worker, cost: float = 0.0) -> Lease:
@@ -562,8 +603,10 @@ class Registry:
         worker.last_error = error
         if worker.health is Health.DEAD:
             self._open_breaker(worker)
-        elif (worker.health is Health.HEALTHY
-              and worker.consecutive_failures >= self.health_config.failure_threshold):
+        elif (
+            worker.health is Health.HEALTHY
+            and worker.consecutive_failures >= self.health_config.failure_threshold
+        ):
             self._set_health(worker, Health.DEAD)
             worker.tripped_by_requests = True
 
@@ -573,8 +616,13 @@ class Registry:
 
     # ---- state changes -------------------------------------------------------------------
 
-    def apply_probe(self, url: str, outcome: ProbeOutcome, error: str | None = None,
-                    latency_s: float | None = None) -> None:
+    def apply_probe(
+        self,
+        url: str,
+        outcome: ProbeOutcome,
+        error: str | None = None,
+        latency_s: float | None = None,
+    ) -> None:
         """Fold one health-probe result into the worker's state machine.
 
         starting --ok--> healthy --N failures--> dead --M oks--> healthy. A worker that has not
@@ -598,9 +646,13 @@ class Registry:
             if worker.health is Health.STARTING or (
                 worker.health is Health.DEAD
                 and not worker.quarantined_by_operator
-                and ((worker.consecutive_successes >= cfg.recovery_threshold
-                      and not worker.tripped_by_requests)
-                     or self._half_open(worker))
+                and (
+                    (
+                        worker.consecutive_successes >= cfg.recovery_threshold
+                        and not worker.tripped_by_requests
+                    )
+                    or self._half_open(worker)
+                )
             ):
                 self._set_health(worker, Health.HEALTHY)
             return
@@ -665,8 +717,14 @@ class Registry:
             worker.half_open_after = math.inf
             worker.tripped_by_requests = False
         level = logging.WARNING if health is Health.DEAD else logging.INFO
-        log.log(level, "worker %s: %s -> %s%s", worker.display_id, previous.value, health.value,
-                f" ({worker.last_error})" if worker.last_error and health is Health.DEAD else "")
+        log.log(
+            level,
+            "worker %s: %s -> %s%s",
+            worker.display_id,
+            previous.value,
+            health.value,
+            f" ({worker.last_error})" if worker.last_error and health is Health.DEAD else "",
+        )
         if health is Health.HEALTHY:
             self.request_capability_refresh(worker.url)
             if self.target_version is not None and previous is Health.DEAD:
@@ -744,8 +802,12 @@ class Registry:
             self._catching_up.add(url)
             self._refresh_send.send_nowait(("catch-up", url))
 
-    async def run(self, prober: CapabilityProber, catch_up: CatchUp,
-                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self,
+        prober: CapabilityProber,
+        catch_up: CatchUp,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """The registry task: runs the capability probes and catch-ups state changes ask for."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._recheck_queue)

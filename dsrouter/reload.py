@@ -35,13 +35,24 @@ from dsrouter.policies import make_policy
 
 log = logging.getLogger("dsrouter.reload")
 
-RESTART_ONLY = ("server.host", "server.port", "server.metrics_port", "server.keep_alive_timeout_s",
-                "server.max_header_kb", "logging.format")
+RESTART_ONLY = (
+    "server.host",
+    "server.port",
+    "server.metrics_port",
+    "server.keep_alive_timeout_s",
+    "server.max_header_kb",
+    "logging.format",
+)
 
 
 class Reloader:
-    def __init__(self, context: RouterContext, frontend: Frontend,
-                 loader: Callable[[], Config], notifier: Notifier | None = None) -> None:
+    def __init__(
+        self,
+        context: RouterContext,
+        frontend: Frontend,
+        loader: Callable[[], Config],
+        notifier: Notifier | None = None,
+    ) -> None:
         self.context = context
         self.frontend = frontend
         self.loader = loader
@@ -60,7 +71,8 @@ class Reloader:
         with trio.CancelScope(shield=True):
             async with self._lock:
                 with self.notifier.reloading(
-                        lambda: describe_pool(self.context.registry.summary())):
+                    lambda: describe_pool(self.context.registry.summary())
+                ):
                     return await self._reload()
 
     async def _reload(self) -> tuple[bool, dict[str, Any]]:
@@ -109,11 +121,17 @@ class Reloader:
         for key in restart:
             log.warning("reload: %s changed; it takes effect after a restart", key)
         log.info("config reloaded: %d workers added, %d removed", len(added), len(removed))
-        return True, {"status": "reloaded", "workers_added": added, "workers_removed": removed,
-                      "needs_restart": restart, "rolling_restart": rolling}
+        return True, {
+            "status": "reloaded",
+            "workers_added": added,
+            "workers_removed": removed,
+            "needs_restart": restart,
+            "rolling_restart": rolling,
+        }
 
-    def _apply_launcher(self, launcher: Reconfiguration | None, old: Config,
-                        new: Config) -> tuple[list[str], list[int]]:
+    def _apply_launcher(
+        self, launcher: Reconfiguration | None, old: Config, new: Config
+    ) -> tuple[list[str], list[int]]:
         """Hand the new `[launcher]` to the pool: the launcher keys that need a restart, and
         the indices of the workers the roll will restart.
 

@@ -48,8 +48,9 @@ def classify(method: str, path: str, query_string: bytes) -> Route:
         if method == "GET":
             job_id = _id_from_query(query_string)
             if job_id is not None:
-                return Route(STICKY, f"{path}/{job_id}", _KIND_OUTPUT[kind], kind, job_id,
-                             drop_query=True)
+                return Route(
+                    STICKY, f"{path}/{job_id}", _KIND_OUTPUT[kind], kind, job_id, drop_query=True
+                )
             return Route(LIST, path, _KIND_OUTPUT[kind], kind)
     match = _JOB_PATH.match(path)
     if match:
@@ -69,11 +70,20 @@ def _id_from_query(query_string: bytes) -> str | None:
     return None
 
 
-_LABELS = frozenset({
-    "/v1/images/generations", "/v1/images/edits", "/v1/videos", "/v1/meshes",
-    "/rollout/generate", "/v1/diffusion/generate", "/vertex_generate", "/v1/model_info",
-    "/model_info", "/server_info",
-})
+_LABELS = frozenset(
+    {
+        "/v1/images/generations",
+        "/v1/images/edits",
+        "/v1/videos",
+        "/v1/meshes",
+        "/rollout/generate",
+        "/v1/diffusion/generate",
+        "/vertex_generate",
+        "/v1/model_info",
+        "/model_info",
+        "/server_info",
+    }
+)
 
 
 def label(route: Route) -> str:

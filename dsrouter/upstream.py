@@ -33,8 +33,7 @@ Headers = list[tuple[bytes, bytes]]
 class UpstreamError(Exception):
     """The exchange with the worker failed. `sent_nothing` means retrying is safe."""
 
-    def __init__(self, message: str, *, connect: bool = False,
-                 sent_nothing: bool = False) -> None:
+    def __init__(self, message: str, *, connect: bool = False, sent_nothing: bool = False) -> None:
         super().__init__(message)
         self.connect = connect
         self.sent_nothing = sent_nothing
@@ -160,8 +159,11 @@ class _Pool:
 
     def sweep(self, now: float) -> None:
         """Close idle connections that expired or that the worker already closed."""
-        keep = deque(conn for conn in self.idle
-                     if now - conn.idle_since < self.idle_expiry_s and conn.looks_alive())
+        keep = deque(
+            conn
+            for conn in self.idle
+            if now - conn.idle_since < self.idle_expiry_s and conn.looks_alive()
+        )
         for conn in self.idle:
             if conn not in keep:
                 conn.discard()
@@ -179,22 +181,30 @@ class _Pool:
             try:
                 stream: trio.abc.Stream = await _open_tcp(self.host, self.port)
             except OSError as exc:
-                raise UpstreamError(f"connect to {self.host}:{self.port} failed: {exc}",
-                                    connect=True, sent_nothing=True) from None
+                raise UpstreamError(
+                    f"connect to {self.host}:{self.port} failed: {exc}",
+                    connect=True,
+                    sent_nothing=True,
+                ) from None
             if self.tls:
-                stream = trio.SSLStream(stream, ssl.create_default_context(),
-                                        server_hostname=self.host)
+                stream = trio.SSLStream(
+                    stream, ssl.create_default_context(), server_hostname=self.host
+                )
         if scope.cancelled_caught:
-            raise UpstreamError(f"connect to {self.host}:{self.port} timed out after "
-                                f"{timeout_s:g}s", connect=True, sent_nothing=True)
+            raise UpstreamError(
+                f"connect to {self.host}:{self.port} timed out after {timeout_s:g}s",
+                connect=True,
+                sent_nothing=True,
+            )
         return _Connection(stream, h11.Connection(h11.CLIENT, max_incomplete_event_size=1 << 20))
 
 
 class Upstream:
     """Keep-alive connection pools, one per worker origin."""
 
-    def __init__(self, *, connect_timeout_s: float, max_idle_per_worker: int = 64,
-                 idle_expiry_s: float = 4.0) -> None:
+    def __init__(
+        self, *, connect_timeout_s: float, max_idle_per_worker: int = 64, idle_expiry_s: float = 4.0
+    ) -> None:
         self.connect_timeout_s = connect_timeout_s
         self.max_idle = max_idle_per_worker
         self.idle_expiry_s = idle_expiry_s
@@ -205,13 +215,24 @@ class Upstream:
         if pool is None:
             parts = urlsplit(origin)
             tls = parts.scheme == "https"
-            pool = _Pool(parts.hostname or "", parts.port or (443 if tls else 80), tls,
-                         self.max_idle, self.idle_expiry_s)
+            pool = _Pool(
+                parts.hostname or "",
+                parts.port or (443 if tls else 80),
+                tls,
+                self.max_idle,
+                self.idle_expiry_s,
+            )
             self._pools[origin] = pool
         return pool
 
-    async def send(self, method: str, origin: str, target: str, headers: Headers,
-                   body: bytes | AsyncIterator[bytes] | None) -> UpstreamResponse:
+    async def send(
+        self,
+        method: str,
+        origin: str,
+        target: str,
+        headers: Headers,
+        body: bytes | AsyncIterator[bytes] | None,
+    ) -> UpstreamResponse:
         """Send one request and return once the answer's head has arrived.
 
         A reused keep-alive connection that turns out dead before any answer byte is
@@ -228,17 +249,25 @@ class Upstream:
         conn = await pool.connect(self.connect_timeout_s)
         return await self._exchange(pool, conn, method, origin, target, headers, body)
 
-    async def _exchange(self, pool: _Pool, conn: _Connection, method: str, origin: str,
-                        target: str, headers: Headers,
-                        body: bytes | AsyncIterator[bytes] | None) -> UpstreamResponse:
+    async def _exchange(
+        self,
+        pool: _Pool,
+        conn: _Connection,
+        method: str,
+        origin: str,
+        target: str,
+        headers: Headers,
+        body: bytes | AsyncIterator[bytes] | None,
+    ) -> UpstreamResponse:
         host = origin.split("://", 1)[1].encode()
         framing: Headers = []
         if isinstance(body, bytes):
             framing = [(b"content-length", str(len(body)).encode())]
         elif body is not None and not any(k == b"content-length" for k, _ in headers):
             framing = [(b"transfer-encoding", b"chunked")]
-        request = h11.Request(method=method, target=target,
-                              headers=[(b"host", host), *headers, *framing])
+        request = h11.Request(
+            method=method, target=target, headers=[(b"host", host), *headers, *framing]
+        )
         body_started = False
         try:
             head = conn.h11.send(request)
@@ -267,14 +296,22 @@ class Upstream:
                     continue
                 if isinstance(event, h11.Response):
                     return UpstreamResponse(event.status_code, list(event.headers), conn, pool)
-                raise UpstreamError(f"worker closed the connection before answering "
-                                    f"({type(event).__name__})",
-                                    sent_nothing=conn.reused and not body_started)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError,
-                h11.LocalProtocolError, h11.RemoteProtocolError) as exc:
+                raise UpstreamError(
+                    f"worker closed the connection before answering ({type(event).__name__})",
+                    sent_nothing=conn.reused and not body_started,
+                )
+        except (
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            OSError,
+            h11.LocalProtocolError,
+            h11.RemoteProtocolError,
+        ) as exc:
             await _close(conn)
-            raise UpstreamError(f"exchange with worker failed: {type(exc).__name__}: {exc}",
-                                sent_nothing=conn.reused and not body_started) from None
+            raise UpstreamError(
+                f"exchange with worker failed: {type(exc).__name__}: {exc}",
+                sent_nothing=conn.reused and not body_started,
+            ) from None
         except BaseException:
             await _close(conn)
             raise

@@ -22,16 +22,22 @@ import trio
 
 RESOLVE_TIMEOUT_S = 5.0
 """A registration waits at most this long for DNS (allowlist check), never forever."""
-BLOCKED_HOSTNAMES = frozenset({
-    "metadata.google.internal", "metadata",          # GCE (the short name via its search domain)
-    "instance-data.ec2.internal", "instance-data",   # EC2
-})
+BLOCKED_HOSTNAMES = frozenset(
+    {
+        "metadata.google.internal",
+        "metadata",  # GCE (the short name via its search domain)
+        "instance-data.ec2.internal",
+        "instance-data",  # EC2
+    }
+)
 METADATA_IP = ipaddress.ip_address("169.254.169.254")
-BLOCKED_IPS = frozenset({
-    METADATA_IP,                                     # AWS, GCP, Azure, OCI, OpenStack
-    ipaddress.ip_address("fd00:ec2::254"),           # AWS (IPv6)
-    ipaddress.ip_address("fd20:ce::254"),            # GCP (IPv6-only instances)
-})
+BLOCKED_IPS = frozenset(
+    {
+        METADATA_IP,  # AWS, GCP, Azure, OCI, OpenStack
+        ipaddress.ip_address("fd00:ec2::254"),  # AWS (IPv6)
+        ipaddress.ip_address("fd20:ce::254"),  # GCP (IPv6-only instances)
+    }
+)
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _IPV4_PART = re.compile(r"0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*")
@@ -111,8 +117,9 @@ def numeric_ipv4(host: str) -> ipaddress.IPv4Address | None:
     parts = host.split(".")
     if len(parts) > 4 or not all(_IPV4_PART.fullmatch(part) for part in parts):
         return None
-    values = [int(p, 16) if p[:2] in ("0x", "0X") else int(p, 8) if p[0] == "0" else int(p)
-              for p in parts]
+    values = [
+        int(p, 16) if p[:2] in ("0x", "0X") else int(p, 8) if p[0] == "0" else int(p) for p in parts
+    ]
     *head, last = values
     if any(value > 255 for value in head) or last >= 256 ** (5 - len(values)):
         return None
@@ -133,8 +140,7 @@ def _embedded_ipv4(ip: IPAddress) -> list[ipaddress.IPv4Address]:
     if not isinstance(ip, ipaddress.IPv6Address):
         return []
     low32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-    embedded = [ip.ipv4_mapped, ip.sixtofour,
-                low32 if ip in _NAT64 or int(ip) >> 32 == 0 else None]
+    embedded = [ip.ipv4_mapped, ip.sixtofour, low32 if ip in _NAT64 or int(ip) >> 32 == 0 else None]
     return [address for address in embedded if address is not None]
 
 
@@ -159,8 +165,9 @@ async def check_allowlist(url: str, allowed: list[str]) -> None:
         return
     host = (urlsplit(url).hostname or "").lower()
     names = {entry.lower() for entry in allowed if not _is_network(entry)}
-    networks = [ipaddress.ip_network(entry, strict=False) for entry in allowed
-                if _is_network(entry)]
+    networks = [
+        ipaddress.ip_network(entry, strict=False) for entry in allowed if _is_network(entry)
+    ]
     if host in names:
         return
     try:
@@ -174,12 +181,14 @@ async def check_allowlist(url: str, allowed: list[str]) -> None:
                 raise InvalidWorkerURL(f"worker host {host!r} does not resolve: {exc}") from None
         if infos is None:
             raise InvalidWorkerURL(
-                f"worker host {host!r} did not resolve within {RESOLVE_TIMEOUT_S:g}s") from None
+                f"worker host {host!r} did not resolve within {RESOLVE_TIMEOUT_S:g}s"
+            ) from None
         addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
     if addresses and all(any(a in net for net in networks) for a in addresses):
         return
     raise InvalidWorkerURL(
-        f"worker host {host!r} is blocked: not in security.allowed_worker_networks")
+        f"worker host {host!r} is blocked: not in security.allowed_worker_networks"
+    )
 
 
 def _is_network(entry: str) -> bool:

@@ -37,8 +37,9 @@ class RouterProcess:
         raise AssertionError(f"router pid {self.pid} did not stop within {timeout_s}s")
 
 
-async def _pump(stream: trio.abc.ReceiveStream, lines: list[str], ready: trio.Event,
-                marker: str) -> None:
+async def _pump(
+    stream: trio.abc.ReceiveStream, lines: list[str], ready: trio.Event, marker: str
+) -> None:
     buffer = b""
     async for chunk in stream:
         buffer += chunk
@@ -51,9 +52,13 @@ async def _pump(stream: trio.abc.ReceiveStream, lines: list[str], ready: trio.Ev
 
 
 @asynccontextmanager
-async def router_process(args: list[str], *, config: str | None = None,
-                         tmp_path: Path | None = None,
-                         env: dict[str, str] | None = None) -> AsyncIterator[RouterProcess]:
+async def router_process(
+    args: list[str],
+    *,
+    config: str | None = None,
+    tmp_path: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> AsyncIterator[RouterProcess]:
     """Run `dsrouter run ARGS` on 127.0.0.1 with an ephemeral port; stop it afterwards."""
     argv = [sys.executable, "-m", "dsrouter", "run", "--host", "127.0.0.1", "--port", "0", *args]
     if config is not None:
@@ -62,7 +67,10 @@ async def router_process(args: list[str], *, config: str | None = None,
         path.write_text(config)
         argv += ["--config", str(path)]
     process = await trio.lowlevel.open_process(
-        argv, stdout=-1, stderr=-2, env={**os.environ, **(env or {})},
+        argv,
+        stdout=-1,
+        stderr=-2,
+        env={**os.environ, **(env or {})},
     )
     lines: list[str] = []
     ready = trio.Event()
@@ -113,8 +121,9 @@ class Traffic:
             except httpx.TransportError:
                 self.answers.append(Answer(trio.current_time(), 0, httpx.Headers()))
             else:
-                self.answers.append(Answer(trio.current_time(), response.status_code,
-                                           response.headers))
+                self.answers.append(
+                    Answer(trio.current_time(), response.status_code, response.headers)
+                )
 
     def stop(self) -> None:
         self._stop.set()
@@ -127,8 +136,9 @@ class Traffic:
         return [a for a in self.answers if a.done_at > moment]
 
 
-async def wait_until(check: Callable[[], Awaitable[bool]], timeout_s: float = 20.0,
-                     interval_s: float = 0.05) -> None:
+async def wait_until(
+    check: Callable[[], Awaitable[bool]], timeout_s: float = 20.0, interval_s: float = 0.05
+) -> None:
     """Poll `check` until it returns true; fail with a clear message at the deadline."""
     with trio.move_on_after(timeout_s):
         while not await check():  # noqa: ASYNC110 - polling another process, no event to wait on
@@ -174,12 +184,21 @@ class SimWorker:
         await self.process.wait()
 
 
-async def start_simworker(nursery: trio.Nursery, *args: str, port: int | None = None,
-                          wait_listening: bool = True) -> SimWorker:
+async def start_simworker(
+    nursery: trio.Nursery, *args: str, port: int | None = None, wait_listening: bool = True
+) -> SimWorker:
     """Start `python -m dsrouter.simworker` on 127.0.0.1; killed when `nursery` is cancelled."""
     port = port or free_port()
-    argv = [sys.executable, "-m", "dsrouter.simworker", "--host", "127.0.0.1",
-            "--port", str(port), *args]
+    argv = [
+        sys.executable,
+        "-m",
+        "dsrouter.simworker",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *args,
+    ]
     process = await trio.lowlevel.open_process(argv, stdout=-1, stderr=-2)
     worker = SimWorker(process, port, list(args))
     lines: list[str] = []

@@ -25,8 +25,9 @@ async def list_models() -> Any:
     workers = context.registry.routable()
     if not workers:
         if context.registry.pool_sleeping:
-            return error(503, "pool is asleep",
-                         headers=[("Retry-After", str(ASLEEP_RETRY_AFTER_S))])
+            return error(
+                503, "pool is asleep", headers=[("Retry-After", str(ASLEEP_RETRY_AFTER_S))]
+            )
         return error(503, "No healthy workers available in the pool")
     answers: dict[str, Any] = {}
     failures: dict[str, str] = {}
@@ -49,8 +50,11 @@ async def list_models() -> Any:
         return error(502, "Failed to fetch models from any worker", details=failures)
     seen: dict[str, Any] = {}
     for worker in workers:
-        data = answers.get(worker.url, {}).get("data") if isinstance(
-            answers.get(worker.url), dict) else None
+        data = (
+            answers.get(worker.url, {}).get("data")
+            if isinstance(answers.get(worker.url), dict)
+            else None
+        )
         for card in data if isinstance(data, list) else []:
             if isinstance(card, dict) and card.get("id") not in seen:
                 seen[card.get("id")] = card

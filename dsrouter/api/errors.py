@@ -11,8 +11,9 @@ from quart import Response, jsonify
 log = logging.getLogger("dsrouter.api")
 
 
-def error(status: int, message: str, *, headers: Iterable[tuple[str, str]] = (),
-          **extra: Any) -> tuple[Response, int]:
+def error(
+    status: int, message: str, *, headers: Iterable[tuple[str, str]] = (), **extra: Any
+) -> tuple[Response, int]:
     """The JSON error answer; `extra` adds fields to the body, `headers` to the response."""
     if status >= 500:
         log.warning("%d: %s", status, message)

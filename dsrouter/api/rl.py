@@ -37,8 +37,9 @@ async def _control_error(exc: ControlError) -> tuple[Response, int]:
 
 def _weight_route(path: str) -> None:
     async def handler() -> Any:
-        status, answer = await control().change_weights(path, await request.get_data(),
-                                                        request_id())
+        status, answer = await control().change_weights(
+            path, await request.get_data(), request_id()
+        )
         return answer, status
 
     handler.__name__ = "weights_" + path.strip("/").replace("/", "_")

@@ -16,8 +16,12 @@ from dsrouter.urls import InvalidWorkerURL, check_allowlist, normalize_worker_ur
 
 bp = Blueprint("workers", __name__)
 
-PUT_FIELDS = {"is_dead": bool, "refresh_video_support": bool, "draining": bool,
-              "remove_when_drained": bool}
+PUT_FIELDS = {
+    "is_dead": bool,
+    "refresh_video_support": bool,
+    "draining": bool,
+    "remove_when_drained": bool,
+}
 
 
 def ctx() -> RouterContext:
@@ -54,7 +58,7 @@ async def _url_from_request() -> str:
                 raise BadRequest("request body must be a JSON object with 'url'")
             url = body.get("url", body.get("worker_url"))
     if url is None:
-        raise BadRequest("worker url is required (?url=, ?worker_url=, or JSON {\"url\": ...})")
+        raise BadRequest('worker url is required (?url=, ?worker_url=, or JSON {"url": ...})')
     if not isinstance(url, str):
         raise BadRequest("worker url must be a string")
     try:
@@ -108,10 +112,13 @@ def managed_workers() -> list[dict[str, Any]]:
 @bp.get("/workers")
 async def list_workers() -> Any:
     registry = ctx().registry
-    return {"workers": [w.to_json() for w in registry.workers()],
-            "queued": registry.summary()["queued"],
-            "target_version": registry.target_version, "pool_sleeping": registry.pool_sleeping,
-            "managed_workers": managed_workers()}
+    return {
+        "workers": [w.to_json() for w in registry.workers()],
+        "queued": registry.summary()["queued"],
+        "target_version": registry.target_version,
+        "pool_sleeping": registry.pool_sleeping,
+        "managed_workers": managed_workers(),
+    }
 
 
 @bp.get("/list_workers")
@@ -169,8 +176,9 @@ async def update_worker(_worker_id: str) -> Any:
     worker = _worker_from_path()
     body = await _json_body(required=True)
     if not isinstance(body, dict) or not body:
-        raise BadRequest("body must be a non-empty JSON object with any of: "
-                         + ", ".join(PUT_FIELDS))
+        raise BadRequest(
+            "body must be a non-empty JSON object with any of: " + ", ".join(PUT_FIELDS)
+        )
     for key, value in body.items():
         if key not in PUT_FIELDS:
             raise BadRequest(f"unknown field {key!r}; allowed: {', '.join(PUT_FIELDS)}")
@@ -200,6 +208,10 @@ async def health() -> Any:
     registry = ctx().registry
     summary = registry.summary()
     ok = summary["healthy_workers"] > 0
-    body = {"status": "healthy" if ok else "unhealthy", **summary,
-            "target_version": registry.target_version, "pool_sleeping": registry.pool_sleeping}
+    body = {
+        "status": "healthy" if ok else "unhealthy",
+        **summary,
+        "target_version": registry.target_version,
+        "pool_sleeping": registry.pool_sleeping,
+    }
     return jsonify(body), 200 if ok else 503

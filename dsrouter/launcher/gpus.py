@@ -48,8 +48,9 @@ async def discover_gpus(environ: Mapping[str, str]) -> VisibleGPUs:
         return VisibleGPUs((), "CUDA_VISIBLE_DEVICES is unset and nvidia-smi is not installed")
     try:
         with trio.fail_after(NVIDIA_SMI_TIMEOUT_S):
-            result = await trio.run_process([binary, "-L"], capture_stdout=True,
-                                            capture_stderr=True, check=False)
+            result = await trio.run_process(
+                [binary, "-L"], capture_stdout=True, capture_stderr=True, check=False
+            )
     except trio.TooSlowError:
         return VisibleGPUs((), f"nvidia-smi -L did not answer within {NVIDIA_SMI_TIMEOUT_S:g}s")
     except OSError as exc:
@@ -70,8 +71,10 @@ def assign_gpus(cfg: LauncherConfig, visible: VisibleGPUs | None) -> list[tuple[
     per_worker = cfg.num_gpus_per_worker
     if per_worker == 0:
         if cfg.gpu_ids:
-            raise LaunchError("launcher.gpu_ids is set but num_gpus_per_worker is 0 (no GPU "
-                              "pinning); set num_gpus_per_worker or drop gpu_ids")
+            raise LaunchError(
+                "launcher.gpu_ids is set but num_gpus_per_worker is 0 (no GPU "
+                "pinning); set num_gpus_per_worker or drop gpu_ids"
+            )
         return [()] * cfg.num_workers
     if cfg.gpu_ids:
         return _explicit(cfg)
@@ -82,8 +85,9 @@ def assign_gpus(cfg: LauncherConfig, visible: VisibleGPUs | None) -> list[tuple[
             f"not enough GPUs: {cfg.num_workers} workers x {per_worker} GPU(s) each need "
             f"{needed}, found {len(visible.ids)} ({visible.source}). Lower num_workers or "
             "num_gpus_per_worker, list launcher.gpu_ids, or set num_gpus_per_worker = 0 for "
-            "workers that need no GPU")
-    return [visible.ids[i * per_worker:(i + 1) * per_worker] for i in range(cfg.num_workers)]
+            "workers that need no GPU"
+        )
+    return [visible.ids[i * per_worker : (i + 1) * per_worker] for i in range(cfg.num_workers)]
 
 
 def needs_discovery(cfg: LauncherConfig) -> bool:
@@ -94,11 +98,18 @@ def _explicit(cfg: LauncherConfig) -> list[tuple[str, ...]]:
     """`gpu_ids` as given. A group may list more GPUs than the worker uses (sglang-d-router
     accepted that: the worker takes the first `--num-gpus` it sees), not fewer."""
     if len(cfg.gpu_ids) < cfg.num_workers:
-        raise LaunchError(f"launcher.gpu_ids lists GPUs for {len(cfg.gpu_ids)} worker(s), "
-                          f"num_workers is {cfg.num_workers}")
-    short = [f"worker {i}: {ids}" for i, ids in enumerate(cfg.gpu_ids[:cfg.num_workers])
-             if len(ids) < cfg.num_gpus_per_worker]
+        raise LaunchError(
+            f"launcher.gpu_ids lists GPUs for {len(cfg.gpu_ids)} worker(s), "
+            f"num_workers is {cfg.num_workers}"
+        )
+    short = [
+        f"worker {i}: {ids}"
+        for i, ids in enumerate(cfg.gpu_ids[: cfg.num_workers])
+        if len(ids) < cfg.num_gpus_per_worker
+    ]
     if short:
-        raise LaunchError(f"launcher.gpu_ids must list at least num_gpus_per_worker = "
-                          f"{cfg.num_gpus_per_worker} id(s) per worker: " + "; ".join(short))
-    return [tuple(ids) for ids in cfg.gpu_ids[:cfg.num_workers]]
+        raise LaunchError(
+            f"launcher.gpu_ids must list at least num_gpus_per_worker = "
+            f"{cfg.num_gpus_per_worker} id(s) per worker: " + "; ".join(short)
+        )
+    return [tuple(ids) for ids in cfg.gpu_ids[: cfg.num_workers]]

@@ -106,9 +106,17 @@ class Replacement:
 class Supervisor:
     """Owns one worker: its process, its registration, its restarts and its state."""
 
-    def __init__(self, plan: WorkerPlan, cfg: LauncherConfig, registry: Registry,
-                 progress: Progress, output: WorkerOutput, pidfile: PidFile,
-                 client: httpx.AsyncClient, on_restart: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        plan: WorkerPlan,
+        cfg: LauncherConfig,
+        registry: Registry,
+        progress: Progress,
+        output: WorkerOutput,
+        pidfile: PidFile,
+        client: httpx.AsyncClient,
+        on_restart: Callable[[], None],
+    ) -> None:
         self.plan = plan
         self.cfg = cfg
         self.registry = registry
@@ -222,28 +230,38 @@ class Supervisor:
                 result = await self._run_once(on_ready)
                 self.last_exit = result.reason
                 if first:
-                    raise StartFailed(f"worker {self.index} ({self.plan.url}) "
-                                      f"{result.reason}; {self.output.describe_tail()}")
+                    raise StartFailed(
+                        f"worker {self.index} ({self.plan.url}) "
+                        f"{result.reason}; {self.output.describe_tail()}"
+                    )
                 if self._trial is not None:
                     request, self.plan = self._trial
                     self._trial = None
-                    log.warning("worker %d did not come up with its new settings (%s); "
-                                "starting it again with its previous ones: %s", self.index,
-                                result.reason, self.output.describe_tail())
+                    log.warning(
+                        "worker %d did not come up with its new settings (%s); "
+                        "starting it again with its previous ones: %s",
+                        self.index,
+                        result.reason,
+                        self.output.describe_tail(),
+                    )
                     request.finish(result.reason)
                     continue
                 if result.replaced:
                     continue
                 decision = self.restarts.decide(trio.current_time(), result.failed)
                 if not decision.restart:
-                    self._set_state("failed" if result.failed else "stopped",
-                                    f"{result.reason}; {decision.reason}")
+                    self._set_state(
+                        "failed" if result.failed else "stopped",
+                        f"{result.reason}; {decision.reason}",
+                    )
                     if result.failed:
                         log.warning("worker %d: %s", self.index, self.output.describe_tail())
                     return
                 self.on_restart()
-                self._set_state("backoff", f"{result.reason}; restart {self.restarts.total} "
-                                           f"in {decision.delay_s:g} s")
+                self._set_state(
+                    "backoff",
+                    f"{result.reason}; restart {self.restarts.total} in {decision.delay_s:g} s",
+                )
                 with trio.move_on_after(decision.delay_s):
                     await self._wake.wait()  # a replacement starts at once
         finally:
@@ -256,13 +274,11 @@ class Supervisor:
         """One process from spawn to exit: ready, registered while running, then removed."""
         plan = self.plan
         self.output.begin_run(f"starting worker {self.index}: {shlex.join(plan.argv)}")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **plan.env,
-               TOKEN_VAR: self.pidfile.token}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **plan.env, TOKEN_VAR: self.pidfile.token}
         try:
             child = spawn(plan.argv, env)
         except OSError as exc:
-            return RunResult(True, f"could not be started: {plan.argv[0]}: "
-                                   f"{exc.strerror or exc}")
+            return RunResult(True, f"could not be started: {plan.argv[0]}: {exc.strerror or exc}")
         self.pid = child.pid
         self.pidfile.set_group(self.index, child.pid)
         self._set_state("starting", f"pid {child.pid}")
@@ -306,8 +322,11 @@ class Supervisor:
         while True:
             changed = self.registry.changed
             worker = self.registry.by_url(self.plan.url)
-            if (worker is not None and worker.health is Health.DEAD
-                    and not worker.quarantined_by_operator):
+            if (
+                worker is not None
+                and worker.health is Health.DEAD
+                and not worker.quarantined_by_operator
+            ):
                 error = await self._reported_failure()
                 if error is not None:
                     verdict.reason = f"reported itself failed: {error}"
@@ -320,8 +339,9 @@ class Supervisor:
                 await trio.sleep(PROBE_TIMEOUT_S)  # do not re-probe on every registry change
             await changed.wait()
 
-    async def _end_if_replaced(self, child: Child, verdict: _Verdict,
-                               scope: trio.CancelScope) -> None:
+    async def _end_if_replaced(
+        self, child: Child, verdict: _Verdict, scope: trio.CancelScope
+    ) -> None:
         """Stop the worker, starting or running, once `replace` asks for another plan."""
         with scope:
             await self._wake.wait()
@@ -329,8 +349,12 @@ class Supervisor:
             self.progress.set_detail(self.index, "stopping for a rolling restart")
             child.kill_group(signal.SIGTERM)
             await trio.sleep(self.cfg.stop_timeout_s)
-            log.warning("worker %d: pid %d did not stop within stop_timeout_s = %g s of "
-                        "SIGTERM: SIGKILL", self.index, child.pid, self.cfg.stop_timeout_s)
+            log.warning(
+                "worker %d: pid %d did not stop within stop_timeout_s = %g s of SIGTERM: SIGKILL",
+                self.index,
+                child.pid,
+                self.cfg.stop_timeout_s,
+            )
             child.kill_group(signal.SIGKILL)
 
     async def _reported_failure(self) -> str | None:
@@ -350,8 +374,10 @@ class Supervisor:
         started = trio.current_time()
         code = await child.stop(self.cfg.stop_timeout_s)
         self.last_exit = describe_exit(code)
-        self._set_state("stopped", f"stopped by the router: {self.last_exit} after "
-                                   f"{trio.current_time() - started:.1f} s")
+        self._set_state(
+            "stopped",
+            f"stopped by the router: {self.last_exit} after {trio.current_time() - started:.1f} s",
+        )
 
     async def _pump(self, child: Child, scope: trio.CancelScope) -> None:
         with scope:
@@ -373,8 +399,10 @@ class Supervisor:
             with trio.move_on_after(self.cfg.wait_timeout_s) as timeout:
                 await self._poll_health()
             if timeout.cancelled_caught:
-                problem = (f"was not ready within wait_timeout_s = {self.cfg.wait_timeout_s:g} s "
-                           f"(last: {self.progress.details[self.index]})")
+                problem = (
+                    f"was not ready within wait_timeout_s = {self.cfg.wait_timeout_s:g} s "
+                    f"(last: {self.progress.details[self.index]})"
+                )
             race.cancel_scope.cancel()
         return problem
 
@@ -393,8 +421,11 @@ class Supervisor:
                     if response.status_code == 200:
                         return
                     self.progress.set_detail(
-                        self.index, "warming up" if response.status_code == 503
-                        else f"/health answered {response.status_code}")
+                        self.index,
+                        "warming up"
+                        if response.status_code == 503
+                        else f"/health answered {response.status_code}",
+                    )
             await trio.sleep(POLL_INTERVAL_S)
 
     def _register(self) -> None:
@@ -425,10 +456,12 @@ def _no_metrics() -> None:
     """Nothing counts restarts (tests, or a router without metrics)."""
 
 
-async def run_pool(cfg: LauncherConfig, registry: Registry,
-                   on_restart: Callable[[], None] = _no_metrics,
-                   task_status: trio.TaskStatus[Pool | None] = trio.TASK_STATUS_IGNORED,
-                   ) -> None:
+async def run_pool(
+    cfg: LauncherConfig,
+    registry: Registry,
+    on_restart: Callable[[], None] = _no_metrics,
+    task_status: trio.TaskStatus[Pool | None] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Launch and supervise `cfg.num_workers` workers until cancelled.
 
     Raises `LaunchError` (with every child stopped) if the pool cannot come up; reports
@@ -444,21 +477,25 @@ async def run_pool(cfg: LauncherConfig, registry: Registry,
     await clean_stale(directory)
     check_ports_free([plan.ports for plan in plans], cfg.worker_host)
     log_dir = Path(cfg.log_dir) if cfg.log_dir else None
-    outputs = [WorkerOutput(plan.index, log_dir, cfg.log_max_mb * 1024 * 1024)
-               for plan in plans]
+    outputs = [WorkerOutput(plan.index, log_dir, cfg.log_max_mb * 1024 * 1024) for plan in plans]
     progress = Progress(len(plans))
     pidfile = open_pidfile(directory)
     failures: list[str] = []
     log.info("launching %d worker(s): %s", len(plans), shlex.join(plans[0].argv))
     try:
-        async with httpx.AsyncClient(
-            timeout=PROBE_TIMEOUT_S, trust_env=False,
-            limits=httpx.Limits(max_keepalive_connections=0),
-        ) as client, trio.open_nursery() as pool:
+        async with (
+            httpx.AsyncClient(
+                timeout=PROBE_TIMEOUT_S,
+                trust_env=False,
+                limits=httpx.Limits(max_keepalive_connections=0),
+            ) as client,
+            trio.open_nursery() as pool,
+        ):
             pool.start_soon(progress.run)
-            supervisors = [Supervisor(plan, cfg, registry, progress, output, pidfile, client,
-                                      on_restart)
-                           for plan, output in zip(plans, outputs, strict=True)]
+            supervisors = [
+                Supervisor(plan, cfg, registry, progress, output, pidfile, client, on_restart)
+                for plan, output in zip(plans, outputs, strict=True)
+            ]
             try:
                 async with trio.open_nursery() as starting:
                     for supervisor in supervisors:

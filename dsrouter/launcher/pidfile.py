@@ -81,8 +81,11 @@ def _carries(pid: int, token: str) -> bool:
 def processes_with_token(token: str) -> list[int]:
     """Every live process whose environment carries `token` (our workers and descendants)."""
     me = os.getpid()
-    return [int(entry.name) for entry in Path("/proc").iterdir()
-            if entry.name.isdigit() and int(entry.name) != me and _carries(int(entry.name), token)]
+    return [
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and int(entry.name) != me and _carries(int(entry.name), token)
+    ]
 
 
 class PidFile:
@@ -104,9 +107,12 @@ class PidFile:
     def _save(self) -> None:
         if self.path is None:
             return
-        record = {"router_pid": os.getpid(), "router_start": _start_time(os.getpid()),
-                  "token": self.token,
-                  "groups": {str(i): pgid for i, pgid in sorted(self._groups.items())}}
+        record = {
+            "router_pid": os.getpid(),
+            "router_start": _start_time(os.getpid()),
+            "token": self.token,
+            "groups": {str(i): pgid for i, pgid in sorted(self._groups.items())},
+        }
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record))
         tmp.replace(self.path)
@@ -121,9 +127,12 @@ def open_pidfile(directory: Path) -> PidFile:
     try:
         usable = _own_dir(directory)
     except OSError as exc:
-        log.warning("cannot use %s for the worker pid file (%s): processes of a router that "
-                    "is SIGKILLed will not be cleaned up at the next start", directory,
-                    exc.strerror)
+        log.warning(
+            "cannot use %s for the worker pid file (%s): processes of a router that "
+            "is SIGKILLed will not be cleaned up at the next start",
+            directory,
+            exc.strerror,
+        )
         return PidFile(None)
     if not usable:
         log.warning("%s is not a directory owned by this user: no worker pid file", directory)
@@ -165,9 +174,13 @@ def kill_stale(directory: Path) -> list[int]:
                     os.kill(victim, signal.SIGKILL)
             if stale:
                 groups = sorted(set(record.get("groups", {}).values()))
-                log.warning("router pid %s died without stopping its workers: killed %d "
-                            "leftover process(es) of group(s) %s", pid, len(stale),
-                            ", ".join(map(str, groups)))
+                log.warning(
+                    "router pid %s died without stopping its workers: killed %d "
+                    "leftover process(es) of group(s) %s",
+                    pid,
+                    len(stale),
+                    ", ".join(map(str, groups)),
+                )
             killed += stale
         path.unlink(missing_ok=True)
     return killed

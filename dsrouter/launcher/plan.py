@@ -41,8 +41,10 @@ async def plan_pool(cfg: LauncherConfig, environ: Mapping[str, str]) -> list[Wor
     if not cfg.command:
         problems.append("launcher.command is empty")
     elif shutil.which(cfg.command[0], path=environ.get("PATH")) is None:
-        problems.append(f"launcher.command: {cfg.command[0]!r} not found on PATH; install it "
-                        "or give its full path")
+        problems.append(
+            f"launcher.command: {cfg.command[0]!r} not found on PATH; install it "
+            "or give its full path"
+        )
     if not cfg.model:
         problems.append("launcher.model is empty: the workers need --model-path")
     url_host = _reachable_host(cfg.worker_host)
@@ -61,8 +63,9 @@ async def plan_pool(cfg: LauncherConfig, environ: Mapping[str, str]) -> list[Wor
         if cfg.num_gpus_per_worker:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[index])
         url = normalize_worker_url(f"http://{url_host}:{ports[index].http}")
-        plans.append(WorkerPlan(index, url, ports[index], gpus[index],
-                                worker_argv(cfg, ports[index]), env))
+        plans.append(
+            WorkerPlan(index, url, ports[index], gpus[index], worker_argv(cfg, ports[index]), env)
+        )
     return plans
 
 
@@ -83,13 +86,19 @@ def worker_argv(cfg: LauncherConfig, ports: WorkerPorts) -> tuple[str, ...]:
     gpus = ("--num-gpus", str(cfg.num_gpus_per_worker)) if cfg.num_gpus_per_worker else ()
     return (
         *cfg.command,
-        "--model-path", cfg.model,
+        "--model-path",
+        cfg.model,
         *gpus,
-        "--host", cfg.worker_host,
-        "--port", str(ports.http),
-        "--master-port", str(ports.master),
-        "--scheduler-port", str(ports.scheduler),
-        "--strict-ports", "true",
+        "--host",
+        cfg.worker_host,
+        "--port",
+        str(ports.http),
+        "--master-port",
+        str(ports.master),
+        "--scheduler-port",
+        str(ports.scheduler),
+        "--strict-ports",
+        "true",
         *cfg.extra_args,
     )
 

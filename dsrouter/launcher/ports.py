@@ -34,8 +34,12 @@ class WorkerPorts:
         return self.http + 1
 
     def labelled(self) -> list[tuple[str, int]]:
-        return [("HTTP port", self.http), ("broker port (HTTP port + 1)", self.broker),
-                ("master port", self.master), ("scheduler port", self.scheduler)]
+        return [
+            ("HTTP port", self.http),
+            ("broker port (HTTP port + 1)", self.broker),
+            ("master port", self.master),
+            ("scheduler port", self.scheduler),
+        ]
 
 
 def plan_ports(cfg: LauncherConfig) -> list[WorkerPorts]:
@@ -49,7 +53,8 @@ def plan_ports(cfg: LauncherConfig) -> list[WorkerPorts]:
     if cfg.num_workers > 1 and cfg.port_stride < 2:
         raise LaunchError(
             f"launcher.port_stride is {cfg.port_stride}, it must be at least 2: every worker "
-            "also binds its HTTP port + 1 (the offline broker)")
+            "also binds its HTTP port + 1 (the offline broker)"
+        )
     plan = [
         WorkerPorts(
             http=cfg.worker_base_port + i * cfg.port_stride,
@@ -60,8 +65,11 @@ def plan_ports(cfg: LauncherConfig) -> list[WorkerPorts]:
     ]
     owners: dict[int, str] = {}
     problems = []
-    labelled = [(f"worker {index} {label}", port)
-                for index, ports in enumerate(plan) for label, port in ports.labelled()]
+    labelled = [
+        (f"worker {index} {label}", port)
+        for index, ports in enumerate(plan)
+        for label, port in ports.labelled()
+    ]
     # HTTP and broker ports claim their numbers first, so a clash names the internal port.
     labelled.sort(key=lambda entry: "HTTP" not in entry[0])
     for owner, port in labelled:
@@ -72,9 +80,10 @@ def plan_ports(cfg: LauncherConfig) -> list[WorkerPorts]:
         else:
             owners[port] = owner
     if problems:
-        raise LaunchError("the launcher's port plan overlaps itself; change worker_base_port, "
-                          "master_port_base, scheduler_port_base or the strides:\n  "
-                          + "\n  ".join(problems))
+        raise LaunchError(
+            "the launcher's port plan overlaps itself; change worker_base_port, "
+            "master_port_base, scheduler_port_base or the strides:\n  " + "\n  ".join(problems)
+        )
     return plan
 
 
@@ -98,9 +107,10 @@ def check_ports_free(plan: list[WorkerPorts], worker_host: str) -> None:
             if problem:
                 busy.append(f"worker {index} {label} {host}:{port}: {problem}")
     if busy:
-        raise LaunchError("cannot reserve the launcher's ports (stop what holds them or change "
-                          "worker_base_port / master_port_base / scheduler_port_base):\n  "
-                          + "\n  ".join(busy))
+        raise LaunchError(
+            "cannot reserve the launcher's ports (stop what holds them or change "
+            "worker_base_port / master_port_base / scheduler_port_base):\n  " + "\n  ".join(busy)
+        )
 
 
 def _try_bind(host: str, port: int) -> str | None:

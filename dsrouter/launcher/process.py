@@ -88,13 +88,15 @@ class Child:
             self.kill_group(signal.SIGTERM)
             with trio.move_on_after(timeout_s):
                 return await self.wait()
-            log.warning("pid %d did not stop within %gs of SIGTERM: SIGKILL", self.pid,
-                        timeout_s)
+            log.warning("pid %d did not stop within %gs of SIGTERM: SIGKILL", self.pid, timeout_s)
             self.kill_group(signal.SIGKILL)
             with trio.move_on_after(KILL_GRACE_S):
                 return await self.wait()
-            log.error("pid %d survived SIGKILL for %gs (stuck in the kernel?); giving up on "
-                      "it", self.pid, KILL_GRACE_S)
+            log.error(
+                "pid %d survived SIGKILL for %gs (stuck in the kernel?); giving up on it",
+                self.pid,
+                KILL_GRACE_S,
+            )
             return None
         return self.returncode
 
@@ -107,8 +109,13 @@ def spawn(argv: Sequence[str], env: Mapping[str, str]) -> Child:
     read_end, write_end = os.pipe()
     try:
         popen = subprocess.Popen(
-            list(argv), env=dict(env), stdin=subprocess.DEVNULL, stdout=write_end,
-            stderr=write_end, start_new_session=True, preexec_fn=_die_with(os.getpid()),
+            list(argv),
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=write_end,
+            stderr=write_end,
+            start_new_session=True,
+            preexec_fn=_die_with(os.getpid()),
         )
     except BaseException:
         os.close(read_end)
@@ -128,6 +135,3 @@ def describe_exit(code: int | None) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exit status {code}"
-
-
-

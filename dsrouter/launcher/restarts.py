@@ -43,8 +43,10 @@ class RestartTracker:
         while self._recent and self._recent[0] <= now - cfg.restart_window_s:
             self._recent.popleft()
         if len(self._recent) >= cfg.max_restarts:
-            return Decision(False, reason=f"{cfg.max_restarts} restart(s) within "
-                                          f"{cfg.restart_window_s:g}s already")
+            return Decision(
+                False,
+                reason=f"{cfg.max_restarts} restart(s) within {cfg.restart_window_s:g}s already",
+            )
         delay = min(cfg.backoff_max_s, cfg.backoff_initial_s * 2 ** len(self._recent))
         self._recent.append(now)
         self.total += 1

@@ -54,13 +54,29 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dsrouter.launcher")
 
-IN_PLACE = ("wait_timeout_s", "restart", "max_restarts", "restart_window_s",
-            "backoff_initial_s", "backoff_max_s", "stop_timeout_s")
+IN_PLACE = (
+    "wait_timeout_s",
+    "restart",
+    "max_restarts",
+    "restart_window_s",
+    "backoff_initial_s",
+    "backoff_max_s",
+    "stop_timeout_s",
+)
 ROLLING = ("model", "command", "extra_args", "env", "num_gpus_per_worker", "gpu_ids")
 GPU_KEYS = ("num_gpus_per_worker", "gpu_ids")
-RESTART_ONLY = ("backend", "num_workers", "worker_host", "worker_base_port", "port_stride",
-                "master_port_base", "scheduler_port_base", "internal_port_stride", "log_dir",
-                "log_max_mb")
+RESTART_ONLY = (
+    "backend",
+    "num_workers",
+    "worker_host",
+    "worker_base_port",
+    "port_stride",
+    "master_port_base",
+    "scheduler_port_base",
+    "internal_port_stride",
+    "log_dir",
+    "log_max_mb",
+)
 
 
 @attrs.frozen
@@ -82,8 +98,13 @@ class Pool:
     the roll task has restarted it.
     """
 
-    def __init__(self, cfg: LauncherConfig, supervisors: Sequence[Supervisor],
-                 registry: Registry, nursery: trio.Nursery) -> None:
+    def __init__(
+        self,
+        cfg: LauncherConfig,
+        supervisors: Sequence[Supervisor],
+        registry: Registry,
+        nursery: trio.Nursery,
+    ) -> None:
         self.cfg = cfg
         self.plans = tuple(s.plan for s in supervisors)
         self.drain_timeout_s = 30.0
@@ -107,22 +128,27 @@ class Pool:
         Raises `LaunchError` if the new settings cannot run (a command not on PATH, too few
         GPUs), so the reload is rejected before anything restarts.
         """
-        restart_only = tuple(f"launcher.{key}" for key in RESTART_ONLY
-                             if getattr(new, key) != getattr(self.cfg, key))
+        restart_only = tuple(
+            f"launcher.{key}" for key in RESTART_ONLY if getattr(new, key) != getattr(self.cfg, key)
+        )
         cfg = attrs.evolve(self.cfg, **{key: getattr(new, key) for key in (*IN_PLACE, *ROLLING)})
         if cfg == self.cfg:
             return Reconfiguration(self.cfg, self.plans, restart_only=restart_only)
         plans = await plan_pool(cfg, os.environ)
         taken = self._gpus_taken(plans)
         if taken:
-            log.warning("reload: the new GPU settings would move %s; they take effect after "
-                        "a restart", taken)
-            restart_only += tuple(f"launcher.{key}" for key in GPU_KEYS
-                                  if getattr(cfg, key) != getattr(self.cfg, key))
+            log.warning(
+                "reload: the new GPU settings would move %s; they take effect after a restart",
+                taken,
+            )
+            restart_only += tuple(
+                f"launcher.{key}" for key in GPU_KEYS if getattr(cfg, key) != getattr(self.cfg, key)
+            )
             cfg = attrs.evolve(cfg, **{key: getattr(self.cfg, key) for key in GPU_KEYS})
             plans = await plan_pool(cfg, os.environ)
-        in_place = tuple(f"launcher.{key}" for key in IN_PLACE
-                         if getattr(cfg, key) != getattr(self.cfg, key))
+        in_place = tuple(
+            f"launcher.{key}" for key in IN_PLACE if getattr(cfg, key) != getattr(self.cfg, key)
+        )
         return Reconfiguration(cfg, tuple(plans), in_place, restart_only)
 
     def _gpus_taken(self, plans: Sequence[WorkerPlan]) -> str:
@@ -134,8 +160,9 @@ class Pool:
                 if other.index != new.index:
                     clash = sorted(set(new.gpus) & set(other.plan.gpus) - mine)
                     if clash:
-                        moves.append(f"GPU {', '.join(clash)} of worker {other.index} to worker "
-                                     f"{new.index}")
+                        moves.append(
+                            f"GPU {', '.join(clash)} of worker {other.index} to worker {new.index}"
+                        )
         return "; ".join(moves)
 
     def apply(self, change: Reconfiguration, drain_timeout_s: float) -> list[int]:
@@ -149,12 +176,15 @@ class Pool:
         for key in change.in_place:
             log.info("reload: %s applied to the running workers", key)
         pending = [s.index for s in self._supervisors if self._needs_restart(s)]
-        skipped = [s.index for s in self._supervisors
-                   if s.settled and s.plan != self.plans[s.index]]
+        skipped = [
+            s.index for s in self._supervisors if s.settled and s.plan != self.plans[s.index]
+        ]
         if skipped:
-            log.warning("reload: worker(s) %s are %s and keep their old settings until the "
-                        "router restarts", skipped,
-                        "/".join(sorted({self._supervisors[i].state for i in skipped})))
+            log.warning(
+                "reload: worker(s) %s are %s and keep their old settings until the router restarts",
+                skipped,
+                "/".join(sorted({self._supervisors[i].state for i in skipped})),
+            )
         if pending and not self._rolling:
             self._rolling = True
             self._nursery.start_soon(self._roll)
@@ -175,9 +205,13 @@ class Pool:
                 problem = await self._restart(supervisor, self.plans[supervisor.index])
                 if problem is not None:
                     left = [s.index for s in self._supervisors if self._needs_restart(s)]
-                    log.error("rolling restart stopped at worker %d: %s. Worker(s) %s keep "
-                              "their previous settings; fix router.toml and reload again",
-                              supervisor.index, problem, left)
+                    log.error(
+                        "rolling restart stopped at worker %d: %s. Worker(s) %s keep "
+                        "their previous settings; fix router.toml and reload again",
+                        supervisor.index,
+                        problem,
+                        left,
+                    )
                     return
         finally:
             self._rolling = False
@@ -190,13 +224,17 @@ class Pool:
         drained_by_operator = worker is not None and worker.draining
         with contextlib.ExitStack() as stack:
             if not any(w is not worker for w in registry.routable()):
-                log.warning("rolling restart: worker %d is the only routable worker; requests "
-                            "wait in the router queue while it restarts", index)
+                log.warning(
+                    "rolling restart: worker %d is the only routable worker; requests "
+                    "wait in the router queue while it restarts",
+                    index,
+                )
                 stack.enter_context(registry.pause())
             if worker is not None and not drained_by_operator:
                 stack.callback(self._undrain, worker)
-                log.info("rolling restart: draining worker %d (%d in flight)", index,
-                         worker.in_flight)
+                log.info(
+                    "rolling restart: draining worker %d (%d in flight)", index, worker.in_flight
+                )
                 registry.set_draining(worker, True, remove_when_idle=False)
             if worker is not None:
                 await self._drained(worker, index)
@@ -222,9 +260,13 @@ class Pool:
             while worker.in_flight:
                 await self._registry.changed.wait()
             return
-        log.warning("rolling restart: worker %d still serves %d request(s) after "
-                    "server.drain_timeout_s = %g s; stopping it anyway", index,
-                    worker.in_flight, self.drain_timeout_s)
+        log.warning(
+            "rolling restart: worker %d still serves %d request(s) after "
+            "server.drain_timeout_s = %g s; stopping it anyway",
+            index,
+            worker.in_flight,
+            self.drain_timeout_s,
+        )
 
     async def _caught_up(self, url: str, timeout_s: float) -> str | None:
         """None once the new registration's capabilities are known (routing by output type
@@ -238,5 +280,7 @@ class Pool:
                 if worker.health is Health.HEALTHY and not worker.stale:
                     return None
                 await self._registry.changed.wait()
-        return (f"it was not back in rotation (capabilities read, healthy, on the pool's "
-                f"weights) within wait_timeout_s = {timeout_s:g} s")
+        return (
+            f"it was not back in rotation (capabilities read, healthy, on the pool's "
+            f"weights) within wait_timeout_s = {timeout_s:g} s"
+        )

@@ -37,28 +37,39 @@ from dsrouter.simworker.state import SimWorker, now
 Handler = Callable[[SimWorker, Request], Awaitable[Response]]
 
 # Never held during warmup (WORKER_API.md section 2); nor counted as work in `in_flight`.
-BYPASS = frozenset({"/metrics", "/liveness", "/health", "/health_generate", "/model_info",
-                    "/server_info"})
+BYPASS = frozenset(
+    {"/metrics", "/liveness", "/health", "/health_generate", "/model_info", "/server_info"}
+)
 DISCOVERY = BYPASS | {"/v1/models", "/models", "/v1/model_info", "/openapi.json"}
 EXIT_STATUS = 3
 
 
 # ---- discovery ----------------------------------------------------------------------------
 
+
 def _card(worker: SimWorker) -> dict[str, Any]:
     o = worker.options
-    return {"id": o.served_model_name, "object": "model", "created": now(),
-            "owned_by": "sglang", "root": o.served_model_name, "parent": None,
-            "max_model_len": None, "num_gpus": o.num_gpus, "task_type": o.task_types[0],
-            "supported_task_types": o.task_types, "dit_precision": "bf16",
-            "vae_precision": "fp32", "pipeline_name": "SimPipeline",
-            "pipeline_class": "dsrouter.simworker.SimPipeline"}
+    return {
+        "id": o.served_model_name,
+        "object": "model",
+        "created": now(),
+        "owned_by": "sglang",
+        "root": o.served_model_name,
+        "parent": None,
+        "max_model_len": None,
+        "num_gpus": o.num_gpus,
+        "task_type": o.task_types[0],
+        "supported_task_types": o.task_types,
+        "dit_precision": "bf16",
+        "vae_precision": "fp32",
+        "pipeline_name": "SimPipeline",
+        "pipeline_class": "dsrouter.simworker.SimPipeline",
+    }
 
 
 async def health(worker: SimWorker, request: Request) -> Response:
     if worker.faults.backend_failed:
-        return json_response(503, {"status": "unhealthy",
-                                   "error": worker.faults.backend_failed})
+        return json_response(503, {"status": "unhealthy", "error": worker.faults.backend_failed})
     if not worker.warm.is_set():
         return Response(503, b"", None)
     return json_response(200, {"status": "ok"})
@@ -70,21 +81,36 @@ async def liveness(worker: SimWorker, request: Request) -> Response:
 
 async def server_info(worker: SimWorker, request: Request) -> Response:
     o = worker.options
-    return json_response(200, {"model_path": o.model_path,
-                               "served_model_name": o.served_model_name, "tp_size": 1,
-                               "dp_size": 1, "version": "0.5.23"})
+    return json_response(
+        200,
+        {
+            "model_path": o.model_path,
+            "served_model_name": o.served_model_name,
+            "tp_size": 1,
+            "dp_size": 1,
+            "version": "0.5.23",
+        },
+    )
 
 
 async def model_info(worker: SimWorker, request: Request) -> Response:
     o = worker.options
     outputs = o.output_types
-    return json_response(200, {
-        "model_path": o.model_path, "is_generation": True, "model_type": "diffusion",
-        "architectures": ["SimPipeline"],
-        "has_image_understanding": any(t in IMAGE_INPUT_ACCEPTED for t in o.task_types),
-        "has_audio_understanding": False, "task_type": o.task_types[0],
-        "supported_task_types": o.task_types, "output_types": outputs,
-        "is_image_gen": outputs == ["IMAGE"]})
+    return json_response(
+        200,
+        {
+            "model_path": o.model_path,
+            "is_generation": True,
+            "model_type": "diffusion",
+            "architectures": ["SimPipeline"],
+            "has_image_understanding": any(t in IMAGE_INPUT_ACCEPTED for t in o.task_types),
+            "has_audio_understanding": False,
+            "task_type": o.task_types[0],
+            "supported_task_types": o.task_types,
+            "output_types": outputs,
+            "is_image_gen": outputs == ["IMAGE"],
+        },
+    )
 
 
 async def models(worker: SimWorker, request: Request) -> Response:
@@ -93,11 +119,23 @@ async def models(worker: SimWorker, request: Request) -> Response:
 
 async def legacy_models(worker: SimWorker, request: Request) -> Response:
     card = _card(worker)
-    return json_response(200, {"model_path": worker.options.model_path,
-                               **{k: card[k] for k in ("num_gpus", "task_type",
-                                                       "supported_task_types",
-                                                       "dit_precision", "vae_precision")},
-                               "vae_decode_precision": "fp32"})
+    return json_response(
+        200,
+        {
+            "model_path": worker.options.model_path,
+            **{
+                k: card[k]
+                for k in (
+                    "num_gpus",
+                    "task_type",
+                    "supported_task_types",
+                    "dit_precision",
+                    "vae_precision",
+                )
+            },
+            "vae_decode_precision": "fp32",
+        },
+    )
 
 
 async def v1_model_info(worker: SimWorker, request: Request) -> Response:
@@ -108,19 +146,34 @@ async def openapi(worker: SimWorker, request: Request) -> Response:
     paths: dict[str, dict[str, Any]] = {}
     for method, path in ROUTES:
         paths.setdefault(path, {})[method.lower()] = {}
-    return json_response(200, {"openapi": "3.1.0", "info": {
-        "title": "sglang diffusion worker (simulated)", "version": "0.5.23"}, "paths": paths})
+    return json_response(
+        200,
+        {
+            "openapi": "3.1.0",
+            "info": {"title": "sglang diffusion worker (simulated)", "version": "0.5.23"},
+            "paths": paths,
+        },
+    )
 
 
 async def one_model(worker: SimWorker, name: str) -> Response:
     if name == worker.options.served_model_name:
         return json_response(200, _card(worker))
-    return json_response(404, {"error": {"message": f"The model '{name}' does not exist",
-                                         "type": "invalid_request_error", "param": "model",
-                                         "code": "model_not_found"}})
+    return json_response(
+        404,
+        {
+            "error": {
+                "message": f"The model '{name}' does not exist",
+                "type": "invalid_request_error",
+                "param": "model",
+                "code": "model_not_found",
+            }
+        },
+    )
 
 
 # ---- test controls ------------------------------------------------------------------------
+
 
 async def sim_state(worker: SimWorker, request: Request) -> Response:
     return json_response(200, worker.state())
@@ -142,11 +195,16 @@ async def sim_faults(worker: SimWorker, request: Request) -> Response:
 # ---- routing ------------------------------------------------------------------------------
 
 ROUTES: dict[tuple[str, str], Handler] = {
-    ("GET", "/health"): health, ("GET", "/health_generate"): health,
-    ("GET", "/liveness"): liveness, ("GET", "/server_info"): server_info,
-    ("GET", "/model_info"): model_info, ("GET", "/v1/models"): models,
-    ("GET", "/models"): legacy_models, ("GET", "/v1/model_info"): v1_model_info,
-    ("GET", "/openapi.json"): openapi, ("GET", "/stats"): control.stats,
+    ("GET", "/health"): health,
+    ("GET", "/health_generate"): health,
+    ("GET", "/liveness"): liveness,
+    ("GET", "/server_info"): server_info,
+    ("GET", "/model_info"): model_info,
+    ("GET", "/v1/models"): models,
+    ("GET", "/models"): legacy_models,
+    ("GET", "/v1/model_info"): v1_model_info,
+    ("GET", "/openapi.json"): openapi,
+    ("GET", "/stats"): control.stats,
     ("POST", "/v1/images/generations"): generation.images_generations,
     ("POST", "/v1/images/edits"): generation.images_edits,
     ("POST", "/v1/videos"): generation.videos_create,
@@ -164,7 +222,8 @@ ROUTES: dict[tuple[str, str], Handler] = {
     ("POST", "/v1/merge_lora_weights"): control.merge_lora,
     ("POST", "/v1/unmerge_lora_weights"): control.unmerge_lora,
     ("GET", "/v1/list_loras"): control.list_loras,
-    ("GET", "/_sim/state"): sim_state, ("POST", "/_sim/faults"): sim_faults,
+    ("GET", "/_sim/state"): sim_state,
+    ("POST", "/_sim/faults"): sim_faults,
 }
 _JOB = re.compile(r"^/v1/(videos|meshes)/([^/]+)(/content)?$")
 _IMAGE = re.compile(r"^/v1/images/([^/]+)/content$")
@@ -248,20 +307,29 @@ async def _serve_one(worker: SimWorker, request: Request, send: Send) -> None:
         with trio.CancelScope() as request_scope:
             async with trio.open_nursery() as watcher:
                 request.on_body_done = lambda: watcher.start_soon(
-                    request.watch_disconnect, request_scope)
+                    request.watch_disconnect, request_scope
+                )
                 if request.method != "POST":
                     await request.drain()
                 response = await _respond(worker, request)
                 await request.drain()
-                extra = [("x-simworker-model-path", worker.model_path),
-                         ("x-simworker-weight-version", worker.weight_version)]
+                extra = [
+                    ("x-simworker-model-path", worker.model_path),
+                    ("x-simworker-weight-version", worker.weight_version),
+                ]
                 if request.method == "POST":
                     extra.append(("x-simworker-body-sha256", request.body_sha256.hexdigest()))
-                size = (len(response.body) if isinstance(response.body, bytes)
-                        else response.length or 0)
+                size = (
+                    len(response.body) if isinstance(response.body, bytes) else response.length or 0
+                )
                 try:
-                    await send_response(send, response, extra, worker.faults.slow_body_bps,
-                                        cut_after=size // 2 if dies else None)
+                    await send_response(
+                        send,
+                        response,
+                        extra,
+                        worker.faults.slow_body_bps,
+                        cut_after=size // 2 if dies else None,
+                    )
                 except CutShort:
                     os._exit(EXIT_STATUS)
                 watcher.cancel_scope.cancel()

@@ -109,12 +109,18 @@ class HTTPError(Exception):
 
     def __init__(self, status: int, body: Any, content_type: str = "application/json") -> None:
         super().__init__(status, body)
-        self.response = (json_response(status, body) if content_type == "application/json"
-                         else Response(status, str(body).encode(), content_type))
+        self.response = (
+            json_response(status, body)
+            if content_type == "application/json"
+            else Response(status, str(body).encode(), content_type)
+        )
 
 
-def json_response(status: int, payload: Any, headers: list[tuple[str, str]] | None = None,
-                  ) -> Response:
+def json_response(
+    status: int,
+    payload: Any,
+    headers: list[tuple[str, str]] | None = None,
+) -> Response:
     return Response(status, json.dumps(payload).encode(), "application/json", headers or [])
 
 
@@ -125,8 +131,14 @@ def plain_500() -> Response:
 
 def missing_field(field: str, given: Any, where: str = "body") -> HTTPError:
     """FastAPI's 422 for a required field that is absent."""
-    return HTTPError(422, {"detail": [{"type": "missing", "loc": [where, field],
-                                       "msg": "Field required", "input": given}]})
+    return HTTPError(
+        422,
+        {
+            "detail": [
+                {"type": "missing", "loc": [where, field], "msg": "Field required", "input": given}
+            ]
+        },
+    )
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -134,18 +146,43 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     try:
         value = json.loads(raw) if raw else None
     except ValueError as exc:
-        raise HTTPError(422, {"detail": [{"type": "json_invalid", "loc": ["body", 0],
-                                          "msg": f"JSON decode error: {exc}",
-                                          "input": {}}]}) from None
+        raise HTTPError(
+            422,
+            {
+                "detail": [
+                    {
+                        "type": "json_invalid",
+                        "loc": ["body", 0],
+                        "msg": f"JSON decode error: {exc}",
+                        "input": {},
+                    }
+                ]
+            },
+        ) from None
     if not isinstance(value, dict):
-        raise HTTPError(422, {"detail": [{"type": "model_attributes_type", "loc": ["body"],
-                                          "msg": "Input should be a valid dictionary",
-                                          "input": value}]})
+        raise HTTPError(
+            422,
+            {
+                "detail": [
+                    {
+                        "type": "model_attributes_type",
+                        "loc": ["body"],
+                        "msg": "Input should be a valid dictionary",
+                        "input": value,
+                    }
+                ]
+            },
+        )
     return value
 
 
-async def send_response(send: Send, response: Response, extra: list[tuple[str, str]],
-                        drip_bps: int = 0, cut_after: int | None = None) -> None:
+async def send_response(
+    send: Send,
+    response: Response,
+    extra: list[tuple[str, str]],
+    drip_bps: int = 0,
+    cut_after: int | None = None,
+) -> None:
     """Send headers then body; `drip_bps` throttles it, `cut_after` aborts after N bytes."""
     headers = [(k.encode(), v.encode()) for k, v in [*response.headers, *extra]]
     if response.content_type:
@@ -158,8 +195,9 @@ async def send_response(send: Send, response: Response, extra: list[tuple[str, s
     sent = 0
     async for chunk in _pieces(body, drip_bps):
         if cut_after is not None and sent + len(chunk) > cut_after:
-            await send({"type": "http.response.body", "body": chunk[:cut_after - sent],
-                        "more_body": True})
+            await send(
+                {"type": "http.response.body", "body": chunk[: cut_after - sent], "more_body": True}
+            )
             raise CutShort
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
         sent += len(chunk)
@@ -179,13 +217,14 @@ class CutShort(Exception):
     """The body was deliberately cut (the `exit_after` fault)."""
 
 
-async def _pieces(body: bytes | Iterable[bytes] | AsyncIterator[bytes],
-                  drip_bps: int) -> AsyncIterator[bytes]:
+async def _pieces(
+    body: bytes | Iterable[bytes] | AsyncIterator[bytes], drip_bps: int
+) -> AsyncIterator[bytes]:
     """The body in sends of at most 1 MiB, or ~1/20 s worth of bytes when dripping."""
     size = max(1024, min(64 * 1024, drip_bps // 20)) if drip_bps else 1 << 20
     async for chunk in _chunks(body):
         for start in range(0, len(chunk), size):
-            yield chunk[start:start + size]
+            yield chunk[start : start + size]
 
 
 async def _chunks(body: bytes | Iterable[bytes] | AsyncIterator[bytes]) -> AsyncIterator[bytes]:

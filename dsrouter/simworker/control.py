@@ -33,16 +33,19 @@ async def _weights_body(request: Request) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except ValueError:
-        raise HTTPError(500, "Internal Server Error",
-                        content_type="text/plain; charset=utf-8") from None
+        raise HTTPError(
+            500, "Internal Server Error", content_type="text/plain; charset=utf-8"
+        ) from None
     if not isinstance(body, dict):
         raise HTTPError(500, "Internal Server Error", content_type="text/plain; charset=utf-8")
     return body
 
 
 def _received(request: Request) -> dict[str, str]:
-    return {"body_sha256": request.body_sha256.hexdigest(),
-            "x-request-id": request.header("x-request-id")}
+    return {
+        "body_sha256": request.body_sha256.hexdigest(),
+        "x-request-id": request.header("x-request-id"),
+    }
 
 
 def _failed(status: int, message: str) -> Response:
@@ -61,9 +64,14 @@ async def update_weights_from_disk(worker: SimWorker, request: Request) -> Respo
             return _failed(400, f"Failed to load weights from {path}: no such checkpoint")
         worker.model_path = path
         worker.weight_updates += 1
-    return json_response(200, {"success": True,
-                               "message": f"Updated weights from {path} (simulated)",
-                               "simworker_received": _received(request)})
+    return json_response(
+        200,
+        {
+            "success": True,
+            "message": f"Updated weights from {path} (simulated)",
+            "simworker_received": _received(request),
+        },
+    )
 
 
 async def update_weights_from_tensor(worker: SimWorker, request: Request) -> Response:
@@ -77,14 +85,21 @@ async def update_weights_from_tensor(worker: SimWorker, request: Request) -> Res
         if worker.faults.refit_fails:
             return _failed(400, "Failed to apply the tensor update")
         worker.weight_updates += 1
-    return json_response(200, {"success": True, "message": "Updated weights from tensors",
-                               "simworker_received": _received(request)})
+    return json_response(
+        200,
+        {
+            "success": True,
+            "message": "Updated weights from tensors",
+            "simworker_received": _received(request),
+        },
+    )
 
 
 async def update_weights_from_tensor_checker(worker: SimWorker, request: Request) -> Response:
     body = await _weights_body(request)
     if not body.get("target_module") or not isinstance(
-            body.get("expected_named_tensors_sha256"), dict):
+        body.get("expected_named_tensors_sha256"), dict
+    ):
         return _failed(400, "target_module and expected_named_tensors_sha256 are required")
     async with worker.scheduled():
         pass
@@ -94,8 +109,9 @@ async def update_weights_from_tensor_checker(worker: SimWorker, request: Request
 async def get_weights_checksum(worker: SimWorker, request: Request) -> Response:
     body = await _weights_body(request)
     modules = body.get("module_names")
-    if modules is not None and not (isinstance(modules, list)
-                                    and all(isinstance(m, str) for m in modules)):
+    if modules is not None and not (
+        isinstance(modules, list) and all(isinstance(m, str) for m in modules)
+    ):
         return json_response(500, {"error": "module_names must be a list of strings"})
     async with worker.scheduled():
         return json_response(200, worker.checksums(modules))
@@ -135,12 +151,17 @@ async def set_lora(worker: SimWorker, request: Request) -> Response:
         for name, path in zip(names, paths, strict=False):
             known = worker.loras.get(name)
             if path is None and known is None:
-                return json_response(500, {"detail": f"LoRA {name!r} is not loaded and no "
-                                                     "lora_path was given"})
+                return json_response(
+                    500, {"detail": f"LoRA {name!r} is not loaded and no lora_path was given"}
+                )
             if isinstance(path, str) and "missing" in path:
                 return json_response(500, {"detail": f"cannot load LoRA from {path}"})
-            worker.loras[name] = {"path": path or known["path"], "active": True,
-                                  "merged": False, "strength": body.get("strength", 1.0)}
+            worker.loras[name] = {
+                "path": path or known["path"],
+                "active": True,
+                "merged": False,
+                "strength": body.get("strength", 1.0),
+            }
         for name, adapter in worker.loras.items():
             adapter["active"] = name in names
     return json_response(200, {"status": "ok", "message": f"LoRA {names} set"})
@@ -168,16 +189,29 @@ async def unmerge_lora(worker: SimWorker, request: Request) -> Response:
 async def list_loras(worker: SimWorker, request: Request) -> Response:
     async with worker.scheduled():
         loaded = [{"nickname": name, "path": a["path"]} for name, a in worker.loras.items()]
-        active = [{"nickname": name, "nicknames": [name], "path": a["path"],
-                   "merged": a["merged"], "mode": "merge" if a["merged"] else "dynamic",
-                   "strength": a["strength"], "strengths": [a["strength"]]}
-                  for name, a in worker.loras.items() if a["active"]]
+        active = [
+            {
+                "nickname": name,
+                "nicknames": [name],
+                "path": a["path"],
+                "merged": a["merged"],
+                "mode": "merge" if a["merged"] else "dynamic",
+                "strength": a["strength"],
+                "strengths": [a["strength"]],
+            }
+            for name, a in worker.loras.items()
+            if a["active"]
+        ]
     return json_response(200, {"loaded_adapters": loaded, "active": {"transformer": active}})
 
 
 async def stats(worker: SimWorker, request: Request) -> Response:
     async with worker.scheduled():
-        return json_response(200, {"status": "ok", "model_path": worker.options.model_path,
-                                   "disagg": {"role": "monolithic",
-                                              "message": "not in disagg mode"}})
-
+        return json_response(
+            200,
+            {
+                "status": "ok",
+                "model_path": worker.options.model_path,
+                "disagg": {"role": "monolithic", "message": "not in disagg mode"},
+            },
+        )

@@ -73,7 +73,7 @@ async def read_form(request: Request, boundary: bytes) -> Form:
                 name, upload = current
                 if upload is not None:
                     if len(upload.head) < FILE_HEAD:
-                        upload.head += event.data[:FILE_HEAD - len(upload.head)]
+                        upload.head += event.data[: FILE_HEAD - len(upload.head)]
                     upload.size += len(event.data)
                 else:
                     text += event.data

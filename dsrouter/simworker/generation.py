@@ -44,17 +44,27 @@ def _task(worker: SimWorker, output: str, requested: Any, has_image: bool | None
     """The task a request runs as, or the 400 a worker gives when none fits."""
     tasks = [t for t in worker.options.task_types if TASK_OUTPUTS[t] == output]
     if not tasks:
-        raise HTTPError(400, {"detail": f"The pipeline of {worker.options.model_path} does not "
-                                        f"support {output} output"})
+        raise HTTPError(
+            400,
+            {
+                "detail": f"The pipeline of {worker.options.model_path} does not "
+                f"support {output} output"
+            },
+        )
     if requested is not None:
         if requested not in tasks:
-            raise HTTPError(400, {"detail": f"task_type {requested!r} is not supported; "
-                                            f"supported: {tasks}"})
+            raise HTTPError(
+                400, {"detail": f"task_type {requested!r} is not supported; supported: {tasks}"}
+            )
         return requested
     if has_image is None:
         return tasks[0]
-    fitting = [t for t in tasks if (t in IMAGE_INPUT_ACCEPTED) == has_image
-               or (not has_image and t not in IMAGE_INPUT_REQUIRED)]
+    fitting = [
+        t
+        for t in tasks
+        if (t in IMAGE_INPUT_ACCEPTED) == has_image
+        or (not has_image and t not in IMAGE_INPUT_REQUIRED)
+    ]
     if not fitting:
         need = "requires" if not has_image else "does not accept"
         raise HTTPError(400, {"detail": f"task {tasks[0]} {need} an input image"})
@@ -81,14 +91,24 @@ def _dimensions(payload: dict[str, Any], default: tuple[int, int] | None) -> tup
     elif payload.get("size"):
         match = _SIZE.match(str(payload["size"]).strip())
         if not match:
-            raise HTTPError(400, {"detail": f"Invalid size {payload['size']!r}; expected "
-                                            "'WIDTHxHEIGHT', e.g. '1024x1024'"})
+            raise HTTPError(
+                400,
+                {
+                    "detail": f"Invalid size {payload['size']!r}; expected "
+                    "'WIDTHxHEIGHT', e.g. '1024x1024'"
+                },
+            )
         size = (int(match.group(1)), int(match.group(2)))
     else:
         size = default or (1024, 1024)
     if not all(0 < side <= MAX_SIDE for side in size):
-        raise HTTPError(400, {"detail": f"size {size[0]}x{size[1]} is outside 1..{MAX_SIDE} "
-                                        "(a limit of the simulator)"})
+        raise HTTPError(
+            400,
+            {
+                "detail": f"size {size[0]}x{size[1]} is outside 1..{MAX_SIDE} "
+                "(a limit of the simulator)"
+            },
+        )
     return size
 
 
@@ -130,8 +150,7 @@ async def _render(width: int, height: int, fmt: str, seeds: list[int]) -> list[b
             if width * height <= THREAD_PIXELS:
                 image = media.encode_image(width, height, fmt, seed)
             else:
-                image = await trio.to_thread.run_sync(media.encode_image, width, height, fmt,
-                                                      seed)
+                image = await trio.to_thread.run_sync(media.encode_image, width, height, fmt, seed)
             if len(image) <= CACHED_IMAGE_MAX_BYTES:
                 _ENCODED[key] = image
                 while len(_ENCODED) > ENCODED_CACHE_ENTRIES:
@@ -148,29 +167,37 @@ async def _generate(worker: SimWorker, units: float) -> float:
     try:
         return await worker.generate(units)
     except Asleep:
-        raise HTTPError(500, "Internal Server Error",
-                        content_type="text/plain; charset=utf-8") from None
+        raise HTTPError(
+            500, "Internal Server Error", content_type="text/plain; charset=utf-8"
+        ) from None
 
 
 # ---- images -------------------------------------------------------------------------------
 
-def _image_options(payload: dict[str, Any], default_format: str,
-                   default_size: tuple[int, int] | None) -> dict[str, Any]:
+
+def _image_options(
+    payload: dict[str, Any], default_format: str, default_size: tuple[int, int] | None
+) -> dict[str, Any]:
     response_format = payload.get("response_format") or default_format
     if response_format not in ("url", "b64_json"):
-        raise HTTPError(400, {"detail": f"response_format must be 'url' or 'b64_json', got "
-                                        f"{response_format!r}"})
+        raise HTTPError(
+            400, {"detail": f"response_format must be 'url' or 'b64_json', got {response_format!r}"}
+        )
     output_format = payload.get("output_format")
     if output_format is not None and output_format not in FORMATS:
         raise HTTPError(400, {"detail": f"output_format must be one of {FORMATS}"})
-    return {"size": _dimensions(payload, default_size), "n": _outputs(payload),
-            "steps": _positive_int(payload, "num_inference_steps"),
-            "response_format": response_format,
-            "format": media.image_format(output_format, payload.get("background"))}
+    return {
+        "size": _dimensions(payload, default_size),
+        "n": _outputs(payload),
+        "steps": _positive_int(payload, "num_inference_steps"),
+        "response_format": response_format,
+        "format": media.image_format(output_format, payload.get("background")),
+    }
 
 
-async def _image_answer(worker: SimWorker, payload: dict[str, Any],
-                        options: dict[str, Any]) -> Response:
+async def _image_answer(
+    worker: SimWorker, payload: dict[str, Any], options: dict[str, Any]
+) -> Response:
     (width, height), n = options["size"], options["n"]
     steps = options["steps"] or worker.options.default_steps
     frames = _positive_int(payload, "num_frames") or 1
@@ -184,14 +211,26 @@ async def _image_answer(worker: SimWorker, payload: dict[str, Any],
     for index, image in enumerate(images):
         url = f"/v1/images/{image_id}/content" + (f"?variant={index}" if n > 1 else "")
         by_url = options["response_format"] == "url"
-        data.append({"b64_json": None if by_url else _b64(image), "url": url if by_url else None,
-                     "revised_prompt": payload.get("prompt"),
-                     "file_path": f"/sim/outputs/{image_id}"
-                                  f"{f'_{index}' if n > 1 else ''}.{extension}",
-                     "resize": None})
-    return json_response(200, {"id": image_id, "created": now(), "data": data,
-                               "peak_memory_mb": 1024.0, "inference_time_s": round(seconds, 6),
-                               "usage": None})
+        data.append(
+            {
+                "b64_json": None if by_url else _b64(image),
+                "url": url if by_url else None,
+                "revised_prompt": payload.get("prompt"),
+                "file_path": f"/sim/outputs/{image_id}{f'_{index}' if n > 1 else ''}.{extension}",
+                "resize": None,
+            }
+        )
+    return json_response(
+        200,
+        {
+            "id": image_id,
+            "created": now(),
+            "data": data,
+            "peak_memory_mb": 1024.0,
+            "inference_time_s": round(seconds, 6),
+            "usage": None,
+        },
+    )
 
 
 def _b64(data: bytes) -> str:
@@ -239,11 +278,16 @@ async def image_content(worker: SimWorker, request: Request, image_id: str) -> R
     if not variant.isdigit() or int(variant) >= len(images):
         raise HTTPError(404, {"detail": "Image variant not found"})
     extension = "png" if fmt == "png" else "jpg"
-    return Response(200, images[int(variant)], media.CONTENT_TYPES[fmt],
-                    [("content-disposition", f'attachment; filename="{image_id}.{extension}"')])
+    return Response(
+        200,
+        images[int(variant)],
+        media.CONTENT_TYPES[fmt],
+        [("content-disposition", f'attachment; filename="{image_id}.{extension}"')],
+    )
 
 
 # ---- videos and meshes --------------------------------------------------------------------
+
 
 async def _job_payload(request: Request) -> tuple[dict[str, Any], Form | None]:
     boundary = boundary_of(request.header("content-type"))
@@ -265,8 +309,11 @@ async def videos_create(worker: SimWorker, request: Request) -> Response:
     payload, form = await _job_payload(request)
     if not payload.get("prompt"):
         raise HTTPError(400, {"detail": "prompt is required"})
-    has_image = bool(payload.get("input_reference") or payload.get("reference_url")
-                     or (form and form.uploads("input_reference")))
+    has_image = bool(
+        payload.get("input_reference")
+        or payload.get("reference_url")
+        or (form and form.uploads("input_reference"))
+    )
     _task(worker, "VIDEO", payload.get("task_type"), has_image)
     seconds = _positive_int(payload, "seconds") or 4
     fps = _positive_int(payload, "fps") or 24
@@ -276,14 +323,29 @@ async def videos_create(worker: SimWorker, request: Request) -> Response:
     steps = _positive_int(payload, "num_inference_steps") or worker.options.default_steps
     video_id = worker.new_id()
     record = {
-        "id": video_id, "object": "video",
+        "id": video_id,
+        "object": "video",
         "model": payload.get("model") or worker.options.served_model_name,
-        "status": "queued", "progress": 0, "created_at": now(), "size": f"{width}x{height}",
-        "seconds": str(round(frames / fps)), "quality": "standard", "url": None, "urls": None,
-        "remixed_from_video_id": None, "completed_at": None, "expires_at": None, "error": None,
-        "file_path": f"/sim/outputs/{video_id}.mp4", "file_paths": None, "num_outputs": None,
-        "peak_memory_mb": None, "inference_time_s": None, "revised_prompt": None,
-        "action": None, "lidar": None,
+        "status": "queued",
+        "progress": 0,
+        "created_at": now(),
+        "size": f"{width}x{height}",
+        "seconds": str(round(frames / fps)),
+        "quality": "standard",
+        "url": None,
+        "urls": None,
+        "remixed_from_video_id": None,
+        "completed_at": None,
+        "expires_at": None,
+        "error": None,
+        "file_path": f"/sim/outputs/{video_id}.mp4",
+        "file_paths": None,
+        "num_outputs": None,
+        "peak_memory_mb": None,
+        "inference_time_s": None,
+        "revised_prompt": None,
+        "action": None,
+        "lidar": None,
     }
     size = worker.options.video_bytes
     job = worker.add_job(worker.videos, record, DEFAULT_VIDEO_BYTES if size is None else size, n)
@@ -297,8 +359,11 @@ async def meshes_create(worker: SimWorker, request: Request) -> Response:
         await request.drain()
         return plain_500()
     payload, form = await _job_payload(request)
-    has_image = bool(payload.get("input_image") or payload.get("url")
-                     or (form and form.uploads("image", "image[]")))
+    has_image = bool(
+        payload.get("input_image")
+        or payload.get("url")
+        or (form and form.uploads("image", "image[]"))
+    )
     if not has_image:
         raise missing_field("image", None)
     fmt = payload.get("output_format") or "glb"
@@ -306,19 +371,31 @@ async def meshes_create(worker: SimWorker, request: Request) -> Response:
         raise HTTPError(400, {"detail": "output_format must be 'glb' or 'obj'"})
     steps = _positive_int(payload, "num_inference_steps") or worker.options.default_steps
     mesh_id = worker.new_id()
-    record = {"id": mesh_id, "object": "mesh",
-              "model": payload.get("model") or worker.options.served_model_name,
-              "status": "queued", "progress": 0, "created_at": now(), "format": fmt,
-              "url": None, "completed_at": None, "expires_at": None, "error": None,
-              "file_path": f"/sim/outputs/{mesh_id}.{fmt}", "file_size_bytes": None,
-              "peak_memory_mb": None, "inference_time_s": None}
+    record = {
+        "id": mesh_id,
+        "object": "mesh",
+        "model": payload.get("model") or worker.options.served_model_name,
+        "status": "queued",
+        "progress": 0,
+        "created_at": now(),
+        "format": fmt,
+        "url": None,
+        "completed_at": None,
+        "expires_at": None,
+        "error": None,
+        "file_path": f"/sim/outputs/{mesh_id}.{fmt}",
+        "file_size_bytes": None,
+        "peak_memory_mb": None,
+        "inference_time_s": None,
+    }
     job = worker.add_job(worker.meshes, record, 0, 1)
     worker.nursery.start_soon(_run_job, worker, job, steps * 1.0, steps, False)
     return json_response(200, dict(record))
 
 
-async def _run_job(worker: SimWorker, job: Job, units: float, steps: int,
-                   reports_progress: bool) -> None:
+async def _run_job(
+    worker: SimWorker, job: Job, units: float, steps: int, reports_progress: bool
+) -> None:
     """A background job: queued until the scheduler takes it, then progress, then done."""
     record = job.record
     try:
@@ -334,19 +411,35 @@ async def _run_job(worker: SimWorker, job: Job, units: float, steps: int,
                 if reports_progress:
                     record["progress"] = max(record["progress"], (step + 1) * 99 // updates)
     except Asleep:
-        record.update(status="failed", error={"message": "server is sleeping"}, url=None,
-                      urls=None, file_path=None, file_paths=None, num_outputs=None)
+        record.update(
+            status="failed",
+            error={"message": "server is sleeping"},
+            url=None,
+            urls=None,
+            file_path=None,
+            file_paths=None,
+            num_outputs=None,
+        )
         return
     if record["object"] == "mesh":
         job.size = len(media.glb_bytes(job.seed)) if record["format"] == "glb" else 64
         record.update(file_size_bytes=job.size)
     else:
-        paths = [record["file_path"]] if job.variants == 1 else [
-            f"/sim/outputs/{record['id']}_{i}.mp4" for i in range(job.variants)]
-        record.update(file_paths=paths, num_outputs=job.variants, url=None,
-                      urls=[None] * job.variants)
-    record.update(status="completed", progress=100, completed_at=now(),
-                  peak_memory_mb=2048.0, inference_time_s=round(seconds, 6))
+        paths = (
+            [record["file_path"]]
+            if job.variants == 1
+            else [f"/sim/outputs/{record['id']}_{i}.mp4" for i in range(job.variants)]
+        )
+        record.update(
+            file_paths=paths, num_outputs=job.variants, url=None, urls=[None] * job.variants
+        )
+    record.update(
+        status="completed",
+        progress=100,
+        completed_at=now(),
+        peak_memory_mb=2048.0,
+        inference_time_s=round(seconds, 6),
+    )
 
 
 def _find(store: dict[str, Job], job_id: str, kind: str) -> Job:
@@ -365,19 +458,36 @@ async def list_jobs(store: dict[str, Job], request: Request) -> Response:
     except ValueError:
         limit = 0
     if not 1 <= limit <= 100 or order not in ("asc", "desc"):
-        raise HTTPError(422, {"detail": [{"type": "value_error", "loc": ["query", "limit"],
-                                          "msg": "limit must be 1..100, order asc|desc",
-                                          "input": query}]})
-    jobs = sorted(store.values(), key=lambda j: (j.record["created_at"], j.seq),
-                  reverse=order == "desc")
+        raise HTTPError(
+            422,
+            {
+                "detail": [
+                    {
+                        "type": "value_error",
+                        "loc": ["query", "limit"],
+                        "msg": "limit must be 1..100, order asc|desc",
+                        "input": query,
+                    }
+                ]
+            },
+        )
+    jobs = sorted(
+        store.values(), key=lambda j: (j.record["created_at"], j.seq), reverse=order == "desc"
+    )
     if after is not None:
         ids = [j.record["id"] for j in jobs]
-        jobs = jobs[ids.index(after) + 1:] if after in ids else []
+        jobs = jobs[ids.index(after) + 1 :] if after in ids else []
     page = [dict(j.record) for j in jobs[:limit]]
-    return json_response(200, {"object": "list", "data": page,
-                               "first_id": page[0]["id"] if page else None,
-                               "last_id": page[-1]["id"] if page else None,
-                               "has_more": len(jobs) > limit})
+    return json_response(
+        200,
+        {
+            "object": "list",
+            "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(jobs) > limit,
+        },
+    )
 
 
 async def get_job(store: dict[str, Job], job_id: str, kind: str) -> Response:
@@ -401,16 +511,22 @@ async def job_content(store: dict[str, Job], request: Request, job_id: str, kind
     if job.record["object"] == "mesh":
         fmt = job.record["format"]
         body = media.glb_bytes(job.seed) if fmt == "glb" else b"o mesh\nv 0 0 0\n".ljust(64)
-        return Response(200, body, "model/gltf-binary" if fmt == "glb" else "text/plain",
-                        [("content-disposition", f'attachment; filename="{job_id}.{fmt}"')])
+        return Response(
+            200,
+            body,
+            "model/gltf-binary" if fmt == "glb" else "text/plain",
+            [("content-disposition", f'attachment; filename="{job_id}.{fmt}"')],
+        )
     name = f"{job_id}.mp4" if job.variants == 1 else f"{job_id}_{variant}.mp4"
     return _ranged(request, job.size, job.seed + int(variant), name)
 
 
 def _ranged(request: Request, size: int, seed: int, name: str) -> Response:
     """The whole file, or one `Range: bytes=a-b` slice as a FileResponse would serve it."""
-    headers = [("content-disposition", f'attachment; filename="{name}"'),
-               ("accept-ranges", "bytes")]
+    headers = [
+        ("content-disposition", f'attachment; filename="{name}"'),
+        ("accept-ranges", "bytes"),
+    ]
     wanted = request.header("range")
     match = re.fullmatch(r"bytes=(\d*)-(\d*)", wanted.strip()) if wanted else None
     if match and (match.group(1) or match.group(2)):
@@ -419,9 +535,13 @@ def _ranged(request: Request, size: int, seed: int, name: str) -> Response:
         if first >= size or last < first:
             return Response(416, b"", None, [("content-range", f"bytes */{size}")])
         last = min(last, size - 1)
-        return Response(206, _slice(size, seed, first, last + 1), "video/mp4",
-                        [*headers, ("content-range", f"bytes {first}-{last}/{size}")],
-                        length=last + 1 - first)
+        return Response(
+            206,
+            _slice(size, seed, first, last + 1),
+            "video/mp4",
+            [*headers, ("content-range", f"bytes {first}-{last}/{size}")],
+            length=last + 1 - first,
+        )
     return Response(200, media.artifact_chunks(size, seed), "video/mp4", headers, length=size)
 
 
@@ -430,13 +550,14 @@ def _slice(size: int, seed: int, start: int, stop: int) -> Any:
     for chunk in media.artifact_chunks(size, seed):
         end = position + len(chunk)
         if end > start and position < stop:
-            yield chunk[max(start - position, 0):stop - position]
+            yield chunk[max(start - position, 0) : stop - position]
         position = end
         if position >= stop:
             return
 
 
 # ---- rollout ------------------------------------------------------------------------------
+
 
 async def rollout(worker: SimWorker, request: Request) -> Response:
     payload = parse_json_object(await request.read())
@@ -464,18 +585,30 @@ async def rollout(worker: SimWorker, request: Request) -> Response:
     samples = []
     for index in range(n):
         base = (seed + index) % 1000 / 1000
-        samples.append({
-            "request_id": worker.new_id(), "prompt": payload["prompt"], "seed": seed + index,
-            "generated_output": media.tensor([base] * count, latent),
-            "rollout_log_probs": media.tensor([-base - s / steps for s in range(steps)],
-                                              [steps]) if full else None,
-            "rollout_debug_tensors": None,
-            "denoising_env": ({"timesteps": media.tensor([1 - s / steps for s in range(steps)],
-                                                         [steps])}
-                              if full and payload.get("rollout_return_denoising_env") else None),
-            "dit_trajectory": (media.tensor([base] * steps * 4, [steps, 4])
-                               if full and payload.get("rollout_return_dit_trajectory")
-                               else None),
-            "inference_time_s": round(seconds, 6), "peak_memory_mb": 1024.0,
-        })
+        samples.append(
+            {
+                "request_id": worker.new_id(),
+                "prompt": payload["prompt"],
+                "seed": seed + index,
+                "generated_output": media.tensor([base] * count, latent),
+                "rollout_log_probs": media.tensor(
+                    [-base - s / steps for s in range(steps)], [steps]
+                )
+                if full
+                else None,
+                "rollout_debug_tensors": None,
+                "denoising_env": (
+                    {"timesteps": media.tensor([1 - s / steps for s in range(steps)], [steps])}
+                    if full and payload.get("rollout_return_denoising_env")
+                    else None
+                ),
+                "dit_trajectory": (
+                    media.tensor([base] * steps * 4, [steps, 4])
+                    if full and payload.get("rollout_return_dit_trajectory")
+                    else None
+                ),
+                "inference_time_s": round(seconds, 6),
+                "peak_memory_mb": 1024.0,
+            }
+        )
     return Response(200, msgpack.packb(samples, use_bin_type=True), "application/msgpack")

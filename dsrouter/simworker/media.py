@@ -39,9 +39,14 @@ def encode_image(width: int, height: int, fmt: str, seed: int) -> bytes:
 
 # ---- PNG -------------------------------------------------------------------------------
 
+
 def _chunk(kind: bytes, data: bytes) -> bytes:
-    return (struct.pack(">I", len(data)) + kind + data
-            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    return (
+        struct.pack(">I", len(data))
+        + kind
+        + data
+        + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
 
 
 def encode_png(width: int, height: int, seed: int) -> bytes:
@@ -52,8 +57,10 @@ def encode_png(width: int, height: int, seed: int) -> bytes:
     """
     rng = random.Random(seed)
     gradient = [x * 224 // max(width - 1, 1) for x in range(width) for _ in range(3)]
-    bases = [bytes(g | (n & 0x1F) for g, n in zip(gradient, rng.randbytes(width * 3),
-                                                  strict=True)) for _ in range(8)]
+    bases = [
+        bytes(g | (n & 0x1F) for g, n in zip(gradient, rng.randbytes(width * 3), strict=True))
+        for _ in range(8)
+    ]
     shifts: dict[int, bytes] = {}
     rows = []
     for y in range(height):
@@ -63,8 +70,12 @@ def encode_png(width: int, height: int, seed: int) -> bytes:
             table = shifts[shade] = bytes((v + shade) & 0xFF for v in range(256))
         rows.append(b"\x00" + bases[y % 8].translate(table))
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (PNG_SIGNATURE + _chunk(b"IHDR", header)
-            + _chunk(b"IDAT", zlib.compress(b"".join(rows), 1)) + _chunk(b"IEND", b""))
+    return (
+        PNG_SIGNATURE
+        + _chunk(b"IHDR", header)
+        + _chunk(b"IDAT", zlib.compress(b"".join(rows), 1))
+        + _chunk(b"IEND", b"")
+    )
 
 
 # ---- baseline JPEG, DC coefficients only -------------------------------------------------
@@ -113,8 +124,7 @@ def encode_jpeg(width: int, height: int, seed: int) -> bytes:
     previous = [0, 0, 0]
     for by in range(blocks_y):
         for bx in range(blocks_x):
-            luma = 40 + (bx * 160 // max(blocks_x, 1) + by * 40 // max(blocks_y, 1)
-                         + phase) % 180
+            luma = 40 + (bx * 160 // max(blocks_x, 1) + by * 40 // max(blocks_y, 1) + phase) % 180
             chroma = (128 + (by * 90 // max(blocks_y, 1)) - 45, 128 + ((bx + phase) % 60) - 30)
             for component, level in enumerate((luma, *chroma)):
                 dc = (level - 128) * 8 // _QUANT
@@ -130,12 +140,20 @@ def encode_jpeg(width: int, height: int, seed: int) -> bytes:
     dc_table = bytes([0x00]) + bytes([0, 0, 0, 12] + [0] * 12) + bytes(range(12))
     ac_table = bytes([0x10]) + bytes([1] + [0] * 15) + bytes([0])
     frame = struct.pack(">BHHB", 8, height, width, 3) + b"".join(
-        bytes([ident, 0x11, 0]) for ident in (1, 2, 3))
-    scan = bytes([3]) + b"".join(bytes([ident, 0x00]) for ident in (1, 2, 3)) + bytes(
-        [0, 63, 0])
-    return (b"\xff\xd8" + _segment(0xE0, b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00")
-            + _segment(0xDB, quant) + _segment(0xC0, frame) + _segment(0xC4, dc_table)
-            + _segment(0xC4, ac_table) + _segment(0xDA, scan) + bits.flush() + b"\xff\xd9")
+        bytes([ident, 0x11, 0]) for ident in (1, 2, 3)
+    )
+    scan = bytes([3]) + b"".join(bytes([ident, 0x00]) for ident in (1, 2, 3)) + bytes([0, 63, 0])
+    return (
+        b"\xff\xd8"
+        + _segment(0xE0, b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00")
+        + _segment(0xDB, quant)
+        + _segment(0xC0, frame)
+        + _segment(0xC4, dc_table)
+        + _segment(0xC4, ac_table)
+        + _segment(0xDA, scan)
+        + bits.flush()
+        + b"\xff\xd9"
+    )
 
 
 def image_dimensions(head: bytes) -> tuple[int, int] | None:
@@ -147,9 +165,9 @@ def image_dimensions(head: bytes) -> tuple[int, int] | None:
     i = 2
     while i + 9 <= len(head) and head[i] == 0xFF:
         marker = head[i + 1]
-        length = struct.unpack(">H", head[i + 2:i + 4])[0]
+        length = struct.unpack(">H", head[i + 2 : i + 4])[0]
         if marker in (0xC0, 0xC1, 0xC2):
-            height, width = struct.unpack(">HH", head[i + 5:i + 9])
+            height, width = struct.unpack(">HH", head[i + 5 : i + 9])
             return width, height
         i += 2 + length
     return None
@@ -173,15 +191,20 @@ def artifact_chunks(size: int, seed: int, brand: bytes = b"isom") -> Iterator[by
     yield first
     remaining = size - len(first)
     while remaining > 0:
-        piece = block[:min(remaining, BLOCK)]
+        piece = block[: min(remaining, BLOCK)]
         remaining -= len(piece)
         yield piece
 
 
 def glb_bytes(seed: int) -> bytes:
     """A minimal glTF-binary container with a JSON chunk naming one empty scene."""
-    document = json.dumps({"asset": {"version": "2.0", "generator": f"simworker-{seed}"},
-                           "scenes": [{"nodes": []}], "scene": 0}).encode()
+    document = json.dumps(
+        {
+            "asset": {"version": "2.0", "generator": f"simworker-{seed}"},
+            "scenes": [{"nodes": []}],
+            "scene": 0,
+        }
+    ).encode()
     document += b" " * (-len(document) % 4)
     body = struct.pack("<I4s", len(document), b"JSON") + document
     return struct.pack("<4sII", b"glTF", 2, 12 + len(body)) + body
@@ -189,11 +212,13 @@ def glb_bytes(seed: int) -> bytes:
 
 # ---- tensors for rollout answers ---------------------------------------------------------
 
+
 def tensor(values: list[float], shape: list[int]) -> dict[str, object]:
     """One tensor as the rollout API encodes it: a safetensors file holding tensor "t"."""
     data = struct.pack(f"<{len(values)}f", *values)
-    header = json.dumps({"t": {"dtype": "F32", "shape": shape,
-                               "data_offsets": [0, len(data)]}}).encode()
+    header = json.dumps(
+        {"t": {"dtype": "F32", "shape": shape, "data_offsets": [0, len(data)]}}
+    ).encode()
     header += b" " * (-len(header) % 8)
     blob = struct.pack("<Q", len(header)) + header + data
     return {"__tensor__": True, "data": blob, "shape": shape, "dtype": "torch.float32"}

@@ -11,8 +11,17 @@ import argparse
 
 import attrs
 
-TASK_OUTPUTS = {"T2I": "IMAGE", "I2I": "IMAGE", "TI2I": "IMAGE", "T2V": "VIDEO",
-                "I2V": "VIDEO", "TI2V": "VIDEO", "V2V": "VIDEO", "F2V": "VIDEO", "I2M": "MESH"}
+TASK_OUTPUTS = {
+    "T2I": "IMAGE",
+    "I2I": "IMAGE",
+    "TI2I": "IMAGE",
+    "T2V": "VIDEO",
+    "I2V": "VIDEO",
+    "TI2V": "VIDEO",
+    "V2V": "VIDEO",
+    "F2V": "VIDEO",
+    "I2M": "MESH",
+}
 IMAGE_INPUT_REQUIRED = {"I2I", "I2V", "I2M"}
 IMAGE_INPUT_ACCEPTED = {"I2I", "TI2I", "I2V", "TI2V", "I2M"}
 
@@ -55,7 +64,8 @@ def _task_types(text: str) -> list[str]:
     unknown = [t for t in tasks if t not in TASK_OUTPUTS]
     if unknown or not tasks:
         raise argparse.ArgumentTypeError(
-            f"unknown task type(s) {unknown}; known: {', '.join(TASK_OUTPUTS)}")
+            f"unknown task type(s) {unknown}; known: {', '.join(TASK_OUTPUTS)}"
+        )
     return tasks
 
 
@@ -88,45 +98,89 @@ def _rate(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dsrouter.simworker",
-        description="A CPU stand-in for `sglang serve` (diffusion) speaking the same HTTP API.")
+        description="A CPU stand-in for `sglang serve` (diffusion) speaking the same HTTP API.",
+    )
     serve = parser.add_argument_group("sglang serve flags")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, action="append", default=[],
-                       help="HTTP port (repeatable: one simulated worker per port)")
+    serve.add_argument(
+        "--port",
+        type=int,
+        action="append",
+        default=[],
+        help="HTTP port (repeatable: one simulated worker per port)",
+    )
     serve.add_argument("--model-path", default="sim/Wan-Sim")
     serve.add_argument("--served-model-name", default=None)
     serve.add_argument("--num-gpus", type=int, default=1)
     serve.add_argument("--master-port", type=int, default=30005, help="accepted, unused")
     serve.add_argument("--scheduler-port", type=int, default=5555, help="accepted, unused")
-    serve.add_argument("--strict-ports", type=_boolean, default=False,
-                       help="fail when the port is busy instead of moving to port+42")
+    serve.add_argument(
+        "--strict-ports",
+        type=_boolean,
+        default=False,
+        help="fail when the port is busy instead of moving to port+42",
+    )
     sim = parser.add_argument_group("simulation")
-    sim.add_argument("--port-range", type=_port_range, metavar="START:COUNT",
-                     help="serve COUNT workers on consecutive ports from START")
-    sim.add_argument("--task-type", type=_task_types, default=["T2I"],
-                     help="comma-separated supported task types (default T2I)")
-    sim.add_argument("--load-s", type=float, default=0.0,
-                     help="seconds with the port closed, as while weights load")
-    sim.add_argument("--warmup-s", type=float, default=0.0,
-                     help="seconds of warmup: /health 503 with an empty body, other "
-                          "requests held")
-    sim.add_argument("--sec-per-mpx-step", type=float, default=0.002,
-                     help="service time per megapixel x step x frame x output (0 = instant)")
+    sim.add_argument(
+        "--port-range",
+        type=_port_range,
+        metavar="START:COUNT",
+        help="serve COUNT workers on consecutive ports from START",
+    )
+    sim.add_argument(
+        "--task-type",
+        type=_task_types,
+        default=["T2I"],
+        help="comma-separated supported task types (default T2I)",
+    )
+    sim.add_argument(
+        "--load-s",
+        type=float,
+        default=0.0,
+        help="seconds with the port closed, as while weights load",
+    )
+    sim.add_argument(
+        "--warmup-s",
+        type=float,
+        default=0.0,
+        help="seconds of warmup: /health 503 with an empty body, other requests held",
+    )
+    sim.add_argument(
+        "--sec-per-mpx-step",
+        type=float,
+        default=0.002,
+        help="service time per megapixel x step x frame x output (0 = instant)",
+    )
     sim.add_argument("--default-steps", type=int, default=30)
-    sim.add_argument("--speed", type=float, default=1.0,
-                     help="relative GPU speed; service time is divided by it")
-    sim.add_argument("--video-bytes", type=int, default=None,
-                     help="size of every video file (default: 1 MiB)")
+    sim.add_argument(
+        "--speed", type=float, default=1.0, help="relative GPU speed; service time is divided by it"
+    )
+    sim.add_argument(
+        "--video-bytes", type=int, default=None, help="size of every video file (default: 1 MiB)"
+    )
     sim.add_argument("--seed", type=int, default=0, help="seed of the fault dice")
     faults = parser.add_argument_group("faults (also settable via POST /_sim/faults)")
-    faults.add_argument("--fail-rate", type=_rate, default=0.0,
-                        help="fraction of generations answered with a plain-text 500")
-    faults.add_argument("--hang-rate", type=_rate, default=0.0,
-                        help="fraction of POSTs that never answer")
-    faults.add_argument("--exit-after", type=int, default=None,
-                        help="exit abruptly halfway through the answer of the Nth next request")
-    faults.add_argument("--slow-body-bps", type=int, default=0,
-                        help="send response bodies at this many bytes per second")
+    faults.add_argument(
+        "--fail-rate",
+        type=_rate,
+        default=0.0,
+        help="fraction of generations answered with a plain-text 500",
+    )
+    faults.add_argument(
+        "--hang-rate", type=_rate, default=0.0, help="fraction of POSTs that never answer"
+    )
+    faults.add_argument(
+        "--exit-after",
+        type=int,
+        default=None,
+        help="exit abruptly halfway through the answer of the Nth next request",
+    )
+    faults.add_argument(
+        "--slow-body-bps",
+        type=int,
+        default=0,
+        help="send response bodies at this many bytes per second",
+    )
     return parser
 
 
@@ -139,12 +193,24 @@ def parse_options(argv: list[str] | None = None) -> SimOptions:
     if min(args.sec_per_mpx_step, args.load_s, args.warmup_s) < 0 or args.speed <= 0:
         parser.error("times must be >= 0 and --speed > 0")
     return SimOptions(
-        host=args.host, ports=ports, model_path=args.model_path,
-        served_model_name=args.served_model_name or args.model_path, num_gpus=args.num_gpus,
-        task_types=args.task_type, strict_ports=args.strict_ports, load_s=args.load_s,
-        warmup_s=args.warmup_s, sec_per_mpx_step=args.sec_per_mpx_step,
-        default_steps=args.default_steps, speed=args.speed, video_bytes=args.video_bytes,
+        host=args.host,
+        ports=ports,
+        model_path=args.model_path,
+        served_model_name=args.served_model_name or args.model_path,
+        num_gpus=args.num_gpus,
+        task_types=args.task_type,
+        strict_ports=args.strict_ports,
+        load_s=args.load_s,
+        warmup_s=args.warmup_s,
+        sec_per_mpx_step=args.sec_per_mpx_step,
+        default_steps=args.default_steps,
+        speed=args.speed,
+        video_bytes=args.video_bytes,
         seed=args.seed,
-        faults=Faults(fail_rate=args.fail_rate, hang_rate=args.hang_rate,
-                      exit_after=args.exit_after, slow_body_bps=args.slow_body_bps),
+        faults=Faults(
+            fail_rate=args.fail_rate,
+            hang_rate=args.hang_rate,
+            exit_after=args.exit_after,
+            slow_body_bps=args.slow_body_bps,
+        ),
     )

@@ -90,8 +90,11 @@ async def serve_workers(options: SimOptions) -> None:
         if options.strict_ports and len(ports) == 1:
             broker = _hold_broker_port(options.host, ports[0])
             if broker is None:
-                workers[ports[0]].faults.backend_failed = (
-                    f"Broker task exited (port {ports[0] + 1} is in use); restart the server.")
+                workers[
+                    ports[0]
+                ].faults.backend_failed = (
+                    f"Broker task exited (port {ports[0] + 1} is in use); restart the server."
+                )
             else:
                 brokers.append(broker)
         root.start_soon(_watch_signals, shutdown, root.cancel_scope)
@@ -112,9 +115,13 @@ async def serve_workers(options: SimOptions) -> None:
         broker.close()
 
 
-async def _serve(app: SimApp, config: HypercornConfig, shutdown: trio.Event,
-                 root: trio.CancelScope,
-                 task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+async def _serve(
+    app: SimApp,
+    config: HypercornConfig,
+    shutdown: trio.Event,
+    root: trio.CancelScope,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
     await serve(app, config, shutdown_trigger=shutdown.wait, task_status=task_status)
     root.cancel()
 

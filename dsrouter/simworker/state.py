@@ -23,9 +23,15 @@ import trio
 from dsrouter.simworker.options import SimOptions
 
 MAX_IMAGES = 512
-FAULT_FIELDS = {"fail_rate": float, "hang_rate": float, "exit_after": int,
-                "slow_body_bps": int, "backend_failed": str, "refit_fails": bool,
-                "corrupt_weights": bool}
+FAULT_FIELDS = {
+    "fail_rate": float,
+    "hang_rate": float,
+    "exit_after": int,
+    "slow_body_bps": int,
+    "backend_failed": str,
+    "refit_fails": bool,
+    "corrupt_weights": bool,
+}
 
 
 def _valid(kind: type, value: Any) -> bool:
@@ -107,11 +113,19 @@ class SimWorker:
     @classmethod
     def create(cls, options: SimOptions, port: int, nursery: trio.Nursery) -> SimWorker:
         f = options.faults
-        return cls(options=options, port=port, nursery=nursery,
-                   faults=LiveFaults(fail_rate=f.fail_rate, hang_rate=f.hang_rate,
-                                     exit_after=f.exit_after, slow_body_bps=f.slow_body_bps),
-                   rng=random.Random(options.seed * 65537 + port),
-                   model_path=options.model_path)
+        return cls(
+            options=options,
+            port=port,
+            nursery=nursery,
+            faults=LiveFaults(
+                fail_rate=f.fail_rate,
+                hang_rate=f.hang_rate,
+                exit_after=f.exit_after,
+                slow_body_bps=f.slow_body_bps,
+            ),
+            rng=random.Random(options.seed * 65537 + port),
+            model_path=options.model_path,
+        )
 
     @property
     def weight_version(self) -> str:
@@ -160,12 +174,17 @@ class SimWorker:
         while len(self.images) > MAX_IMAGES:
             self.images.popitem(last=False)
 
-    def add_job(self, store: dict[str, Job], record: dict[str, Any], size: int,
-                variants: int) -> Job:
+    def add_job(
+        self, store: dict[str, Job], record: dict[str, Any], size: int, variants: int
+    ) -> Job:
         self.job_seq += 1
-        job = Job(record=record, seq=self.job_seq, size=size,
-                  seed=int(hashlib.sha256(record["id"].encode()).hexdigest()[:8], 16),
-                  variants=variants)
+        job = Job(
+            record=record,
+            seq=self.job_seq,
+            size=size,
+            seed=int(hashlib.sha256(record["id"].encode()).hexdigest()[:8], 16),
+            variants=variants,
+        )
         store[record["id"]] = job
         return job
 
@@ -173,18 +192,33 @@ class SimWorker:
         names = ["transformer", "vae", "text_encoder"]
         salt = "corrupt" if self.faults.corrupt_weights else ""
         lora = ",".join(sorted(n for n, a in self.loras.items() if a.get("active")))
-        return {name: (hashlib.sha256(f"{self.model_path}|{name}|{lora}|{salt}".encode())
-                       .hexdigest() if name in names else "not_found")
-                for name in (modules or names)}
+        return {
+            name: (
+                hashlib.sha256(f"{self.model_path}|{name}|{lora}|{salt}".encode()).hexdigest()
+                if name in names
+                else "not_found"
+            )
+            for name in (modules or names)
+        }
 
     def state(self) -> dict[str, Any]:
-        return {"port": self.port, "in_flight": self.in_flight, "queued": self.queued,
-                "running": self.running, "requests_total": self.requests_total,
-                "sleeping": self.sleeping, "warm": self.warm.is_set(),
-                "model_path": self.model_path, "weight_version": self.weight_version,
-                "weight_updates": self.weight_updates, "loras": self.loras,
-                "videos": len(self.videos), "meshes": len(self.meshes),
-                "images": len(self.images), "faults": attrs.asdict(self.faults)}
+        return {
+            "port": self.port,
+            "in_flight": self.in_flight,
+            "queued": self.queued,
+            "running": self.running,
+            "requests_total": self.requests_total,
+            "sleeping": self.sleeping,
+            "warm": self.warm.is_set(),
+            "model_path": self.model_path,
+            "weight_version": self.weight_version,
+            "weight_updates": self.weight_updates,
+            "loras": self.loras,
+            "videos": len(self.videos),
+            "meshes": len(self.meshes),
+            "images": len(self.images),
+            "faults": attrs.asdict(self.faults),
+        }
 
 
 def now() -> int:

@@ -51,12 +51,14 @@ async def in_flight(http: httpx.AsyncClient, router: str) -> int:
     return sum(w["active_requests"] for w in workers)
 
 
-async def test_sigkill_between_requests_costs_no_request(tmp_path: Path,
-                                                        http: httpx.AsyncClient) -> None:
+async def test_sigkill_between_requests_costs_no_request(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
     async with trio.open_nursery() as nursery:
         workers = [await start_simworker(nursery, *INSTANT) for _ in range(3)]
-        async with router_process(["--worker-urls", *[w.url for w in workers]],
-                                  config=CONFIG, tmp_path=tmp_path) as router:
+        async with router_process(
+            ["--worker-urls", *[w.url for w in workers]], config=CONFIG, tmp_path=tmp_path
+        ) as router:
             await healthy(http, router.url, 3)
             await workers[0].kill()
             statuses = Counter()
@@ -69,20 +71,26 @@ async def test_sigkill_between_requests_costs_no_request(tmp_path: Path,
 
 
 async def test_sigkill_mid_request_is_retried_on_another_worker(
-        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
     """The killed worker sent no answer byte, so the request is replayed elsewhere."""
     async with trio.open_nursery() as nursery:
         slow = await start_simworker(nursery, "--sec-per-mpx-step", "50")
         fast = await start_simworker(nursery, *INSTANT)
-        async with router_process(["--worker-urls", slow.url, fast.url, "--routing-algorithm",
-                                   "round-robin"], config=CONFIG,
-                                  tmp_path=tmp_path) as router:
+        async with router_process(
+            ["--worker-urls", slow.url, fast.url, "--routing-algorithm", "round-robin"],
+            config=CONFIG,
+            tmp_path=tmp_path,
+        ) as router:
             await healthy(http, router.url, 2)
             answers: list[httpx.Response] = []
 
             async def request() -> None:
-                answers.append(await http.post(f"{router.url}/v1/images/generations",
-                                               json={**IMAGE, "size": "512x512"}))
+                answers.append(
+                    await http.post(
+                        f"{router.url}/v1/images/generations", json={**IMAGE, "size": "512x512"}
+                    )
+                )
 
             async with trio.open_nursery() as inner:
                 for _ in range(2):
@@ -103,15 +111,18 @@ async def test_sigkill_mid_request_is_retried_on_another_worker(
 
 
 async def test_worker_dying_mid_answer_is_replayed_until_the_client_saw_a_byte(
-        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
     """A create answer is read before it is relayed, so its loss is invisible to the client;
     an image answer already streaming to the client can only be cut."""
     async with trio.open_nursery() as nursery:
         dying = await start_simworker(nursery, "--task-type", "T2V", *INSTANT)
         spare = await start_simworker(nursery, "--task-type", "T2I,T2V", *INSTANT)
-        async with router_process(["--worker-urls", dying.url, spare.url, "--routing-algorithm",
-                                   "round-robin"], config=CONFIG,
-                                  tmp_path=tmp_path) as router:
+        async with router_process(
+            ["--worker-urls", dying.url, spare.url, "--routing-algorithm", "round-robin"],
+            config=CONFIG,
+            tmp_path=tmp_path,
+        ) as router:
             await healthy(http, router.url, 2)
             await sim_faults(http, dying.url, exit_after=1)
             attempts = []
@@ -133,12 +144,14 @@ async def test_worker_dying_mid_answer_is_replayed_until_the_client_saw_a_byte(
         nursery.cancel_scope.cancel()
 
 
-async def test_hung_worker_gives_504_and_frees_its_lease(tmp_path: Path,
-                                                        http: httpx.AsyncClient) -> None:
+async def test_hung_worker_gives_504_and_frees_its_lease(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
     async with trio.open_nursery() as nursery:
         worker = await start_simworker(nursery, "--task-type", "T2V", *INSTANT)
-        async with router_process(["--worker-urls", worker.url], config=CONFIG,
-                                  tmp_path=tmp_path) as router:
+        async with router_process(
+            ["--worker-urls", worker.url], config=CONFIG, tmp_path=tmp_path
+        ) as router:
             await healthy(http, router.url, 1)
             await sim_faults(http, worker.url, hang_rate=1.0)
             answer = await http.post(f"{router.url}/v1/videos", json={"prompt": "p"})
@@ -147,8 +160,9 @@ async def test_hung_worker_gives_504_and_frees_its_lease(tmp_path: Path,
         nursery.cancel_scope.cancel()
 
 
-async def _burst_until_dead(http: httpx.AsyncClient, router: str, bad: SimWorker,
-                            good: SimWorker) -> None:
+async def _burst_until_dead(
+    http: httpx.AsyncClient, router: str, bad: SimWorker, good: SimWorker
+) -> None:
     """Send generations until the failing worker is dead; only it may fail them."""
     served: Counter = Counter()
     for _ in range(40):
@@ -157,8 +171,10 @@ async def _burst_until_dead(http: httpx.AsyncClient, router: str, bad: SimWorker
         if (await worker_state(http, router, bad.url))["is_dead"]:
             break
     assert (await worker_state(http, router, bad.url))["is_dead"], served
-    assert set(served) <= {(500, bad.url.removeprefix("http://")),
-                           (200, good.url.removeprefix("http://"))}, served
+    assert set(served) <= {
+        (500, bad.url.removeprefix("http://")),
+        (200, good.url.removeprefix("http://")),
+    }, served
 
 
 async def _all_served_by(http: httpx.AsyncClient, router: str, worker: SimWorker) -> None:
@@ -170,15 +186,18 @@ async def _all_served_by(http: httpx.AsyncClient, router: str, worker: SimWorker
 
 
 async def test_500_burst_opens_the_breaker_and_traffic_moves_away(
-        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
     # No recovery by probes during the test: what moves traffic away is the breaker alone.
-    config = CONFIG.replace("failure_threshold = 2", "failure_threshold = 2\n"
-                            "recovery_threshold = 1000")
+    config = CONFIG.replace(
+        "failure_threshold = 2", "failure_threshold = 2\nrecovery_threshold = 1000"
+    )
     async with trio.open_nursery() as nursery:
         bad = await start_simworker(nursery, *INSTANT)
         good = await start_simworker(nursery, *INSTANT)
-        async with router_process(["--worker-urls", bad.url, good.url], config=config,
-                                  tmp_path=tmp_path) as router:
+        async with router_process(
+            ["--worker-urls", bad.url, good.url], config=config, tmp_path=tmp_path
+        ) as router:
             await healthy(http, router.url, 2)
             await sim_faults(http, bad.url, fail_rate=1.0)
             await _burst_until_dead(http, router.url, bad, good)
@@ -187,7 +206,8 @@ async def test_500_burst_opens_the_breaker_and_traffic_moves_away(
 
 
 async def test_good_probes_do_not_close_a_breaker_opened_by_failed_requests(
-        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
     """A worker whose /health stays 200 while every generation fails: its probes cannot
     tell, so once request failures open its breaker it must stay out of rotation for
     `breaker_open_s` (30 s here), however many good probes it answers meanwhile (README,
@@ -195,8 +215,9 @@ async def test_good_probes_do_not_close_a_breaker_opened_by_failed_requests(
     async with trio.open_nursery() as nursery:
         bad = await start_simworker(nursery, *INSTANT)
         good = await start_simworker(nursery, *INSTANT)
-        async with router_process(["--worker-urls", bad.url, good.url], config=CONFIG,
-                                  tmp_path=tmp_path) as router:
+        async with router_process(
+            ["--worker-urls", bad.url, good.url], config=CONFIG, tmp_path=tmp_path
+        ) as router:
             await healthy(http, router.url, 2)
             await sim_faults(http, bad.url, fail_rate=1.0)
             await _burst_until_dead(http, router.url, bad, good)
@@ -215,10 +236,12 @@ async def test_good_probes_do_not_close_a_breaker_opened_by_failed_requests(
 
 async def test_truncated_and_slow_bodies(tmp_path: Path, http: httpx.AsyncClient) -> None:
     async with trio.open_nursery() as nursery:
-        worker = await start_simworker(nursery, "--task-type", "T2V", *INSTANT,
-                                       "--video-bytes", str(256 * 1024))
-        async with router_process(["--worker-urls", worker.url], config=CONFIG,
-                                  tmp_path=tmp_path) as router:
+        worker = await start_simworker(
+            nursery, "--task-type", "T2V", *INSTANT, "--video-bytes", str(256 * 1024)
+        )
+        async with router_process(
+            ["--worker-urls", worker.url], config=CONFIG, tmp_path=tmp_path
+        ) as router:
             await healthy(http, router.url, 1)
             job = (await http.post(f"{router.url}/v1/videos", json={"prompt": "p"})).json()
 
@@ -235,8 +258,11 @@ async def test_truncated_and_slow_bodies(tmp_path: Path, http: httpx.AsyncClient
                 truncated = await http.get(f"{router.url}/v1/videos/{job['id']}/content")
             except httpx.HTTPError:
                 truncated = None
-            assert truncated is None or truncated.status_code >= 500 or len(
-                truncated.content) < 256 * 1024
+            assert (
+                truncated is None
+                or truncated.status_code >= 500
+                or len(truncated.content) < 256 * 1024
+            )
             await wait_until(lambda: _zero_in_flight(http, router.url))
         nursery.cancel_scope.cancel()
 
@@ -265,7 +291,8 @@ async def _sim_in_flight(http: httpx.AsyncClient, worker_url: str) -> int:
 
 
 async def test_worker_stalling_mid_body_is_cut_after_idle_read_s_and_frees_its_lease(
-        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
     """At `slow_body_bps = 512` the worker sends a KiB every 2 s (the whole file would take
     over 8 minutes): each pause is 4x `timeouts.idle_read_s`, so the router must give up
     on the worker and cut the client's response (which already has the 200 and the first
@@ -276,18 +303,22 @@ async def test_worker_stalling_mid_body_is_cut_after_idle_read_s_and_frees_its_l
     idle_read_s = 0.5
     config = CONFIG.replace("job_s = 3", f"job_s = 3\nidle_read_s = {idle_read_s}")
     async with trio.open_nursery() as nursery:
-        worker = await start_simworker(nursery, "--task-type", "T2V", *INSTANT,
-                                       "--video-bytes", str(size))
-        async with router_process(["--worker-urls", worker.url], config=config,
-                                  tmp_path=tmp_path) as router:
+        worker = await start_simworker(
+            nursery, "--task-type", "T2V", *INSTANT, "--video-bytes", str(size)
+        )
+        async with router_process(
+            ["--worker-urls", worker.url], config=config, tmp_path=tmp_path
+        ) as router:
             await healthy(http, router.url, 1)
             video_id = await _video_job(http, router.url)
             await sim_faults(http, worker.url, slow_body_bps=512)
             received = 0
             started = trio.current_time()
             with pytest.raises(httpx.RemoteProtocolError):
-                async with http.stream("GET", f"{router.url}/v1/videos/{video_id}/content",
-                                       ) as stalled:
+                async with http.stream(
+                    "GET",
+                    f"{router.url}/v1/videos/{video_id}/content",
+                ) as stalled:
                     assert stalled.status_code == 200
                     async for chunk in stalled.aiter_raw():
                         received += len(chunk)
@@ -306,23 +337,27 @@ async def test_worker_stalling_mid_body_is_cut_after_idle_read_s_and_frees_its_l
 
 
 async def test_client_disconnect_mid_download_releases_the_worker(
-        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
     """64 MiB is far more than the socket buffers between worker, router and client hold,
     so while the client reads nothing more the download is stuck halfway: the worker is
     still serving it when the client hangs up, and must be told at once."""
     size = 64 << 20
     async with trio.open_nursery() as nursery:
-        worker = await start_simworker(nursery, "--task-type", "T2V", *INSTANT,
-                                       "--video-bytes", str(size))
-        async with router_process(["--worker-urls", worker.url], config=CONFIG,
-                                  tmp_path=tmp_path) as router:
+        worker = await start_simworker(
+            nursery, "--task-type", "T2V", *INSTANT, "--video-bytes", str(size)
+        )
+        async with router_process(
+            ["--worker-urls", worker.url], config=CONFIG, tmp_path=tmp_path
+        ) as router:
             await healthy(http, router.url, 1)
             video_id = await _video_job(http, router.url)
             # A raw socket: an httpx stream left early leaves async generators unfinished.
             host, port = router.url.removeprefix("http://").split(":")
             client = await trio.open_tcp_stream(host, int(port))
-            await client.send_all(f"GET /v1/videos/{video_id}/content HTTP/1.1\r\n"
-                                  f"Host: {host}\r\n\r\n".encode())
+            await client.send_all(
+                f"GET /v1/videos/{video_id}/content HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+            )
             received = b""
             while len(received) < 1 << 20:
                 chunk = await client.receive_some(1 << 16)
@@ -336,12 +371,15 @@ async def test_client_disconnect_mid_download_releases_the_worker(
             assert len(received) < size
 
             async def released() -> bool:
-                return (await in_flight(http, router.url) == 0
-                        and await _sim_in_flight(http, worker.url) == 0)
+                return (
+                    await in_flight(http, router.url) == 0
+                    and await _sim_in_flight(http, worker.url) == 0
+                )
 
             await wait_until(released, timeout_s=10)
-            ranged = await http.get(f"{router.url}/v1/videos/{video_id}/content",
-                                    headers={"range": "bytes=0-1023"})
+            ranged = await http.get(
+                f"{router.url}/v1/videos/{video_id}/content", headers={"range": "bytes=0-1023"}
+            )
             assert ranged.status_code == 206 and len(ranged.content) == 1024
         nursery.cancel_scope.cancel()
 
@@ -349,35 +387,43 @@ async def test_client_disconnect_mid_download_releases_the_worker(
 # The router answers 413 before httpx has sent the whole body; httpx then leaves its body
 # generator unfinished, which Python reports as an unraisable ResourceWarning on the client.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-async def test_bad_inputs_get_clear_errors_and_harm_nothing(tmp_path: Path,
-                                                            http: httpx.AsyncClient) -> None:
+async def test_bad_inputs_get_clear_errors_and_harm_nothing(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
     config = CONFIG + "[server]\nmax_body_mb = 1\n"
     async with trio.open_nursery() as nursery:
         worker = await start_simworker(nursery, *INSTANT)
-        async with router_process(["--worker-urls", worker.url], config=config,
-                                  tmp_path=tmp_path) as router:
+        async with router_process(
+            ["--worker-urls", worker.url], config=config, tmp_path=tmp_path
+        ) as router:
             await healthy(http, router.url, 1)
-            malformed = await http.post(f"{router.url}/v1/images/generations",
-                                        content=b"{not json",
-                                        headers={"content-type": "application/json"})
+            malformed = await http.post(
+                f"{router.url}/v1/images/generations",
+                content=b"{not json",
+                headers={"content-type": "application/json"},
+            )
             assert 400 <= malformed.status_code < 500
             # `connection: close`: the router closes a connection whose body it refused
             # without saying so (see the next test), so httpx must not reuse it.
             once = {"connection": "close"}
-            big = await http.post(f"{router.url}/v1/images/edits", content=b"x" * (2 << 20),
-                                  headers=once)
+            big = await http.post(
+                f"{router.url}/v1/images/edits", content=b"x" * (2 << 20), headers=once
+            )
             assert big.status_code == 413 and "1 MiB" in big.json()["error"]
 
             async def chunked():
                 for _ in range(3):
                     yield b"y" * (1 << 20)
 
-            big_chunked = await http.post(f"{router.url}/v1/images/edits", content=chunked(),
-                                          headers=once)
+            big_chunked = await http.post(
+                f"{router.url}/v1/images/edits", content=chunked(), headers=once
+            )
             assert big_chunked.status_code == 413
             bad_multipart = await http.post(
-                f"{router.url}/v1/images/edits", content=b"--x\r\nnonsense",
-                headers={"content-type": "multipart/form-data; boundary=x"})
+                f"{router.url}/v1/images/edits",
+                content=b"--x\r\nnonsense",
+                headers={"content-type": "multipart/form-data; boundary=x"},
+            )
             assert 400 <= bad_multipart.status_code < 500
             undecodable = await http.get(f"{router.url}/workers/%C3%28")
             assert undecodable.status_code == 400
@@ -393,8 +439,10 @@ async def test_an_early_413_tells_the_client_the_connection_closes(tmp_path: Pat
         host, port = router.url.removeprefix("http://").split(":")
         stream = await trio.open_tcp_stream(host, int(port))
         with trio.fail_after(10):
-            await stream.send_all(b"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\n"
-                                  b"Content-Length: 2097152\r\n\r\n" + b"x" * 65536)
+            await stream.send_all(
+                b"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Length: 2097152\r\n\r\n" + b"x" * 65536
+            )
             answer = b""
             while b"\r\n\r\n" not in answer:
                 chunk = await stream.receive_some(65536)
@@ -407,17 +455,21 @@ async def test_an_early_413_tells_the_client_the_connection_closes(tmp_path: Pat
 
 
 async def test_client_disconnect_mid_upload_releases_everything(
-        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
     async with trio.open_nursery() as nursery:
         worker = await start_simworker(nursery, *INSTANT)
-        async with router_process(["--worker-urls", worker.url], config=CONFIG,
-                                  tmp_path=tmp_path) as router:
+        async with router_process(
+            ["--worker-urls", worker.url], config=CONFIG, tmp_path=tmp_path
+        ) as router:
             await healthy(http, router.url, 1)
             host, port = router.url.removeprefix("http://").split(":")
             stream = await trio.open_tcp_stream(host, int(port))
-            await stream.send_all(b"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\n"
-                                  b"Content-Type: multipart/form-data; boundary=b\r\n"
-                                  b"Content-Length: 100000000\r\n\r\n" + b"z" * (4 << 20))
+            await stream.send_all(
+                b"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: multipart/form-data; boundary=b\r\n"
+                b"Content-Length: 100000000\r\n\r\n" + b"z" * (4 << 20)
+            )
 
             async def busy() -> bool:
                 return await in_flight(http, router.url) == 1
@@ -434,21 +486,24 @@ async def test_client_disconnect_mid_upload_releases_everything(
 
 
 async def test_sleep_during_traffic_loses_no_accepted_request(
-        tmp_path: Path, http: httpx.AsyncClient) -> None:
-    config = CONFIG.replace("retry_backoff_s = 0.01",
-                            "retry_backoff_s = 0.01\nqueue_while_asleep = true")
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    config = CONFIG.replace(
+        "retry_backoff_s = 0.01", "retry_backoff_s = 0.01\nqueue_while_asleep = true"
+    )
     async with trio.open_nursery() as nursery:
-        workers = [await start_simworker(nursery, "--sec-per-mpx-step", "0.5")
-                   for _ in range(2)]
-        async with router_process(["--worker-urls", *[w.url for w in workers]], config=config,
-                                  tmp_path=tmp_path) as router:
+        workers = [await start_simworker(nursery, "--sec-per-mpx-step", "0.5") for _ in range(2)]
+        async with router_process(
+            ["--worker-urls", *[w.url for w in workers]], config=config, tmp_path=tmp_path
+        ) as router:
             await healthy(http, router.url, 2)
             statuses: Counter = Counter()
 
             async def client() -> None:
                 for _ in range(10):
-                    answer = await http.post(f"{router.url}/v1/images/generations",
-                                             json={**IMAGE, "size": "64x64"})
+                    answer = await http.post(
+                        f"{router.url}/v1/images/generations", json={**IMAGE, "size": "64x64"}
+                    )
                     statuses[answer.status_code] += 1
 
             async with trio.open_nursery() as traffic:
@@ -484,11 +539,16 @@ def _open_fds(pid: int) -> int:
 # "GPU" time, some ~160 ms, and a video job ~130 ms before its 512 KiB file can be fetched.
 # Killed workers are then in the middle of several requests, queued ones included.
 VIDEO_BYTES = 512 * 1024
-MIXED_WORKER = ("--task-type", "T2I,T2V", "--sec-per-mpx-step", "1",
-                "--video-bytes", str(VIDEO_BYTES))
+MIXED_WORKER = (
+    "--task-type",
+    "T2I,T2V",
+    "--sec-per-mpx-step",
+    "1",
+    "--video-bytes",
+    str(VIDEO_BYTES),
+)
 SMALL_IMAGE = IMAGE
-SLOW_IMAGE = {"prompt": "p", "size": "128x128", "num_inference_steps": 10,
-              "response_format": "url"}
+SLOW_IMAGE = {"prompt": "p", "size": "128x128", "num_inference_steps": 10, "response_format": "url"}
 VIDEO = {"prompt": "p", "size": "64x64", "seconds": 1, "fps": 8, "num_inference_steps": 4}
 MIX = ("small",) * 6 + ("slow",) * 2 + ("video",) * 2
 """What each request index starts; a video is a create, polls until done, and a download."""
@@ -532,22 +592,20 @@ def _verdict(outcome: Outcome, killed: set[str]) -> str:
     return "failed after it was sent"
 
 
-async def test_mixed_run_with_three_workers_killed(tmp_path: Path,
-                                                   http: httpx.AsyncClient) -> None:
+async def test_mixed_run_with_three_workers_killed(tmp_path: Path, http: httpx.AsyncClient) -> None:
     total, concurrency = 2000, 32
     with trio.fail_after(120):
         await _mixed_run(tmp_path, http, total, concurrency)
 
 
-async def _mixed_run(tmp_path: Path, http: httpx.AsyncClient, total: int,
-                     concurrency: int) -> None:
+async def _mixed_run(tmp_path: Path, http: httpx.AsyncClient, total: int, concurrency: int) -> None:
     async with trio.open_nursery() as nursery:
         workers = [await start_simworker(nursery, *MIXED_WORKER) for _ in range(8)]
-        async with router_process(["--worker-urls", *[w.url for w in workers],
-                                   "--log-level", "warning"],
-                                  config=CONFIG + "[logging]\naccess_log = false\n"
-                                  "[server]\nkeep_alive_timeout_s = 2\n",
-                                  tmp_path=tmp_path) as router:
+        async with router_process(
+            ["--worker-urls", *[w.url for w in workers], "--log-level", "warning"],
+            config=CONFIG + "[logging]\naccess_log = false\n[server]\nkeep_alive_timeout_s = 2\n",
+            tmp_path=tmp_path,
+        ) as router:
             await healthy(http, router.url, 8)
             fds_before = _open_fds(router.pid)
             outcomes: list[Outcome] = []
@@ -558,6 +616,7 @@ async def _mixed_run(tmp_path: Path, http: httpx.AsyncClient, total: int,
 
             async def kill(victim: SimWorker) -> None:
                 """SIGKILL a worker while it serves at least two requests."""
+
                 async def busy() -> bool:
                     state = (await http.get(f"{victim.url}/_sim/state")).json()
                     if state["in_flight"] >= 2:
@@ -569,8 +628,14 @@ async def _mixed_run(tmp_path: Path, http: httpx.AsyncClient, total: int,
                 killed.add(victim.url.removeprefix("http://"))
                 os.kill(victim.pid, signal.SIGKILL)
 
-            async def send(client: httpx.AsyncClient, kind: str, method: str, path: str,
-                           body: dict | None = None, owner: str | None = None) -> Outcome:
+            async def send(
+                client: httpx.AsyncClient,
+                kind: str,
+                method: str,
+                path: str,
+                body: dict | None = None,
+                owner: str | None = None,
+            ) -> Outcome:
                 nonlocal next_index
                 if next_index in victims:
                     nursery.start_soon(kill, victims[next_index])
@@ -587,8 +652,11 @@ async def _mixed_run(tmp_path: Path, http: httpx.AsyncClient, total: int,
                         complete = kind != "video-content" or len(data) == VIDEO_BYTES
                 except httpx.TransportError:
                     pass
-                payload = json.loads(data) if complete and status == 200 and kind not in (
-                    "video-content",) else None
+                payload = (
+                    json.loads(data)
+                    if complete and status == 200 and kind not in ("video-content",)
+                    else None
+                )
                 if kind == "video-poll" and payload is not None:
                     complete = payload["status"] != "failed"
                 outcome = Outcome(kind, status, worker, attempts, complete, owner, payload)
@@ -602,13 +670,16 @@ async def _mixed_run(tmp_path: Path, http: httpx.AsyncClient, total: int,
                 job = f"/v1/videos/{created.payload['id']}"
                 while True:
                     polled = await send(client, "video-poll", "GET", job, owner=created.worker)
-                    if (_verdict(polled, killed) != "succeeded"
-                            or polled.payload["status"] == "completed"):
+                    if (
+                        _verdict(polled, killed) != "succeeded"
+                        or polled.payload["status"] == "completed"
+                    ):
                         break  # a job that failed is a poll that failed
                     await trio.sleep(POLL_INTERVAL_S)
                 if polled.payload is not None and polled.payload["status"] == "completed":
-                    await send(client, "video-content", "GET", f"{job}/content",
-                               owner=created.worker)
+                    await send(
+                        client, "video-content", "GET", f"{job}/content", owner=created.worker
+                    )
 
             async def client(limits: httpx.AsyncClient) -> None:
                 while next_index < total:
@@ -616,8 +687,13 @@ async def _mixed_run(tmp_path: Path, http: httpx.AsyncClient, total: int,
                     if kind == "video":
                         await video(limits)
                     else:
-                        await send(limits, f"{kind} image", "POST", "/v1/images/generations",
-                                   SMALL_IMAGE if kind == "small" else SLOW_IMAGE)
+                        await send(
+                            limits,
+                            f"{kind} image",
+                            "POST",
+                            "/v1/images/generations",
+                            SMALL_IMAGE if kind == "small" else SLOW_IMAGE,
+                        )
 
             async with httpx.AsyncClient(timeout=60) as limits, trio.open_nursery() as load:
                 for _ in range(concurrency):
@@ -644,19 +720,22 @@ async def _mixed_run(tmp_path: Path, http: httpx.AsyncClient, total: int,
             sent = len(outcomes)
             answered = sum(o.status is not None for o in outcomes)
             verdicts = Counter(_verdict(o, killed) for o in outcomes)
-            failed = Counter(o.status or "no answer" for o in outcomes
-                             if _verdict(o, killed) != "succeeded")
+            failed = Counter(
+                o.status or "no answer" for o in outcomes if _verdict(o, killed) != "succeeded"
+            )
             retried = sum(o.attempts > 1 for o in outcomes if _verdict(o, killed) == "succeeded")
             kinds = Counter(o.kind for o in outcomes)
-            print(f"\nmixed run: sent={sent} answered={answered} "
-                  f"succeeded={verdicts['succeeded']} failed_by_status={dict(failed)} "
-                  f"lost_with_killed_worker={verdicts['lost with its worker']} "
-                  f"failed_before_sent={verdicts['failed before it was sent']} "
-                  f"failed_after_sent={verdicts['failed after it was sent']} "
-                  f"succeeded_after_retry={retried} in_flight_at_kills={busy_at_kill} "
-                  f"in_flight_after={in_flight_after} "
-                  f"worker_in_flight_after={worker_in_flight_after} "
-                  f"fds_before={fds_before} fds_after={fds_after} kinds={dict(kinds)}")
+            print(
+                f"\nmixed run: sent={sent} answered={answered} "
+                f"succeeded={verdicts['succeeded']} failed_by_status={dict(failed)} "
+                f"lost_with_killed_worker={verdicts['lost with its worker']} "
+                f"failed_before_sent={verdicts['failed before it was sent']} "
+                f"failed_after_sent={verdicts['failed after it was sent']} "
+                f"succeeded_after_retry={retried} in_flight_at_kills={busy_at_kill} "
+                f"in_flight_after={in_flight_after} "
+                f"worker_in_flight_after={worker_in_flight_after} "
+                f"fds_before={fds_before} fds_after={fds_after} kinds={dict(kinds)}"
+            )
             assert sent >= total and answered == sent
             assert len(killed) == 3 and len(busy_at_kill) == 3
             assert verdicts["failed before it was sent"] == 0

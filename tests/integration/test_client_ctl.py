@@ -39,14 +39,20 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @asynccontextmanager
-async def pool(tmp_path: Path, nursery: trio.Nursery, config: str = CONFIG, count: int = 2,
-               env: dict[str, str] | None = None,
-               ) -> AsyncIterator[tuple[RouterProcess, list[SimWorker]]]:
+async def pool(
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    config: str = CONFIG,
+    count: int = 2,
+    env: dict[str, str] | None = None,
+) -> AsyncIterator[tuple[RouterProcess, list[SimWorker]]]:
     """A router with `count` simulated workers, all routable when this yields."""
     workers = [await start_simworker(nursery, "--sec-per-mpx-step", "0") for _ in range(count)]
-    async with router_process(["--worker-urls", *(w.url for w in workers)], config=config,
-                              tmp_path=tmp_path, env=env) as router:
+    async with router_process(
+        ["--worker-urls", *(w.url for w in workers)], config=config, tmp_path=tmp_path, env=env
+    ) as router:
         async with httpx.AsyncClient(trust_env=False) as http:
+
             async def all_routable() -> bool:
                 health = (await http.get(f"{router.url}/health")).json()
                 return health["healthy_workers"] == count
@@ -58,15 +64,22 @@ async def pool(tmp_path: Path, nursery: trio.Nursery, config: str = CONFIG, coun
 async def ctl(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
     """Run `python -m dsrouter ARGS` with no DSROUTER_* variables inherited."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("DSROUTER_")}
-    return await trio.run_process([sys.executable, "-m", "dsrouter", *args],
-                                  capture_stdout=True, capture_stderr=True, check=False,
-                                  env={**clean, **(env or {})})
+    return await trio.run_process(
+        [sys.executable, "-m", "dsrouter", *args],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        env={**clean, **(env or {})},
+    )
 
 
 def _rows(stdout: bytes) -> dict[str, list[str]]:
     """Status table rows by worker URL."""
-    return {line.split()[0]: line.split() for line in stdout.decode().splitlines()
-            if line.startswith("http://")}
+    return {
+        line.split()[0]: line.split()
+        for line in stdout.decode().splitlines()
+        if line.startswith("http://")
+    }
 
 
 async def _set_fault(worker: SimWorker, **faults: object) -> None:
@@ -78,13 +91,20 @@ async def _set_fault(worker: SimWorker, **faults: object) -> None:
 async def test_blocking_client_generates_images_and_decodes_rollouts(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
         async with pool(tmp_path, nursery) as (router, workers):
+
             def use_blocking_client() -> tuple:
                 with Client(router.url, admin_token="", api_key="") as client:
-                    image = client.generate_images("a red fox", size="32x32", n=2,
-                                                   output_format="png")
-                    samples = client.rollout("a red fox", seed=7, width=64, height=64,
-                                             num_outputs_per_prompt=2,
-                                             rollout_return_denoising_env=True)
+                    image = client.generate_images(
+                        "a red fox", size="32x32", n=2, output_format="png"
+                    )
+                    samples = client.rollout(
+                        "a red fox",
+                        seed=7,
+                        width=64,
+                        height=64,
+                        num_outputs_per_prompt=2,
+                        rollout_return_denoising_env=True,
+                    )
                     return image, samples
 
             image, samples = await trio.to_thread.run_sync(use_blocking_client)
@@ -101,8 +121,7 @@ async def test_blocking_client_generates_images_and_decodes_rollouts(tmp_path: P
             assert samples[0]["denoising_env"]["timesteps"]["__tensor__"] is True
 
             async with AsyncClient(router.url, admin_token="", api_key="") as client:
-                by_url = await client.generate_images("a cat", size="16x16",
-                                                      response_format="url")
+                by_url = await client.generate_images("a cat", size="16x16", response_format="url")
                 assert by_url.images == [] and len(by_url.urls) == 1
                 with pytest.raises(HTTPStatusError) as bad:
                     await client.generate_images("a cat", size="big")
@@ -110,8 +129,7 @@ async def test_blocking_client_generates_images_and_decodes_rollouts(tmp_path: P
         nursery.cancel_scope.cancel()
 
 
-async def test_refit_reports_the_pool_version_and_names_workers_that_fail(
-        tmp_path: Path) -> None:
+async def test_refit_reports_the_pool_version_and_names_workers_that_fail(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
         async with pool(tmp_path, nursery) as (router, (first, second)):
             async with AsyncClient(router.url, admin_token="") as client:
@@ -119,7 +137,8 @@ async def test_refit_reports_the_pool_version_and_names_workers_that_fail(
                 assert result.success and result.version == "step-1"
                 assert result.stale_workers == [] and result.failed == {}
                 assert sorted(r.worker_url for r in result.results) == sorted(
-                    [first.url, second.url])
+                    [first.url, second.url]
+                )
                 assert {w.weight_version for w in await client.workers()} == {"step-1"}
 
                 await _set_fault(second, refit_fails=True)
@@ -136,16 +155,23 @@ async def test_refit_reports_the_pool_version_and_names_workers_that_fail(
 
             # Through the CLI: a checkpoint no worker can load fails everywhere, exit 1,
             # each worker named, and the pool keeps the weights it had.
-            done = await ctl("refit", "ckpt/missing-3", "--version", "step-3",
-                             "--url", router.url)
+            done = await ctl("refit", "ckpt/missing-3", "--version", "step-3", "--url", router.url)
             assert done.returncode == 1, done.stderr
             err = done.stderr.decode()
             assert first.url in err and second.url in err
             assert "pool version step-2" in err and "Traceback" not in err
 
             await _set_fault(second, refit_fails=False)
-            done = await ctl("refit", "ckpt/step-4", "--version", "step-4",
-                             "--mode", "immediate", "--url", router.url)
+            done = await ctl(
+                "refit",
+                "ckpt/step-4",
+                "--version",
+                "step-4",
+                "--mode",
+                "immediate",
+                "--url",
+                router.url,
+            )
             assert done.returncode == 0, done.stderr
             assert "pool on version step-4 (2/2" in done.stdout.decode()
         nursery.cancel_scope.cancel()
@@ -167,7 +193,8 @@ async def test_a_sleeping_pool_refuses_generations_until_woken(tmp_path: Path) -
 
                 woken = await client.wake()
                 assert woken.ok and {r.worker_url for r in woken.results} == {
-                    w.url for w in workers}
+                    w.url for w in workers
+                }
                 image = await client.generate_images("a cat", size="16x16")
                 assert len(image.images) == 1
 
@@ -175,7 +202,8 @@ async def test_a_sleeping_pool_refuses_generations_until_woken(tmp_path: Path) -
             done = await ctl("sleep", "--url", router.url)
             assert done.returncode == 0, done.stderr
             assert sorted(done.stdout.decode().splitlines()) == sorted(
-                f"{w.url}: asleep" for w in workers)
+                f"{w.url}: asleep" for w in workers
+            )
             status = await ctl("status", "--url", router.url)
             assert status.stdout.decode().splitlines()[0].endswith(", asleep")
             done = await ctl("wake", "--url", router.url)
@@ -220,17 +248,19 @@ async def test_status_lists_every_worker_and_drain_shows_in_it(tmp_path: Path) -
             added = await ctl("workers", "add", second.url, "--url", router.url)
             assert added.returncode == 0, added.stderr
             assert set(_rows((await ctl("status", "--url", router.url)).stdout)) == {
-                first.url, second.url}
+                first.url,
+                second.url,
+            }
         nursery.cancel_scope.cancel()
 
 
-async def test_admin_token_and_api_key_go_to_the_routes_that_need_them(
-        tmp_path: Path) -> None:
+async def test_admin_token_and_api_key_go_to_the_routes_that_need_them(tmp_path: Path) -> None:
     config = CONFIG + '\n[security]\nadmin_token = "admin-secret"\napi_keys = ["key-1"]\n'
     async with trio.open_nursery() as nursery:
         async with pool(tmp_path, nursery, config=config, count=1) as (router, (worker,)):
-            async with AsyncClient(router.url, admin_token="admin-secret",
-                                   api_key="key-1") as client:
+            async with AsyncClient(
+                router.url, admin_token="admin-secret", api_key="key-1"
+            ) as client:
                 assert [w.url for w in await client.workers()] == [worker.url]
                 assert len((await client.generate_images("x", size="16x16")).images) == 1
             async with AsyncClient(router.url, admin_token="wrong", api_key="key-1") as client:
@@ -242,11 +272,18 @@ async def test_admin_token_and_api_key_go_to_the_routes_that_need_them(
             denied_ctl = await ctl("status", "--url", router.url)
             assert denied_ctl.returncode == 2
             assert "401" in denied_ctl.stderr.decode()
-            allowed = await ctl("status", "--url", router.url,
-                                env={"DSROUTER_ADMIN_TOKEN": "admin-secret"})
+            allowed = await ctl(
+                "status", "--url", router.url, env={"DSROUTER_ADMIN_TOKEN": "admin-secret"}
+            )
             assert allowed.returncode == 0 and worker.url in allowed.stdout.decode()
-            custom = await ctl("status", "--url", router.url, "--token-env", "MY_TOKEN",
-                               env={"MY_TOKEN": "admin-secret"})
+            custom = await ctl(
+                "status",
+                "--url",
+                router.url,
+                "--token-env",
+                "MY_TOKEN",
+                env={"MY_TOKEN": "admin-secret"},
+            )
             assert custom.returncode == 0, custom.stderr
         nursery.cancel_scope.cancel()
 

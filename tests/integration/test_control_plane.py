@@ -31,14 +31,15 @@ CATCH_UP_DEADLINE_S = 30.0
 
 
 @contextlib.asynccontextmanager
-async def routed_pool(tmp_path: Path, http: httpx.AsyncClient, count: int,
-                      config: str = CONFIG) -> AsyncIterator[tuple[RouterProcess,
-                                                                   list[SimWorker]]]:
+async def routed_pool(
+    tmp_path: Path, http: httpx.AsyncClient, count: int, config: str = CONFIG
+) -> AsyncIterator[tuple[RouterProcess, list[SimWorker]]]:
     """`count` image workers behind a real router, every one probed healthy."""
     async with trio.open_nursery() as nursery:
         workers = await start_pool(nursery, *[T2I] * count)
-        async with router_process(["--worker-urls", *[w.url for w in workers]], config=config,
-                                  tmp_path=tmp_path) as router:
+        async with router_process(
+            ["--worker-urls", *[w.url for w in workers]], config=config, tmp_path=tmp_path
+        ) as router:
             await healthy(http, router.url, count)
             yield router, workers
         nursery.cancel_scope.cancel()
@@ -54,12 +55,14 @@ async def sim_state(http: httpx.AsyncClient, worker: SimWorker) -> dict:
 
 
 async def test_worker_that_failed_a_refit_is_caught_up_once_the_fault_clears(
-        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
     async with routed_pool(tmp_path, http, 2) as (router, [_, laggard]):
         await set_faults(http, laggard, refit_fails=True)
         for step in ("sim/step-1", "sim/step-2"):
-            refit = await http.post(f"{router.url}/update_weights_from_disk",
-                                    json={"model_path": step})
+            refit = await http.post(
+                f"{router.url}/update_weights_from_disk", json={"model_path": step}
+            )
             assert refit.status_code == 200
             assert refit.json()["stale_workers"] == [laggard.url]
             assert refit.json()["version"] == step
@@ -78,13 +81,15 @@ async def test_worker_that_failed_a_refit_is_caught_up_once_the_fault_clears(
 
 
 async def test_worker_drained_during_a_refit_is_caught_up_when_undrained(
-        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
     async with routed_pool(tmp_path, http, 2) as (router, [active, drained]):
         path = f"{router.url}/workers/{quote(drained.url, safe='')}"
         drain = await http.put(path, json={"draining": True, "remove_when_drained": False})
         assert drain.status_code == 200, drain.text
-        refit = await http.post(f"{router.url}/update_weights_from_disk",
-                                json={"model_path": "sim/step-1"})
+        refit = await http.post(
+            f"{router.url}/update_weights_from_disk", json={"model_path": "sim/step-1"}
+        )
         assert [r["worker_url"] for r in refit.json()["results"]] == [active.url]
         assert (await worker_state(http, router.url, drained.url))["is_stale"] is True
 
@@ -99,12 +104,15 @@ async def test_worker_drained_during_a_refit_is_caught_up_when_undrained(
 
 
 async def test_checksum_mismatch_keeps_a_worker_stale_through_its_catch_ups(
-        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
     async with routed_pool(tmp_path, http, 3) as (router, workers):
         corrupt = workers[2]
         await set_faults(http, corrupt, corrupt_weights=True)
-        refit = await http.post(f"{router.url}/update_weights_from_disk",
-                                json={"model_path": "sim/step-1", "verify_checksum": True})
+        refit = await http.post(
+            f"{router.url}/update_weights_from_disk",
+            json={"model_path": "sim/step-1", "verify_checksum": True},
+        )
         assert refit.status_code == 200
         assert refit.json()["stale_workers"] == [corrupt.url]
         updates = (await sim_state(http, corrupt))["weight_updates"]
@@ -129,12 +137,14 @@ async def test_checksum_mismatch_keeps_a_worker_stale_through_its_catch_ups(
 
 
 async def test_checksums_without_a_majority_mark_nobody_and_report_no_success(
-        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
     async with routed_pool(tmp_path, http, 2) as (router, workers):
         await set_faults(http, workers[1], corrupt_weights=True)
-        refit = await http.post(f"{router.url}/update_weights_from_disk",
-                                json={"model_path": "sim/step-1", "verify_checksum": True,
-                                      "strict": True})
+        refit = await http.post(
+            f"{router.url}/update_weights_from_disk",
+            json={"model_path": "sim/step-1", "verify_checksum": True, "strict": True},
+        )
         # One against one: neither can be called the odd one out.
         assert refit.status_code == 207, refit.text
         answer = refit.json()
@@ -143,7 +153,8 @@ async def test_checksums_without_a_majority_mark_nobody_and_report_no_success(
 
 
 async def test_models_while_the_pool_sleeps_is_503_asleep_with_retry_after(
-        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
     async with routed_pool(tmp_path, http, 2) as (router, _):
         assert (await http.post(f"{router.url}/release_memory_occupation")).status_code == 200
         asleep = await http.get(f"{router.url}/v1/models")
@@ -157,13 +168,17 @@ async def test_models_while_the_pool_sleeps_is_503_asleep_with_retry_after(
 
 
 async def test_method_not_allowed_answers_are_json_with_allow(
-        tmp_path: Path, http: httpx.AsyncClient) -> None:
-    async with router_process(["--worker-urls", "http://127.0.0.1:9"], config=CONFIG,
-                              tmp_path=tmp_path) as router:
-        for method, path, allowed in [("GET", "/update_weights_from_disk", "POST"),
-                                      ("POST", "/v1/models", "GET"),
-                                      ("DELETE", "/health", "GET"),
-                                      ("PATCH", "/workers", "POST")]:
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    async with router_process(
+        ["--worker-urls", "http://127.0.0.1:9"], config=CONFIG, tmp_path=tmp_path
+    ) as router:
+        for method, path, allowed in [
+            ("GET", "/update_weights_from_disk", "POST"),
+            ("POST", "/v1/models", "GET"),
+            ("DELETE", "/health", "GET"),
+            ("PATCH", "/workers", "POST"),
+        ]:
             answer = await http.request(method, f"{router.url}{path}")
             assert answer.status_code == 405, (method, path)
             assert answer.headers["content-type"].startswith("application/json")
@@ -175,7 +190,8 @@ async def test_method_not_allowed_answers_are_json_with_allow(
 # generator unfinished, which Python reports as an unraisable ResourceWarning on the client.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 async def test_oversize_bodies_get_json_413_naming_their_limit(
-        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
     config = CONFIG + "[server]\nmax_control_body_mb = 3\n"
     async with routed_pool(tmp_path, http, 2, config=config) as (router, workers):
         # Over the 1 MiB of worker management, within the control limit: delivered.
@@ -194,25 +210,28 @@ async def test_oversize_bodies_get_json_413_naming_their_limit(
             for _ in range(4):
                 yield b"x" * (1024 * 1024)
 
-        streamed = await http.post(f"{router.url}/update_weights_from_tensor",
-                                   content=chunked())
+        streamed = await http.post(f"{router.url}/update_weights_from_tensor", content=chunked())
         assert streamed.status_code == 413
         assert streamed.json() == {"error": "Request body exceeds the limit of 3 MiB"}
 
-        management = await http.post(f"{router.url}/workers",
-                                     json={"url": workers[0].url, "x": "y" * 2 * 1024 ** 2})
+        management = await http.post(
+            f"{router.url}/workers", json={"url": workers[0].url, "x": "y" * 2 * 1024**2}
+        )
         assert management.status_code == 413
         assert management.json() == {"error": "Request body exceeds the limit of 1 MiB"}
 
 
 async def test_weight_change_reaches_every_worker_byte_for_byte_with_the_request_id(
-        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
     async with routed_pool(tmp_path, http, 2) as (router, workers):
         # Spacing, key order and a \\u escape that any re-encoding would change.
         raw = b'{ "flush_cache" : false,\n  "model_path": "sim/caf\\u00e9-1" }'
-        refit = await http.post(f"{router.url}/update_weights_from_disk", content=raw,
-                                headers={"content-type": "application/json",
-                                         "x-request-id": "refit-42"})
+        refit = await http.post(
+            f"{router.url}/update_weights_from_disk",
+            content=raw,
+            headers={"content-type": "application/json", "x-request-id": "refit-42"},
+        )
         assert refit.status_code == 200 and refit.json()["success"] is True
         received = [r["body"]["simworker_received"] for r in refit.json()["results"]]
         assert [r["body_sha256"] for r in received] == [hashlib.sha256(raw).hexdigest()] * 2
@@ -221,8 +240,11 @@ async def test_weight_change_reaches_every_worker_byte_for_byte_with_the_request
 
         # Router options must not reach workers: that body is re-encoded without them.
         raw = b'{"model_path": "sim/step-2", "weight_version": "v2"}'
-        refit = await http.post(f"{router.url}/update_weights_from_disk", content=raw,
-                                headers={"content-type": "application/json"})
+        refit = await http.post(
+            f"{router.url}/update_weights_from_disk",
+            content=raw,
+            headers={"content-type": "application/json"},
+        )
         assert refit.status_code == 200 and refit.json()["version"] == "v2"
         received = [r["body"]["simworker_received"] for r in refit.json()["results"]]
         assert all(r["body_sha256"] != hashlib.sha256(raw).hexdigest() for r in received)

@@ -30,13 +30,19 @@ EXIT_MARGIN_S = 5.0
 
 
 def slow_image(seconds: int) -> dict[str, Any]:
-    return {"prompt": "slow", "size": "100x100", "num_inference_steps": seconds,
-            "response_format": "url"}
+    return {
+        "prompt": "slow",
+        "size": "100x100",
+        "num_inference_steps": seconds,
+        "response_format": "url",
+    }
 
 
 def router_config(drain_timeout_s: float) -> str:
-    return (f"[server]\ndrain_timeout_s = {drain_timeout_s}\n\n"
-            "[health]\ninterval_s = 0.3\ntimeout_s = 2.0\n")
+    return (
+        f"[server]\ndrain_timeout_s = {drain_timeout_s}\n\n"
+        "[health]\ninterval_s = 0.3\ntimeout_s = 2.0\n"
+    )
 
 
 @attrs.define
@@ -77,6 +83,7 @@ async def running_on(http: httpx.AsyncClient, worker: SimWorker) -> None:
 
 async def wait_draining(router: str) -> None:
     """Poll `/health` on new connections until it turns 503; a refused connection raises."""
+
     async def draining() -> bool:
         return (await on_a_new_connection("GET", f"{router}/health")).status_code == 503
 
@@ -84,18 +91,22 @@ async def wait_draining(router: str) -> None:
 
 
 async def test_sigterm_answers_503_to_new_requests_and_lets_the_one_in_flight_finish(
-        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
     drain_timeout_s = 30.0
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             worker = await start_simworker(nursery, *SLOW_WORKER)
-            async with router_process(["--worker-urls", worker.url],
-                                      config=router_config(drain_timeout_s),
-                                      tmp_path=tmp_path) as router:
+            async with router_process(
+                ["--worker-urls", worker.url],
+                config=router_config(drain_timeout_s),
+                tmp_path=tmp_path,
+            ) as router:
                 await healthy(http, router.url, 1)
                 call = Call()
-                nursery.start_soon(call.post, http, f"{router.url}/v1/images/generations",
-                                   slow_image(3))
+                nursery.start_soon(
+                    call.post, http, f"{router.url}/v1/images/generations", slow_image(3)
+                )
                 await running_on(http, worker)
                 reached_worker = (await sim_state(http, worker))["requests_total"]
                 signalled_at = trio.current_time()
@@ -105,8 +116,9 @@ async def test_sigterm_answers_503_to_new_requests_and_lets_the_one_in_flight_fi
                 health = await on_a_new_connection("GET", f"{router.url}/health")
                 assert health.status_code == 503
                 assert health.json() == {"status": "draining"}
-                refused = await on_a_new_connection("POST", f"{router.url}/v1/images/generations",
-                                                    json=slow_image(1))
+                refused = await on_a_new_connection(
+                    "POST", f"{router.url}/v1/images/generations", json=slow_image(1)
+                )
                 assert refused.status_code == 503
                 assert refused.headers["content-type"] == "application/json"
                 assert "draining" in refused.json()["error"]
@@ -129,18 +141,22 @@ async def test_sigterm_answers_503_to_new_requests_and_lets_the_one_in_flight_fi
 
 
 async def test_a_request_still_running_at_drain_timeout_is_cut_and_the_router_exits(
-        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
     drain_timeout_s = 1.0
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             worker = await start_simworker(nursery, *SLOW_WORKER)
-            async with router_process(["--worker-urls", worker.url],
-                                      config=router_config(drain_timeout_s),
-                                      tmp_path=tmp_path) as router:
+            async with router_process(
+                ["--worker-urls", worker.url],
+                config=router_config(drain_timeout_s),
+                tmp_path=tmp_path,
+            ) as router:
                 await healthy(http, router.url, 1)
                 call = Call()
-                nursery.start_soon(call.post, http, f"{router.url}/v1/images/generations",
-                                   slow_image(30))
+                nursery.start_soon(
+                    call.post, http, f"{router.url}/v1/images/generations", slow_image(30)
+                )
                 await running_on(http, worker)
                 signalled_at = trio.current_time()
                 os.kill(router.pid, signal.SIGTERM)
@@ -151,8 +167,10 @@ async def test_a_request_still_running_at_drain_timeout_is_cut_and_the_router_ex
             assert exited_at - signalled_at >= drain_timeout_s
             await call.done.wait()
             assert call.response is None or call.response.status_code != 200
-            assert any("server.drain_timeout_s (1 s) is over with 1 request(s) in flight"
-                       in line for line in router.output)
+            assert any(
+                "server.drain_timeout_s (1 s) is over with 1 request(s) in flight" in line
+                for line in router.output
+            )
 
             async def abandoned() -> bool:
                 return (await sim_state(http, worker))["in_flight"] == 0
@@ -162,17 +180,19 @@ async def test_a_request_still_running_at_drain_timeout_is_cut_and_the_router_ex
 
 
 async def test_a_second_sigterm_during_the_drain_stops_at_once(
-        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             worker = await start_simworker(nursery, *SLOW_WORKER)
-            async with router_process(["--worker-urls", worker.url],
-                                      config=router_config(30.0),
-                                      tmp_path=tmp_path) as router:
+            async with router_process(
+                ["--worker-urls", worker.url], config=router_config(30.0), tmp_path=tmp_path
+            ) as router:
                 await healthy(http, router.url, 1)
                 call = Call()
-                nursery.start_soon(call.post, http, f"{router.url}/v1/images/generations",
-                                   slow_image(30))
+                nursery.start_soon(
+                    call.post, http, f"{router.url}/v1/images/generations", slow_image(30)
+                )
                 await running_on(http, worker)
                 os.kill(router.pid, signal.SIGTERM)
                 await wait_draining(router.url)
@@ -188,22 +208,29 @@ async def test_a_second_sigterm_during_the_drain_stops_at_once(
 
 
 async def test_the_demo_stops_its_workers_promptly_on_sigterm_without_sigkill(
-        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
     """Keep-alive connections exist on both sides (the test's client to the router, the
     router's proxy and probes to the workers): none of them may hold the exit back."""
     base = free_port_block(8)
-    config = (f"[launcher]\nworker_base_port = {base}\nmaster_port_base = {base + 4}\n"
-              f"scheduler_port_base = {base + 6}\n")
+    config = (
+        f"[launcher]\nworker_base_port = {base}\nmaster_port_base = {base + 4}\n"
+        f"scheduler_port_base = {base + 6}\n"
+    )
     with trio.fail_after(60):
-        async with router_process(["--demo", "--demo-workers", "2"], config=config,
-                                  tmp_path=tmp_path,
-                                  env={"DSROUTER_RUNTIME_DIR": str(tmp_path / "run")}) as router:
+        async with router_process(
+            ["--demo", "--demo-workers", "2"],
+            config=config,
+            tmp_path=tmp_path,
+            env={"DSROUTER_RUNTIME_DIR": str(tmp_path / "run")},
+        ) as router:
             workers = (await http.get(f"{router.url}/workers")).json()["workers"]
             pids = [w["supervisor"]["pid"] for w in workers if w["managed"]]
             assert len(pids) == 2 and all(map(alive, pids))
             for _ in range(6):
-                answer = await http.post(f"{router.url}/v1/images/generations",
-                                         json={"prompt": "demo", "size": "64x64"})
+                answer = await http.post(
+                    f"{router.url}/v1/images/generations", json={"prompt": "demo", "size": "64x64"}
+                )
                 assert answer.status_code == 200
             signalled_at = trio.current_time()
             # The demo's stop_timeout_s is 5 s: a worker that waited for an idle connection
@@ -216,5 +243,4 @@ async def test_the_demo_stops_its_workers_promptly_on_sigterm_without_sigkill(
         assert survivors == []
         assert elapsed < 3.0, f"took {elapsed:.1f} s to stop"
         assert not [line for line in router.output if "SIGKILL" in line]
-        assert sum("stopped by the router: exit status 0" in line
-                   for line in router.output) == 2
+        assert sum("stopped by the router: exit status 0" in line for line in router.output) == 2

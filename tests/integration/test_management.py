@@ -40,9 +40,13 @@ async def test_register_dedupe_inspect_and_delete(tmp_path: Path, http: httpx.As
             assert len((await http.get(f"{router.url}/workers")).json()["workers"]) == 1
 
             health = (await http.get(f"{router.url}/health")).json()
-            assert health == health | {"status": "healthy", "healthy_workers": 1,
-                                       "total_workers": 1, "dead_workers": 0,
-                                       "sleeping_workers": 0}
+            assert health == health | {
+                "status": "healthy",
+                "healthy_workers": 1,
+                "total_workers": 1,
+                "dead_workers": 0,
+                "sleeping_workers": 0,
+            }
 
             one = await http.get(f"{router.url}/workers/{registered['worker_id']}")
             assert one.status_code == 200 and one.json()["worker"]["url"] == worker.url
@@ -62,7 +66,8 @@ async def test_register_dedupe_inspect_and_delete(tmp_path: Path, http: httpx.As
 
 
 async def test_bad_registrations_get_400_naming_the_problem(
-        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
     async with router_process([], tmp_path=tmp_path) as router:
         cases = [
             ({"params": {"url": "http://169.254.169.254"}}, "blocked"),
@@ -71,8 +76,7 @@ async def test_bad_registrations_get_400_naming_the_problem(
             ({"params": {"url": "ftp://host:1"}}, "http"),
             ({"params": {"url": "http://u:p@host:1"}}, "credentials"),
             ({"params": {"url": "http://host:1/v1"}}, "path"),
-            ({"content": b"{not json", "headers": {"content-type": "application/json"}},
-             "JSON"),
+            ({"content": b"{not json", "headers": {"content-type": "application/json"}}, "JSON"),
             ({"json": ["http://host:1"]}, "object"),
             ({}, "required"),
         ]
@@ -85,16 +89,21 @@ async def test_bad_registrations_get_400_naming_the_problem(
 
 
 async def test_put_validates_and_quarantines_and_recovers(
-        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
     async with trio.open_nursery() as nursery:
         worker = await start_simworker(nursery)
-        async with router_process(["--worker-urls", worker.url], config=FAST_HEALTH,
-                                  tmp_path=tmp_path) as router:
+        async with router_process(
+            ["--worker-urls", worker.url], config=FAST_HEALTH, tmp_path=tmp_path
+        ) as router:
             wid = worker.url.replace(":", "%3A").replace("/", "%2F")
             await wait_until(lambda: _healthy(http, router.url, 1))
             for bad in (b"", b"[]", b"{}", b'{"is_dead": "yes"}', b'{"colour": true}', b"{x"):
-                response = await http.put(f"{router.url}/workers/{wid}", content=bad,
-                                          headers={"content-type": "application/json"})
+                response = await http.put(
+                    f"{router.url}/workers/{wid}",
+                    content=bad,
+                    headers={"content-type": "application/json"},
+                )
                 assert response.status_code == 400, bad
             response = await http.put(f"{router.url}/workers/{wid}", json={"is_dead": True})
             assert response.status_code == 200 and response.json()["worker"]["is_dead"] is True
@@ -102,20 +111,24 @@ async def test_put_validates_and_quarantines_and_recovers(
             routed = await http.post(f"{router.url}/v1/images/generations", json={"prompt": "x"})
             assert routed.status_code == 503
             assert routed.json() == {"error": "No healthy workers available in the pool"}
-            response = await http.put(f"{router.url}/workers/{wid}",
-                                      json={"is_dead": False, "refresh_video_support": True})
+            response = await http.put(
+                f"{router.url}/workers/{wid}",
+                json={"is_dead": False, "refresh_video_support": True},
+            )
             assert response.json()["worker"]["is_dead"] is False
             assert (await http.get(f"{router.url}/health")).status_code == 200
         nursery.cancel_scope.cancel()
 
 
 async def test_killed_worker_is_quarantined_and_recovers_without_any_call(
-        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
     async with trio.open_nursery() as nursery:
         first = await start_simworker(nursery)
         second = await start_simworker(nursery)
-        async with router_process(["--worker-urls", first.url, second.url],
-                                  config=FAST_HEALTH, tmp_path=tmp_path) as router:
+        async with router_process(
+            ["--worker-urls", first.url, second.url], config=FAST_HEALTH, tmp_path=tmp_path
+        ) as router:
             await wait_until(lambda: _healthy(http, router.url, 2))
             await first.kill()
 
@@ -126,11 +139,11 @@ async def test_killed_worker_is_quarantined_and_recovers_without_any_call(
             health = (await http.get(f"{router.url}/health")).json()
             assert (health["healthy_workers"], health["dead_workers"]) == (1, 1)
             miles = (await http.get(f"{router.url}/health_workers")).json()["workers"]
-            assert {w["url"]: w["is_dead"] for w in miles} == {first.url: True,
-                                                               second.url: False}
+            assert {w["url"]: w["is_dead"] for w in miles} == {first.url: True, second.url: False}
             for _ in range(6):
-                response = await http.post(f"{router.url}/v1/images/generations",
-                                           json={"prompt": "p", "size": "64x64"})
+                response = await http.post(
+                    f"{router.url}/v1/images/generations", json={"prompt": "p", "size": "64x64"}
+                )
                 assert response.status_code == 200
                 assert response.headers["x-dsrouter-worker"] == f"127.0.0.1:{second.port}"
 
@@ -146,7 +159,8 @@ async def test_killed_worker_is_quarantined_and_recovers_without_any_call(
 
 
 async def test_miles_aliases_answer_in_the_miles_shapes(
-        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
     async with trio.open_nursery() as nursery:
         worker = await start_simworker(nursery)
         async with router_process([], tmp_path=tmp_path) as router:
@@ -154,14 +168,22 @@ async def test_miles_aliases_answer_in_the_miles_shapes(
             assert added.json() == {"status": "success", "worker_urls": [worker.url]}
             added = await http.post(f"{router.url}/add_worker", json={"url": worker.url + "/"})
             assert added.json()["worker_urls"] == [worker.url]
-            assert (await http.get(f"{router.url}/list_workers")).json() == {
-                "urls": [worker.url]}
+            assert (await http.get(f"{router.url}/list_workers")).json() == {"urls": [worker.url]}
             health = (await http.get(f"{router.url}/health_workers")).json()
-            assert health == {"workers": [{"url": worker.url, "active_requests": 0,
-                                           "is_dead": False, "consecutive_failures": 0}]}
-            image = await http.post(f"{router.url}/generate",
-                                    json={"prompt": "a cat", "size": "32x32",
-                                          "response_format": "b64_json"})
+            assert health == {
+                "workers": [
+                    {
+                        "url": worker.url,
+                        "active_requests": 0,
+                        "is_dead": False,
+                        "consecutive_failures": 0,
+                    }
+                ]
+            }
+            image = await http.post(
+                f"{router.url}/generate",
+                json={"prompt": "a cat", "size": "32x32", "response_format": "b64_json"},
+            )
             assert image.status_code == 200 and image.json()["data"][0]["b64_json"]
         nursery.cancel_scope.cancel()
 
@@ -179,7 +201,10 @@ async def test_broken_config_exits_2_with_one_line_per_problem(tmp_path: Path) -
     path.write_text("[health]\ninterval_s = 'ten'\n[routing]\nalgorithm = 'best'\n[colour]\n")
     result = await trio.run_process(
         [sys.executable, "-m", "dsrouter", "run", "--config", str(path)],
-        capture_stdout=True, capture_stderr=True, check=False)
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
     assert result.returncode == 2
     lines = result.stderr.decode().strip().splitlines()
     assert len(lines) == 3, lines

@@ -13,23 +13,31 @@ from tests.support import router_process, start_simworker
 
 
 async def test_openai_images_and_videos_through_the_router(
-        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
     async with trio.open_nursery() as nursery:
-        worker = await start_simworker(nursery, "--task-type", "T2I,T2V",
-                                       "--sec-per-mpx-step", "0", "--video-bytes", "123456")
+        worker = await start_simworker(
+            nursery, "--task-type", "T2I,T2V", "--sec-per-mpx-step", "0", "--video-bytes", "123456"
+        )
         async with router_process(["--worker-urls", worker.url], tmp_path=tmp_path) as router:
             await healthy(http, router.url, 1)
-            client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused",
-                                   max_retries=0)
+            client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", max_retries=0)
 
             def images() -> tuple[bytes, bytes]:
-                generated = client.images.generate(model="sim", prompt="a lighthouse",
-                                                   size="256x256", response_format="b64_json",
-                                                   extra_body={"seed": 7})
+                generated = client.images.generate(
+                    model="sim",
+                    prompt="a lighthouse",
+                    size="256x256",
+                    response_format="b64_json",
+                    extra_body={"seed": 7},
+                )
                 first = base64.b64decode(generated.data[0].b64_json)
-                edited = client.images.edit(model="sim", prompt="at night",
-                                            image=("in.jpg", first, "image/jpeg"),
-                                            extra_body={"size": "128x128"})
+                edited = client.images.edit(
+                    model="sim",
+                    prompt="at night",
+                    image=("in.jpg", first, "image/jpeg"),
+                    extra_body={"size": "128x128"},
+                )
                 return first, base64.b64decode(edited.data[0].b64_json)
 
             first, edited = await trio.to_thread.run_sync(images)
@@ -39,8 +47,9 @@ async def test_openai_images_and_videos_through_the_router(
             def videos() -> tuple[str, bytes]:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", DeprecationWarning)
-                    video = client.videos.create(model="sim", prompt="waves", seconds="4",
-                                                 size="720x1280")
+                    video = client.videos.create(
+                        model="sim", prompt="waves", seconds="4", size="720x1280"
+                    )
                     final = client.videos.poll(video.id, poll_interval_ms=50)
                     content = client.videos.download_content(video.id)
                     return final.status, content.read()

@@ -28,8 +28,7 @@ timeout_s = 2.0
 [routing]
 queue_while_asleep = true
 """
-ROLLOUT = {"prompt": "a rollout", "seed": 1, "width": 64, "height": 64,
-           "num_inference_steps": 30}
+ROLLOUT = {"prompt": "a rollout", "seed": 1, "width": 64, "height": 64, "num_inference_steps": 30}
 NEW = "sim/step-1"
 
 
@@ -38,25 +37,30 @@ def name(worker: SimWorker) -> str:
 
 
 async def test_refit_under_traffic_serves_no_stale_weights_and_loses_nothing(
-        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
     work = ("--task-type", "T2I", "--sec-per-mpx-step", "0.5")
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
             workers = [await start_simworker(nursery, *work) for _ in range(8)]
             laggard = workers[3]
-            async with router_process(["--worker-urls", *[w.url for w in workers]],
-                                      config=CONFIG, tmp_path=tmp_path) as router:
+            async with router_process(
+                ["--worker-urls", *[w.url for w in workers]], config=CONFIG, tmp_path=tmp_path
+            ) as router:
                 await healthy(http, router.url, 8)
-                assert (await http.post(f"{laggard.url}/_sim/faults",
-                                        json={"refit_fails": True})).status_code == 200
+                assert (
+                    await http.post(f"{laggard.url}/_sim/faults", json={"refit_fails": True})
+                ).status_code == 200
                 traffic = Traffic("/rollout/generate", ROLLOUT)
                 async with trio.open_nursery() as load:
                     for _ in range(12):
                         load.start_soon(traffic.client, http, router.url)
                     await wait_until(lambda: _served(traffic, 40))
 
-                    refit = await http.post(f"{router.url}/update_weights_from_disk",
-                                            json={"model_path": NEW, "weight_version": NEW})
+                    refit = await http.post(
+                        f"{router.url}/update_weights_from_disk",
+                        json={"model_path": NEW, "weight_version": NEW},
+                    )
                     refitted_at = trio.current_time()
                     answer = refit.json()
                     assert refit.status_code == 200
@@ -76,21 +80,27 @@ async def test_refit_under_traffic_serves_no_stale_weights_and_loses_nothing(
                     woke_at = trio.current_time()
                     await wait_until(lambda: _served_since(traffic, woke_at, 20))
 
-                    assert (await http.post(f"{laggard.url}/_sim/faults",
-                                            json={"refit_fails": False})).status_code == 200
+                    assert (
+                        await http.post(f"{laggard.url}/_sim/faults", json={"refit_fails": False})
+                    ).status_code == 200
                     caught_up_by = trio.current_time()
-                    await wait_until(lambda: _served_by(traffic, name(laggard), 1,
-                                                        since=caught_up_by), timeout_s=30)
+                    await wait_until(
+                        lambda: _served_by(traffic, name(laggard), 1, since=caught_up_by),
+                        timeout_s=30,
+                    )
                     traffic.stop()
 
                 after = traffic.after(refitted_at)
                 stale = [a for a in after if _weights(a) != NEW]
                 lost = [a for a in traffic.answers if a.status != 200]
-                laggard_before_fix = [a for a in after if _worker(a) == name(laggard)
-                                      and a.done_at < caught_up_by]
-                print(f"\nrefit under load: {len(traffic.answers)} answers, {len(after)} after "
-                      f"the refit, stale={len(stale)} lost={len(lost)} "
-                      f"laggard_served_while_stale={len(laggard_before_fix)}")
+                laggard_before_fix = [
+                    a for a in after if _worker(a) == name(laggard) and a.done_at < caught_up_by
+                ]
+                print(
+                    f"\nrefit under load: {len(traffic.answers)} answers, {len(after)} after "
+                    f"the refit, stale={len(stale)} lost={len(lost)} "
+                    f"laggard_served_while_stale={len(laggard_before_fix)}"
+                )
                 assert stale == []
                 assert lost == []
                 assert laggard_before_fix == []

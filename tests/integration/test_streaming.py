@@ -10,19 +10,25 @@ import trio
 from tests.integration.test_proxy import healthy
 from tests.support import router_process, start_simworker, wait_until
 
-GiB = 1024 ** 3
-MiB = 1024 ** 2
+GiB = 1024**3
+MiB = 1024**2
 
 
 async def test_one_gib_video_download_matches_the_worker_byte_for_byte(
-        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
     async with trio.open_nursery() as nursery:
-        worker = await start_simworker(nursery, "--task-type", "T2V", "--sec-per-mpx-step", "0",
-                                       "--video-bytes", str(GiB))
+        worker = await start_simworker(
+            nursery, "--task-type", "T2V", "--sec-per-mpx-step", "0", "--video-bytes", str(GiB)
+        )
         async with router_process(["--worker-urls", worker.url], tmp_path=tmp_path) as router:
             await healthy(http, router.url, 1)
-            job = (await http.post(f"{router.url}/v1/videos",
-                                   json={"prompt": "long", "seconds": 1, "size": "32x32"})).json()
+            job = (
+                await http.post(
+                    f"{router.url}/v1/videos",
+                    json={"prompt": "long", "seconds": 1, "size": "32x32"},
+                )
+            ).json()
 
             async def done() -> bool:
                 status = await http.get(f"{router.url}/v1/videos/{job['id']}")
@@ -47,12 +53,15 @@ async def test_one_gib_video_download_matches_the_worker_byte_for_byte(
 
 
 async def test_200_mib_multipart_upload_arrives_byte_exact(
-        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
     boundary = "dsrouter-test-boundary"
     chunk = os.urandom(MiB)
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nedit\r\n"
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; "
-            f"filename=\"big.png\"\r\nContent-Type: image/png\r\n\r\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nedit\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; '
+        f'filename="big.png"\r\nContent-Type: image/png\r\n\r\n'
+    ).encode()
     tail = f"\r\n--{boundary}--\r\n".encode()
     total = len(head) + 200 * MiB + len(tail)
     expected = hashlib.sha256(head)
@@ -71,24 +80,40 @@ async def test_200_mib_multipart_upload_arrives_byte_exact(
         async with router_process(["--worker-urls", worker.url], tmp_path=tmp_path) as router:
             await healthy(http, router.url, 1)
             response = await http.post(
-                f"{router.url}/v1/images/edits", content=body(),
-                headers={"content-type": f"multipart/form-data; boundary={boundary}",
-                         "content-length": str(total)})
+                f"{router.url}/v1/images/edits",
+                content=body(),
+                headers={
+                    "content-type": f"multipart/form-data; boundary={boundary}",
+                    "content-length": str(total),
+                },
+            )
             assert response.status_code == 200, response.text[:300]
             assert response.headers["x-simworker-body-sha256"] == expected.hexdigest()
         nursery.cancel_scope.cancel()
 
 
 async def test_client_gone_mid_download_frees_the_lease_at_once(
-        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
     async with trio.open_nursery() as nursery:
-        worker = await start_simworker(nursery, "--task-type", "T2V", "--sec-per-mpx-step", "0",
-                                       "--video-bytes", str(512 * MiB),
-                                       "--slow-body-bps", str(4 * MiB))
+        worker = await start_simworker(
+            nursery,
+            "--task-type",
+            "T2V",
+            "--sec-per-mpx-step",
+            "0",
+            "--video-bytes",
+            str(512 * MiB),
+            "--slow-body-bps",
+            str(4 * MiB),
+        )
         async with router_process(["--worker-urls", worker.url], tmp_path=tmp_path) as router:
             await healthy(http, router.url, 1)
-            job = (await http.post(f"{router.url}/v1/videos",
-                                   json={"prompt": "p", "seconds": 1, "size": "32x32"})).json()
+            job = (
+                await http.post(
+                    f"{router.url}/v1/videos", json={"prompt": "p", "seconds": 1, "size": "32x32"}
+                )
+            ).json()
 
             async def done() -> bool:
                 status = await http.get(f"{router.url}/v1/videos/{job['id']}")
@@ -102,8 +127,9 @@ async def test_client_gone_mid_download_frees_the_lease_at_once(
 
             host, port = router.url.removeprefix("http://").split(":")
             client = await trio.open_tcp_stream(host, int(port))
-            await client.send_all(f"GET /v1/videos/{job['id']}/content HTTP/1.1\r\n"
-                                  f"Host: {host}\r\n\r\n".encode())
+            await client.send_all(
+                f"GET /v1/videos/{job['id']}/content HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+            )
             head = b""
             while b"\r\n\r\n" not in head:
                 head += await client.receive_some(65536)

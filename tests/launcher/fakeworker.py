@@ -66,8 +66,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--load-s", type=float, default=0.0)
     parser.add_argument("--exit-at-start", type=int, default=None)
-    parser.add_argument("--fail-on-port", type=int, default=None,
-                        help="exit with status 4 at start when --port is this one")
+    parser.add_argument(
+        "--fail-on-port",
+        type=int,
+        default=None,
+        help="exit with status 4 at start when --port is this one",
+    )
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--grandchild", action="store_true")
     parser.add_argument("--log-requests", action="store_true")

@@ -39,17 +39,26 @@ def free_port_block(size: int) -> int:
     raise AssertionError(f"no block of {size} free ports found")
 
 
-def launcher_settings(num_workers: int, command: list[str], **changes: object,
-                      ) -> dict[str, object]:
+def launcher_settings(
+    num_workers: int,
+    command: list[str],
+    **changes: object,
+) -> dict[str, object]:
     """`[launcher]` keys for `num_workers` workers on a block of free ports, fast backoff."""
     base = free_port_block(4 * num_workers)
     return {
-        "model": "sim/Wan-Sim-T2V", "num_workers": num_workers, "num_gpus_per_worker": 0,
-        "command": command, "worker_base_port": base,
+        "model": "sim/Wan-Sim-T2V",
+        "num_workers": num_workers,
+        "num_gpus_per_worker": 0,
+        "command": command,
+        "worker_base_port": base,
         "master_port_base": base + 2 * num_workers,
         "scheduler_port_base": base + 3 * num_workers,
-        "backoff_initial_s": 0.1, "backoff_max_s": 0.5, "wait_timeout_s": 30.0,
-        "stop_timeout_s": 5.0, **changes,
+        "backoff_initial_s": 0.1,
+        "backoff_max_s": 0.5,
+        "wait_timeout_s": 30.0,
+        "stop_timeout_s": 5.0,
+        **changes,
     }
 
 
@@ -79,8 +88,7 @@ def pids_running(*needles: str) -> list[int]:
         if not entry.name.isdigit():
             continue
         try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(
-                errors="replace")
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
         if all(needle in cmdline for needle in needles) and alive(int(entry.name)):

@@ -43,7 +43,8 @@ async def test_empty_cuda_visible_devices_means_no_gpu_at_all(tmp_path: Path) ->
 
 
 async def test_nvidia_smi_listing_is_used_when_cuda_visible_devices_is_unset(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     path = _fake_smi(tmp_path, f"cat <<'EOF'\n{SMI_OUTPUT}EOF")
     visible = await discover_gpus({"PATH": path})
     assert visible.ids == ("0", "1", "2")
@@ -73,7 +74,8 @@ def test_too_few_gpus_is_one_clear_error() -> None:
     with pytest.raises(LaunchError) as caught:
         assign_gpus(_config(num_workers=4, num_gpus_per_worker=1), visible)
     assert str(caught.value).startswith(
-        "not enough GPUs: 4 workers x 1 GPU(s) each need 4, found 3 (nvidia-smi -L lists 3)")
+        "not enough GPUs: 4 workers x 1 GPU(s) each need 4, found 3 (nvidia-smi -L lists 3)"
+    )
 
 
 def test_explicit_gpu_ids_are_used_as_given() -> None:
@@ -100,10 +102,10 @@ def test_zero_gpus_per_worker_pins_nothing() -> None:
 
 
 async def test_each_worker_sees_only_its_gpus_and_gets_num_gpus(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,4,5")
-    plans = await plan_pool(_config(num_gpus_per_worker=2, command=[sys.executable]),
-                            os.environ)
+    plans = await plan_pool(_config(num_gpus_per_worker=2, command=[sys.executable]), os.environ)
     assert [p.env["CUDA_VISIBLE_DEVICES"] for p in plans] == ["2,3", "4,5"]
     argv = plans[1].argv
     assert argv[argv.index("--num-gpus") + 1] == "2"
@@ -117,7 +119,8 @@ async def test_without_gpu_pinning_no_num_gpus_flag_and_no_discovery(tmp_path: P
 
 
 async def test_seed_yaml_pool_on_a_machine_without_gpus_fails_before_starting(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     environ = {"PATH": str(tmp_path)}
     cfg = _config(num_workers=8, num_gpus_per_worker=1, command=[sys.executable])
     with pytest.raises(LaunchError, match="need 8, found 0"):
@@ -126,13 +129,15 @@ async def test_seed_yaml_pool_on_a_machine_without_gpus_fails_before_starting(
 
 async def test_every_problem_before_start_is_reported_at_once(tmp_path: Path) -> None:
     environ = {"PATH": str(tmp_path)}
-    cfg = _config(num_workers=8, num_gpus_per_worker=1, command=["sglang", "serve"], model="",
-                  port_stride=1)
+    cfg = _config(
+        num_workers=8, num_gpus_per_worker=1, command=["sglang", "serve"], model="", port_stride=1
+    )
     with pytest.raises(LaunchError) as caught:
         await plan_pool(cfg, environ)
     lines = str(caught.value).splitlines()
-    assert lines[0] == ("launcher.command: 'sglang' not found on PATH; install it or give its "
-                        "full path")
+    assert lines[0] == (
+        "launcher.command: 'sglang' not found on PATH; install it or give its full path"
+    )
     assert lines[1] == "launcher.model is empty: the workers need --model-path"
     assert lines[2].startswith("launcher.port_stride is 1")
     assert lines[3].startswith("not enough GPUs: 8 workers x 1 GPU(s) each need 8, found 0")

@@ -13,7 +13,8 @@ from dsrouter.launcher.logs import TAIL_LINES, RotatingFile, WorkerOutput
 
 
 def test_the_file_rotates_before_it_would_exceed_its_size_and_keeps_one_old_file(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "worker-0.log"
     log = RotatingFile(path, max_bytes=10)
     for chunk in (b"aaaa\n", b"bbbb\n", b"cccc\n", b"dddd\n", b"eeee\n"):
@@ -40,18 +41,22 @@ async def test_output_goes_to_the_file_line_by_line_with_a_run_marker(tmp_path: 
     output.close()
     lines = (tmp_path / "logs" / "worker-3.log").read_text().splitlines()
     assert lines[0].startswith("---- dsrouter ") and lines[0].endswith(
-        ": starting worker 3: sglang serve")
+        ": starting worker 3: sglang serve"
+    )
     assert lines[1:] == ["loading 10%", "loading 50%", "ready", "no newline at end"]
 
 
 async def test_without_log_dir_lines_go_to_the_router_log_under_the_worker_index(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     output = WorkerOutput(5, None, max_bytes=1)
     output.begin_run("run")
     with caplog.at_level(logging.INFO, logger="dsrouter.worker.5"):
         await _feed(output, [b"hello\nworld\n"])
     assert [(r.name, r.getMessage()) for r in caplog.records] == [
-        ("dsrouter.worker.5", "hello"), ("dsrouter.worker.5", "world")]
+        ("dsrouter.worker.5", "hello"),
+        ("dsrouter.worker.5", "world"),
+    ]
 
 
 async def test_the_tail_keeps_the_last_lines_of_the_current_run_only() -> None:

@@ -40,8 +40,11 @@ async def _sleeper(nursery: trio.Nursery, token: str | None) -> trio.Process:
 def _write_record(directory: Path, pid: int, start: str | None, token: str) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"router-{pid}.json"
-    path.write_text(json.dumps({"router_pid": pid, "router_start": start, "token": token,
-                                "groups": {"0": 12345}}))
+    path.write_text(
+        json.dumps(
+            {"router_pid": pid, "router_start": start, "token": token, "groups": {"0": 12345}}
+        )
+    )
     return path
 
 
@@ -75,8 +78,7 @@ async def test_the_record_of_a_running_router_is_left_alone(tmp_path: Path) -> N
             nursery.cancel_scope.cancel()
 
 
-async def test_a_recycled_router_pid_does_not_make_a_dead_router_look_alive(
-        tmp_path: Path) -> None:
+async def test_a_recycled_router_pid_does_not_make_a_dead_router_look_alive(tmp_path: Path) -> None:
     directory = tmp_path / "run"
     record = _write_record(directory, os.getpid(), "0", "oldtoken")  # same pid, other start
     with trio.fail_after(15):
@@ -88,16 +90,19 @@ async def test_a_recycled_router_pid_does_not_make_a_dead_router_look_alive(
             nursery.cancel_scope.cancel()
 
 
-def test_the_pid_file_records_each_worker_group_and_is_removed_at_the_end(
-        tmp_path: Path) -> None:
+def test_the_pid_file_records_each_worker_group_and_is_removed_at_the_end(tmp_path: Path) -> None:
     pidfile = open_pidfile(tmp_path / "run")
     assert pidfile.path == tmp_path / "run" / f"router-{os.getpid()}.json"
     pidfile.set_group(0, 111)
     pidfile.set_group(1, 222)
     pidfile.set_group(0, None)
     record = json.loads(pidfile.path.read_text())
-    assert record == {"router_pid": os.getpid(), "router_start": _own_start_time(),
-                      "token": pidfile.token, "groups": {"1": 222}}
+    assert record == {
+        "router_pid": os.getpid(),
+        "router_start": _own_start_time(),
+        "token": pidfile.token,
+        "groups": {"1": 222},
+    }
     assert (tmp_path / "run").stat().st_mode & 0o777 == 0o700
     pidfile.remove()
     assert not pidfile.path.exists()
@@ -110,7 +115,8 @@ def test_runtime_dir_prefers_the_override_then_xdg_then_tmp() -> None:
 
 
 def test_a_runtime_dir_that_is_not_a_directory_disables_the_pid_file(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     squatted = tmp_path / "run"
     squatted.write_text("")
     pidfile = open_pidfile(squatted)

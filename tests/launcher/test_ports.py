@@ -27,10 +27,20 @@ def _listening(port: int, host: str = "127.0.0.1") -> Iterator[socket.socket]:
 
 
 def test_workers_get_stride_apart_http_ports_and_consecutive_internal_ports() -> None:
-    plan = plan_ports(_config(worker_base_port=20000, port_stride=4, master_port_base=31000,
-                              scheduler_port_base=32000, internal_port_stride=3))
-    assert plan == [WorkerPorts(20000, 31000, 32000), WorkerPorts(20004, 31003, 32003),
-                    WorkerPorts(20008, 31006, 32006)]
+    plan = plan_ports(
+        _config(
+            worker_base_port=20000,
+            port_stride=4,
+            master_port_base=31000,
+            scheduler_port_base=32000,
+            internal_port_stride=3,
+        )
+    )
+    assert plan == [
+        WorkerPorts(20000, 31000, 32000),
+        WorkerPorts(20004, 31003, 32003),
+        WorkerPorts(20008, 31006, 32006),
+    ]
     assert [p.broker for p in plan] == [20001, 20005, 20009]
 
 
@@ -53,21 +63,22 @@ def test_internal_ports_overlapping_http_ports_are_refused_with_both_owners_name
 
 def test_ports_beyond_65535_are_refused() -> None:
     with pytest.raises(LaunchError, match="worker 2 HTTP port would be 65539"):
-        plan_ports(_config(worker_base_port=65535, master_port_base=1000,
-                           scheduler_port_base=2000))
+        plan_ports(_config(worker_base_port=65535, master_port_base=1000, scheduler_port_base=2000))
 
 
 def test_free_ports_pass_the_check() -> None:
     base = free_port_block(12)
-    plan = plan_ports(_config(worker_base_port=base, master_port_base=base + 6,
-                              scheduler_port_base=base + 9))
+    plan = plan_ports(
+        _config(worker_base_port=base, master_port_base=base + 6, scheduler_port_base=base + 9)
+    )
     check_ports_free(plan, "127.0.0.1")
 
 
 def test_a_busy_http_port_is_refused_naming_the_worker_and_port() -> None:
     base = free_port_block(12)
-    plan = plan_ports(_config(worker_base_port=base, master_port_base=base + 6,
-                              scheduler_port_base=base + 9))
+    plan = plan_ports(
+        _config(worker_base_port=base, master_port_base=base + 6, scheduler_port_base=base + 9)
+    )
     with _listening(base + 2), pytest.raises(LaunchError) as caught:
         check_ports_free(plan, "127.0.0.1")
     assert f"worker 1 HTTP port 127.0.0.1:{base + 2}: already in use" in str(caught.value)
@@ -75,8 +86,9 @@ def test_a_busy_http_port_is_refused_naming_the_worker_and_port() -> None:
 
 def test_a_busy_broker_port_is_refused_too() -> None:
     base = free_port_block(12)
-    plan = plan_ports(_config(worker_base_port=base, master_port_base=base + 6,
-                              scheduler_port_base=base + 9))
+    plan = plan_ports(
+        _config(worker_base_port=base, master_port_base=base + 6, scheduler_port_base=base + 9)
+    )
     with _listening(base + 5), pytest.raises(LaunchError) as caught:
         check_ports_free(plan, "127.0.0.1")
     assert f"worker 2 broker port (HTTP port + 1) 127.0.0.1:{base + 5}" in str(caught.value)
@@ -84,8 +96,9 @@ def test_a_busy_broker_port_is_refused_too() -> None:
 
 def test_a_port_held_on_the_wildcard_address_blocks_a_loopback_worker() -> None:
     base = free_port_block(12)
-    plan = plan_ports(_config(worker_base_port=base, master_port_base=base + 6,
-                              scheduler_port_base=base + 9))
+    plan = plan_ports(
+        _config(worker_base_port=base, master_port_base=base + 6, scheduler_port_base=base + 9)
+    )
     with _listening(base + 7, host="0.0.0.0"), pytest.raises(LaunchError) as caught:
         check_ports_free(plan, "127.0.0.1")
     assert f"worker 1 master port 127.0.0.1:{base + 7}: already in use" in str(caught.value)

@@ -18,7 +18,8 @@ class FakeTerminal(io.StringIO):
 
 
 async def test_the_summary_counts_ready_workers_and_names_the_first_one_in_progress(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     progress = Progress(8, stream=io.StringIO())
     for index in range(8):
         progress.set_state(index, "starting", f"pid {100 + index}")
@@ -41,11 +42,13 @@ async def test_every_state_change_is_one_log_line(caplog: pytest.LogCaptureFixtu
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
         ("INFO", "worker 0: starting (pid 7)"),
         ("INFO", "worker 0: starting -> ready (pid 7, http://127.0.0.1:10090)"),
-        ("WARNING", "worker 0: ready -> failed (killed by SIGKILL)")]
+        ("WARNING", "worker 0: ready -> failed (killed by SIGKILL)"),
+    ]
 
 
 async def test_the_live_line_is_drawn_on_a_terminal_and_erased_once_all_settle(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     terminal = FakeTerminal()
     progress = Progress(2, stream=terminal)
     progress.set_state(0, "starting")
@@ -63,7 +66,8 @@ async def test_the_live_line_is_drawn_on_a_terminal_and_erased_once_all_settle(
 
 
 async def test_no_live_line_when_stderr_is_not_a_terminal(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     stream = io.StringIO()
     progress = Progress(1, stream=stream)
     progress.set_state(0, "starting")

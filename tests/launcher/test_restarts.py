@@ -7,8 +7,13 @@ from dsrouter.launcher.restarts import Decision, RestartTracker
 
 
 def _tracker(**changes: object) -> RestartTracker:
-    settings = {"backoff_initial_s": 1.0, "backoff_max_s": 5.0, "max_restarts": 10,
-                "restart_window_s": 100.0, **changes}
+    settings = {
+        "backoff_initial_s": 1.0,
+        "backoff_max_s": 5.0,
+        "max_restarts": 10,
+        "restart_window_s": 100.0,
+        **changes,
+    }
     return RestartTracker(LauncherConfig(**settings))  # type: ignore[arg-type]
 
 

@@ -60,14 +60,20 @@ CUBE = {"prompt": "a red cube", "size": "64x64"}
 
 
 async def test_three_workers_serve_and_a_killed_one_is_restarted_while_the_rest_serve(
-        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
     with trio.fail_after(TEST_TIMEOUT_S):
-        async with router_process([], config=_router_toml(3), tmp_path=tmp_path,
-                                  env=_env(tmp_path)) as router:
+        async with router_process(
+            [], config=_router_toml(3), tmp_path=tmp_path, env=_env(tmp_path)
+        ) as router:
             managed = await _managed(http, router.url)
             assert sorted(managed) == [0, 1, 2]
-            assert all(w["supervisor"]["state"] == "ready" and w["supervisor"]["restarts"] == 0
-                       and not w["is_dead"] for w in managed.values())
+            assert all(
+                w["supervisor"]["state"] == "ready"
+                and w["supervisor"]["restarts"] == 0
+                and not w["is_dead"]
+                for w in managed.values()
+            )
             pids = [w["supervisor"]["pid"] for w in managed.values()]
             victim = managed[1]["supervisor"]["pid"]
             traffic = Traffic("/v1/images/generations", CUBE)
@@ -93,8 +99,9 @@ async def test_three_workers_serve_and_a_killed_one_is_restarted_while_the_rest_
             assert supervisor["last_exit"] == "killed by SIGKILL"
             await wait_dead([victim])
             pids.append(supervisor["pid"])
-            assert any("worker 1: ready -> backoff (killed by SIGKILL" in line
-                       for line in router.output)
+            assert any(
+                "worker 1: ready -> backoff (killed by SIGKILL" in line for line in router.output
+            )
         await wait_dead(pids, timeout_s=2)
 
 
@@ -108,11 +115,13 @@ async def _models(http: httpx.AsyncClient, router: str) -> list[str]:
 
 
 async def test_sighup_with_new_extra_args_restarts_workers_one_by_one_without_failing_requests(
-        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
     config = _router_toml(2, stop_timeout_s=2.0)
     with trio.fail_after(TEST_TIMEOUT_S):
-        async with router_process([], config=config, tmp_path=tmp_path,
-                                  env=_env(tmp_path)) as router:
+        async with router_process(
+            [], config=config, tmp_path=tmp_path, env=_env(tmp_path)
+        ) as router:
             old = {i: w["supervisor"]["pid"] for i, w in (await _managed(http, router.url)).items()}
             assert sorted(old) == [0, 1]
             assert await _models(http, router.url) == ["sim/Wan-Sim-T2V"]
@@ -121,16 +130,24 @@ async def test_sighup_with_new_extra_args_restarts_workers_one_by_one_without_fa
                 for _ in range(3):
                     nursery.start_soon(traffic.client, http, router.url)
                 await wait_until(lambda: _served(traffic, 5))
-                (tmp_path / "router.toml").write_text(config.replace(
-                    "[launcher]\n", '[launcher]\nextra_args = ["--served-model-name", "rolled"]\n'))
+                (tmp_path / "router.toml").write_text(
+                    config.replace(
+                        "[launcher]\n",
+                        '[launcher]\nextra_args = ["--served-model-name", "rolled"]\n',
+                    )
+                )
                 os.kill(router.pid, signal.SIGHUP)
 
                 async def rolled() -> bool:
                     now = await _managed(http, router.url)
-                    return (sorted(now) == [0, 1]
-                            and all(w["supervisor"]["pid"] not in old.values()
-                                    and w["state"] == "healthy" for w in now.values())
-                            and await _models(http, router.url) == ["rolled"])
+                    return (
+                        sorted(now) == [0, 1]
+                        and all(
+                            w["supervisor"]["pid"] not in old.values() and w["state"] == "healthy"
+                            for w in now.values()
+                        )
+                        and await _models(http, router.url) == ["rolled"]
+                    )
 
                 await wait_until(rolled, timeout_s=30)
                 target = traffic.statuses.count(200) + 5
@@ -142,12 +159,17 @@ async def test_sighup_with_new_extra_args_restarts_workers_one_by_one_without_fa
             assert "reload: rolling restart of worker(s) [0, 1]" in log
             assert "rolling restart done" in log
             # one worker at a time: worker 1 drained only after worker 0 was back
-            assert log.index("restarting worker 0") < log.index("worker 0 is back") < log.index(
-                "draining worker 1")
+            assert (
+                log.index("restarting worker 0")
+                < log.index("worker 0 is back")
+                < log.index("draining worker 1")
+            )
             managed = await _managed(http, router.url)
             assert all(w["supervisor"]["restarts"] == 0 for w in managed.values())
-            assert all(w["supervisor"]["last_exit"].startswith("stopped for a rolling restart")
-                       for w in managed.values())
+            assert all(
+                w["supervisor"]["last_exit"].startswith("stopped for a rolling restart")
+                for w in managed.values()
+            )
 
             again = await http.post(f"{router.url}/admin/reload")
             assert again.status_code == 200
@@ -162,16 +184,20 @@ async def _slots(http: httpx.AsyncClient, router: str) -> list[dict[str, Any]]:
 
 
 async def test_a_worker_out_of_restarts_is_failed_and_the_rest_keep_serving(
-        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
     logs = tmp_path / "logs"
     config = _router_toml(2, max_restarts=1, log_dir=str(logs))
     with trio.fail_after(TEST_TIMEOUT_S):
-        async with router_process([], config=config, tmp_path=tmp_path,
-                                  env=_env(tmp_path)) as router:
+        async with router_process(
+            [], config=config, tmp_path=tmp_path, env=_env(tmp_path)
+        ) as router:
             managed = await _managed(http, router.url)
             slots = await _slots(http, router.url)
             assert [(s["index"], s["state"], s["registered"]) for s in slots] == [
-                (0, "ready", True), (1, "ready", True)]
+                (0, "ready", True),
+                (1, "ready", True),
+            ]
             assert [s["url"] for s in slots] == [managed[0]["url"], managed[1]["url"]]
             assert [s["pid"] for s in slots] == [managed[i]["supervisor"]["pid"] for i in (0, 1)]
             first = slots[0]["pid"]
@@ -194,41 +220,60 @@ async def test_a_worker_out_of_restarts_is_failed_and_the_rest_keep_serving(
             assert [w["supervisor"]["index"] for w in answer["workers"] if w["managed"]] == [1]
             gone, serving = answer["managed_workers"]
             assert gone == gone | {
-                "index": 0, "url": managed[0]["url"], "worker_id": managed[0]["worker_id"],
-                "state": "failed", "registered": False, "pid": None, "restarts": 1,
-                "last_exit": "killed by SIGKILL", "log_file": str(logs / "worker-0.log"),
-                "detail": "killed by SIGKILL; 1 restart(s) within 600s already"}
-            assert serving == serving | {"index": 1, "state": "ready", "registered": True,
-                                         "pid": managed[1]["supervisor"]["pid"], "restarts": 0}
-            assert any("worker 0: ready -> failed (killed by SIGKILL; 1 restart(s) within 600s "
-                       "already)" in line for line in router.output)
+                "index": 0,
+                "url": managed[0]["url"],
+                "worker_id": managed[0]["worker_id"],
+                "state": "failed",
+                "registered": False,
+                "pid": None,
+                "restarts": 1,
+                "last_exit": "killed by SIGKILL",
+                "log_file": str(logs / "worker-0.log"),
+                "detail": "killed by SIGKILL; 1 restart(s) within 600s already",
+            }
+            assert serving == serving | {
+                "index": 1,
+                "state": "ready",
+                "registered": True,
+                "pid": managed[1]["supervisor"]["pid"],
+                "restarts": 0,
+            }
+            assert any(
+                "worker 0: ready -> failed (killed by SIGKILL; 1 restart(s) within 600s "
+                "already)" in line
+                for line in router.output
+            )
             log_text = await trio.Path(gone["log_file"]).read_text()
             assert log_text.count("---- dsrouter ") == 2, "one header per run: start + restart"
             status = await trio.run_process(
                 [sys.executable, "-m", "dsrouter", "status", "--url", router.url],
-                capture_stdout=True)
+                capture_stdout=True,
+            )
             lines = status.stdout.decode().splitlines()
             at = lines.index("launched workers not serving:")
-            assert lines[at + 1:] == [
+            assert lines[at + 1 :] == [
                 f"  worker 0 ({managed[0]['url']}): failed, 1 restart(s), last exit: killed by "
                 f"SIGKILL, log {gone['log_file']}",
-                "    killed by SIGKILL; 1 restart(s) within 600s already"]
+                "    killed by SIGKILL; 1 restart(s) within 600s already",
+            ]
             health = (await http.get(f"{router.url}/health")).json()
             assert health["status"] == "healthy" and health["healthy_workers"] == 1
             for _ in range(3):
-                response = await http.post(f"{router.url}/v1/images/generations",
-                                           json={"prompt": "still serving", "size": "64x64"})
+                response = await http.post(
+                    f"{router.url}/v1/images/generations",
+                    json={"prompt": "still serving", "size": "64x64"},
+                )
                 assert response.status_code == 200
                 assert response.headers["x-dsrouter-worker"] == managed[1]["display_id"]
             survivor = serving["pid"]
         await wait_dead([first, second, survivor], timeout_s=2)
 
 
-async def test_router_sigterm_stops_every_worker(tmp_path: Path,
-                                                 http: httpx.AsyncClient) -> None:
+async def test_router_sigterm_stops_every_worker(tmp_path: Path, http: httpx.AsyncClient) -> None:
     with trio.fail_after(TEST_TIMEOUT_S):
-        async with router_process([], config=_router_toml(2), tmp_path=tmp_path,
-                                  env=_env(tmp_path)) as router:
+        async with router_process(
+            [], config=_router_toml(2), tmp_path=tmp_path, env=_env(tmp_path)
+        ) as router:
             pids = [w["supervisor"]["pid"] for w in (await _managed(http, router.url)).values()]
             assert len(pids) == 2 and all(map(alive, pids))
             assert await router.stop(signal.SIGTERM) == 0
@@ -239,27 +284,38 @@ async def test_router_sigterm_stops_every_worker(tmp_path: Path,
 
 
 async def test_router_sigkill_leaves_no_worker_and_the_next_start_cleans_up(
-        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
     """The parent-death signal kills the workers; their own children (here one grandchild
     per worker) are left to the next router, which finds them through the pid file."""
     config = _router_toml(2, command=FAKE_WORKER, extra_args=["--grandchild"])
     with trio.fail_after(TEST_TIMEOUT_S):
-        async with router_process([], config=config, tmp_path=tmp_path,
-                                  env=_env(tmp_path)) as router:
+        async with router_process(
+            [], config=config, tmp_path=tmp_path, env=_env(tmp_path)
+        ) as router:
             pids = [w["supervisor"]["pid"] for w in (await _managed(http, router.url)).values()]
-            grandchildren = [int(m) for line in router.output
-                             for m in re.findall(r"fakeworker grandchild pid (\d+)", line)]
+            grandchildren = [
+                int(m)
+                for line in router.output
+                for m in re.findall(r"fakeworker grandchild pid (\d+)", line)
+            ]
             assert len(pids) == 2 and len(grandchildren) == 2
             assert await router.stop(signal.SIGKILL) == -signal.SIGKILL
         try:
             await wait_dead(pids)
             assert all(map(alive, grandchildren))
             assert len(list((tmp_path / "run").glob("router-*.json"))) == 1
-            async with router_process([], config=_router_toml(1, command=FAKE_WORKER),
-                                      tmp_path=tmp_path, env=_env(tmp_path)) as router:
+            async with router_process(
+                [],
+                config=_router_toml(1, command=FAKE_WORKER),
+                tmp_path=tmp_path,
+                env=_env(tmp_path),
+            ) as router:
                 await wait_dead(grandchildren, timeout_s=2)
-                assert any("died without stopping its workers: killed 2 leftover process(es)"
-                           in line for line in router.output)
+                assert any(
+                    "died without stopping its workers: killed 2 leftover process(es)" in line
+                    for line in router.output
+                )
                 assert len(list((tmp_path / "run").glob("router-*.json"))) == 1
         finally:
             for pid in filter(alive, grandchildren):  # only if the test failed
@@ -271,20 +327,43 @@ async def test_seed_004_launcher_yaml_is_accepted(tmp_path: Path) -> None:
     yaml_path.write_text(SEED_004_YAML)
     with trio.fail_after(TEST_TIMEOUT_S):
         checked = await trio.run_process(
-            [sys.executable, "-m", "dsrouter", "check-config", "--launcher-config",
-             str(yaml_path)], capture_stdout=True)
+            [sys.executable, "-m", "dsrouter", "check-config", "--launcher-config", str(yaml_path)],
+            capture_stdout=True,
+        )
         launcher = json.loads(checked.stdout)["launcher"]
-        assert launcher == launcher | {"backend": "local", "model": "Qwen/Qwen-Image",
-                                       "num_workers": 8, "num_gpus_per_worker": 1,
-                                       "worker_base_port": 10090, "wait_timeout_s": 600.0}
+        assert launcher == launcher | {
+            "backend": "local",
+            "model": "Qwen/Qwen-Image",
+            "num_workers": 8,
+            "num_gpus_per_worker": 1,
+            "worker_base_port": 10090,
+            "wait_timeout_s": 600.0,
+        }
         # On this GPU-less machine the same file must fail before serving, with one message
         # naming every problem, and start nothing.
         ran = await trio.run_process(
-            [sys.executable, "-m", "dsrouter", "run", "--host", "127.0.0.1", "--port", "0",
-             "--launcher-config", str(yaml_path)],
-            capture_stdout=True, capture_stderr=True, check=False,
-            env={**os.environ, **_env(tmp_path), "CUDA_VISIBLE_DEVICES": "",
-                 "PATH": str(Path(sys.executable).parent)})
+            [
+                sys.executable,
+                "-m",
+                "dsrouter",
+                "run",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--launcher-config",
+                str(yaml_path),
+            ],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env={
+                **os.environ,
+                **_env(tmp_path),
+                "CUDA_VISIBLE_DEVICES": "",
+                "PATH": str(Path(sys.executable).parent),
+            },
+        )
     assert ran.returncode != 0
     errors = ran.stderr.decode()
     assert "'sglang' not found on PATH" in errors
@@ -293,40 +372,51 @@ async def test_seed_004_launcher_yaml_is_accepted(tmp_path: Path) -> None:
 
 
 async def test_seed_004_yaml_launches_its_pool_given_gpus_and_a_worker_command(
-        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
     """The YAML as published, with router.toml supplying the simulated worker command and
     CUDA_VISIBLE_DEVICES pretending there are 8 GPUs: 8 workers, one GPU each."""
     yaml_path = tmp_path / "local_launcher.yaml"
     base = free_port_block(32)
     yaml_path.write_text(SEED_004_YAML.replace("10090", str(base)))
-    config = (f"[launcher]\ncommand = {json.dumps(FAKE_WORKER)}\n"
-              f"master_port_base = {base + 16}\nscheduler_port_base = {base + 24}\n")
+    config = (
+        f"[launcher]\ncommand = {json.dumps(FAKE_WORKER)}\n"
+        f"master_port_base = {base + 16}\nscheduler_port_base = {base + 24}\n"
+    )
     with trio.fail_after(TEST_TIMEOUT_S):
-        async with router_process(["--launcher-config", str(yaml_path)], config=config,
-                                  tmp_path=tmp_path,
-                                  env=_env(tmp_path, CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7"),
-                                  ) as router:
+        async with router_process(
+            ["--launcher-config", str(yaml_path)],
+            config=config,
+            tmp_path=tmp_path,
+            env=_env(tmp_path, CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7"),
+        ) as router:
             managed = await _managed(http, router.url)
             assert sorted(managed) == list(range(8))
             assert [managed[i]["supervisor"]["gpus"] for i in range(8)] == [
-                [str(i)] for i in range(8)]
+                [str(i)] for i in range(8)
+            ]
             assert managed[7]["url"] == f"http://127.0.0.1:{base + 14}"
             pids = [w["supervisor"]["pid"] for w in managed.values()]
         await wait_dead(pids, timeout_s=2)
 
 
 async def test_demo_runs_simulated_workers_through_the_launcher(
-        tmp_path: Path, http: httpx.AsyncClient) -> None:
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
     base = free_port_block(8)
-    config = (f"[launcher]\nworker_base_port = {base}\nmaster_port_base = {base + 4}\n"
-              f"scheduler_port_base = {base + 6}\n")
+    config = (
+        f"[launcher]\nworker_base_port = {base}\nmaster_port_base = {base + 4}\n"
+        f"scheduler_port_base = {base + 6}\n"
+    )
     with trio.fail_after(TEST_TIMEOUT_S):
-        async with router_process(["--demo", "--demo-workers", "2"], config=config,
-                                  tmp_path=tmp_path, env=_env(tmp_path)) as router:
+        async with router_process(
+            ["--demo", "--demo-workers", "2"], config=config, tmp_path=tmp_path, env=_env(tmp_path)
+        ) as router:
             managed = await _managed(http, router.url)
             assert sorted(managed) == [0, 1]
-            response = await http.post(f"{router.url}/v1/images/generations",
-                                       json={"prompt": "demo", "size": "64x64"})
+            response = await http.post(
+                f"{router.url}/v1/images/generations", json={"prompt": "demo", "size": "64x64"}
+            )
             assert response.status_code == 200
             pids = [w["supervisor"]["pid"] for w in managed.values()]
         await wait_dead(pids, timeout_s=2)

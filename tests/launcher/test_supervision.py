@@ -40,8 +40,13 @@ def _private_runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def _config(num_workers: int = 2, **changes: object) -> LauncherConfig:
-    fast = {"model": "fake/model", "wait_timeout_s": 10.0, "backoff_initial_s": 0.05,
-            "backoff_max_s": 0.2, **changes}
+    fast = {
+        "model": "fake/model",
+        "wait_timeout_s": 10.0,
+        "backoff_initial_s": 0.05,
+        "backoff_max_s": 0.2,
+        **changes,
+    }
     settings = launcher_settings(num_workers, fast.pop("command", FAKE_WORKER), **fast)
     return LauncherConfig(**settings)  # type: ignore[arg-type]
 
@@ -59,8 +64,9 @@ async def _no_catch_up(url: str) -> None:
 
 
 @asynccontextmanager
-async def _pool(cfg: LauncherConfig, registry: Registry,
-                on_restart: Callable[[], None] = lambda: None) -> AsyncIterator[Pool]:
+async def _pool(
+    cfg: LauncherConfig, registry: Registry, on_restart: Callable[[], None] = lambda: None
+) -> AsyncIterator[Pool]:
     """Run the pool (and the registry task, with nothing to probe or catch up); on exit
     cancel it and check every worker process is gone."""
     async with trio.open_nursery() as nursery:
@@ -74,8 +80,10 @@ async def _pool(cfg: LauncherConfig, registry: Registry,
 
 
 def _managed(registry: Registry, index: int) -> Worker | None:
-    return next((w for w in registry.workers()
-                 if w.managed is not None and w.managed["index"] == index), None)
+    return next(
+        (w for w in registry.workers() if w.managed is not None and w.managed["index"] == index),
+        None,
+    )
 
 
 async def _until(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
@@ -93,13 +101,18 @@ async def test_workers_are_registered_healthy_with_their_supervisor_info() -> No
             workers = sorted(registry.workers(), key=lambda w: w.url)
             assert [w.url for w in workers] == [
                 f"http://127.0.0.1:{cfg.worker_base_port}",
-                f"http://127.0.0.1:{cfg.worker_base_port + 2}"]
+                f"http://127.0.0.1:{cfg.worker_base_port + 2}",
+            ]
             assert all(w.routable and w.source == "launcher" for w in workers)
             info = workers[0].to_json()
             assert info["managed"] is True
             supervisor = info["supervisor"]
-            assert supervisor == supervisor | {"index": 0, "restarts": 0, "state": "ready",
-                                               "log_file": None}
+            assert supervisor == supervisor | {
+                "index": 0,
+                "restarts": 0,
+                "state": "ready",
+                "log_file": None,
+            }
             assert pids_running(f"--port {cfg.worker_base_port} ") == [supervisor["pid"]]
     assert registry.workers() == []
 
@@ -144,13 +157,16 @@ async def test_a_worker_reporting_itself_failed_is_restarted(http: httpx.AsyncCl
             await _until(lambda: bool(registry.workers()) and registry.workers()[0] is not old)
             info = registry.workers()[0].managed
             assert info is not None and info["restarts"] == 1
-            assert info["last_exit"] == ("reported itself failed: Scheduler worker exited; "
-                                         "restart the server. (killed by SIGTERM)")
+            assert info["last_exit"] == (
+                "reported itself failed: Scheduler worker exited; "
+                "restart the server. (killed by SIGTERM)"
+            )
             await wait_dead([old.managed["pid"]])  # type: ignore[index]
 
 
 async def test_a_dead_but_not_failed_worker_is_left_to_the_health_checker(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     registry = _registry()
     cfg = _config(num_workers=1, extra_args=["--log-requests"])
     caplog.set_level(logging.INFO, logger="dsrouter.worker.0")
@@ -172,7 +188,8 @@ async def test_a_dead_but_not_failed_worker_is_left_to_the_health_checker(
 
 
 async def test_exhausted_restarts_leave_the_worker_failed_and_the_rest_serving(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     registry = _registry()
     cfg = _config(max_restarts=1)
     caplog.set_level(logging.INFO, logger="dsrouter.launcher")
@@ -190,21 +207,31 @@ async def test_exhausted_restarts_leave_the_worker_failed_and_the_rest_serving(
             assert second is not None
             os.kill(second.managed["pid"], signal.SIGKILL)  # type: ignore[index]
             await _until(lambda: bool(failures()))
-            assert failures() == ["worker 0: ready -> failed (killed by SIGKILL; 1 restart(s) "
-                                  "within 600s already)"]
+            assert failures() == [
+                "worker 0: ready -> failed (killed by SIGKILL; 1 restart(s) within 600s already)"
+            ]
             assert _managed(registry, 0) is None
             survivor = _managed(registry, 1)
             assert survivor is not None and survivor.routable
             # Out of the registry, the failed worker is still one of the pool's slots.
             failed, serving = pool.managed_workers()
             assert failed == failed | {
-                "index": 0, "url": first.url, "worker_id": first.worker_id, "state": "failed",
-                "pid": None, "restarts": 1, "last_exit": "killed by SIGKILL",
+                "index": 0,
+                "url": first.url,
+                "worker_id": first.worker_id,
+                "state": "failed",
+                "pid": None,
+                "restarts": 1,
+                "last_exit": "killed by SIGKILL",
                 "detail": "killed by SIGKILL; 1 restart(s) within 600s already",
-                "registered": False}
-            assert serving == survivor.managed | {"url": survivor.url, "registered": True,
-                                                  "worker_id": survivor.worker_id,
-                                                  "detail": serving["detail"]}
+                "registered": False,
+            }
+            assert serving == survivor.managed | {
+                "url": survivor.url,
+                "registered": True,
+                "worker_id": survivor.worker_id,
+                "detail": serving["detail"],
+            }
             assert serving["state"] == "ready" and serving["pid"] is not None
             await wait_dead([first.managed["pid"], second.managed["pid"]])  # type: ignore[index]
 
@@ -221,9 +248,13 @@ async def test_a_worker_waiting_to_restart_is_a_backoff_slot_without_a_process()
             await _until(lambda: pool.managed_workers()[0]["state"] == "backoff")
             waiting, serving = pool.managed_workers()
             assert waiting == waiting | {
-                "state": "backoff", "pid": None, "restarts": 1, "registered": False,
+                "state": "backoff",
+                "pid": None,
+                "restarts": 1,
+                "registered": False,
                 "last_exit": "killed by SIGKILL",
-                "detail": "killed by SIGKILL; restart 1 in 60 s"}
+                "detail": "killed by SIGKILL; restart 1 in 60 s",
+            }
             assert _managed(registry, 0) is None
             assert serving["state"] == "ready" and serving["registered"] is True
             assert _managed(registry, 1) is not None
@@ -232,13 +263,16 @@ async def test_a_worker_waiting_to_restart_is_a_backoff_slot_without_a_process()
 async def test_an_exit_during_the_first_start_fails_the_launch_with_its_last_lines() -> None:
     registry = _registry()
     cfg = _config(extra_args=["--load-s", "30"])
-    cfg = attrs.evolve(cfg, extra_args=[*cfg.extra_args,
-                                        "--fail-on-port", str(cfg.worker_base_port + 2)])
+    cfg = attrs.evolve(
+        cfg, extra_args=[*cfg.extra_args, "--fail-on-port", str(cfg.worker_base_port + 2)]
+    )
     with trio.fail_after(TEST_TIMEOUT_S), pytest.raises(LaunchError) as caught:
         await run_pool(cfg, registry)
     message = str(caught.value)
-    assert message.startswith(f"worker 1 (http://127.0.0.1:{cfg.worker_base_port + 2}) exited "
-                              "during start-up (exit status 4); last lines of its output")
+    assert message.startswith(
+        f"worker 1 (http://127.0.0.1:{cfg.worker_base_port + 2}) exited "
+        "during start-up (exit status 4); last lines of its output"
+    )
     assert "fakeworker: cannot load the model (simulated)" in message
     # worker 0 was still loading: it must not be left behind
     assert pids_running(f"--port {cfg.worker_base_port} ") == []
@@ -250,8 +284,10 @@ async def test_a_worker_not_ready_within_wait_timeout_fails_the_launch_and_is_ki
     cfg = _config(num_workers=1, wait_timeout_s=0.5, extra_args=["--load-s", "30"])
     with trio.fail_after(TEST_TIMEOUT_S), pytest.raises(LaunchError) as caught:
         await run_pool(cfg, registry)
-    assert (f"was not ready within wait_timeout_s = 0.5 s (last: waiting for port "
-            f"{cfg.worker_base_port})") in str(caught.value)
+    assert (
+        f"was not ready within wait_timeout_s = 0.5 s (last: waiting for port "
+        f"{cfg.worker_base_port})"
+    ) in str(caught.value)
     assert pids_running(f"--port {cfg.worker_base_port} ") == []
 
 
@@ -288,27 +324,33 @@ async def test_log_dir_gets_one_file_per_worker(tmp_path: Path) -> None:
 
 
 async def test_a_worker_that_ignores_sigterm_is_killed_after_stop_timeout(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     registry = _registry()
     cfg = _config(num_workers=1, stop_timeout_s=0.3, extra_args=["--ignore-sigterm"])
     with trio.fail_after(TEST_TIMEOUT_S):
         async with _pool(cfg, registry):
             pid = registry.workers()[0].managed["pid"]  # type: ignore[index]
     await wait_dead([pid], timeout_s=1)
-    assert any(f"pid {pid} did not stop within 0.3s of SIGTERM: SIGKILL" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        f"pid {pid} did not stop within 0.3s of SIGTERM: SIGKILL" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 async def test_what_a_dead_worker_left_in_its_process_group_is_killed_with_it(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     registry = _registry()
     cfg = _config(num_workers=1, extra_args=["--grandchild"])
     caplog.set_level(logging.INFO, logger="dsrouter.worker.0")
     with trio.fail_after(TEST_TIMEOUT_S):
         async with _pool(cfg, registry):
+
             def announced() -> list[str]:
-                return [r.getMessage() for r in caplog.records
-                        if "grandchild pid" in r.getMessage()]
+                return [
+                    r.getMessage() for r in caplog.records if "grandchild pid" in r.getMessage()
+                ]
 
             await _until(lambda: bool(announced()))
             grandchild = int(re.findall(r"\d+", announced()[0])[-1])
@@ -333,7 +375,8 @@ def test_every_launcher_key_is_applied_in_place_by_rolling_restart_or_after_a_re
 
 
 async def test_a_rolling_restart_replaces_one_worker_at_a_time_and_keeps_one_routable(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     registry = _registry()
     cfg = _config()
     caplog.set_level(logging.INFO, logger="dsrouter.launcher")
@@ -348,8 +391,9 @@ async def test_a_rolling_restart_replaces_one_worker_at_a_time_and_keeps_one_rou
                     await registry.changed.wait()
 
             nursery.start_soon(watch)
-            change = await pool.reconfigure(attrs.evolve(cfg, extra_args=["--log-requests"],
-                                                         stop_timeout_s=1.0))
+            change = await pool.reconfigure(
+                attrs.evolve(cfg, extra_args=["--log-requests"], stop_timeout_s=1.0)
+            )
             assert change.in_place == ("launcher.stop_timeout_s",)
             assert change.restart_only == ()
             assert pool.apply(change, drain_timeout_s=1.0) == [0, 1]
@@ -357,11 +401,13 @@ async def test_a_rolling_restart_replaces_one_worker_at_a_time_and_keeps_one_rou
             def rolled() -> bool:
                 pids = [_pid(registry, i) for i in (0, 1)]
                 return all(pid is not None and pid not in old.values() for pid in pids) and all(
-                    w.routable for w in registry.workers())
+                    w.routable for w in registry.workers()
+                )
 
             await _until(rolled)
-            await _until(lambda: any("rolling restart done" in r.getMessage()
-                                     for r in caplog.records))
+            await _until(
+                lambda: any("rolling restart done" in r.getMessage() for r in caplog.records)
+            )
             nursery.cancel_scope.cancel()
             assert min(routable) == 1, routable
             for index in (0, 1):
@@ -370,21 +416,24 @@ async def test_a_rolling_restart_replaces_one_worker_at_a_time_and_keeps_one_rou
                 assert "--log-requests" in _cmdline(worker.managed["pid"])
                 assert worker.managed["restarts"] == 0
             # applied and idempotent: the same settings again restart nothing
-            again = await pool.reconfigure(attrs.evolve(cfg, extra_args=["--log-requests"],
-                                                        stop_timeout_s=1.0))
+            again = await pool.reconfigure(
+                attrs.evolve(cfg, extra_args=["--log-requests"], stop_timeout_s=1.0)
+            )
             assert again.in_place == () and pool.apply(again, drain_timeout_s=1.0) == []
             await wait_dead(old.values())  # type: ignore[arg-type]
 
 
 async def test_a_roll_whose_new_settings_do_not_start_reverts_that_worker_and_stops(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     registry = _registry()
     cfg = _config()
     caplog.set_level(logging.INFO, logger="dsrouter.launcher")
 
     def stopped() -> list[str]:
-        return [r.getMessage() for r in caplog.records
-                if "rolling restart stopped" in r.getMessage()]
+        return [
+            r.getMessage() for r in caplog.records if "rolling restart stopped" in r.getMessage()
+        ]
 
     with trio.fail_after(TEST_TIMEOUT_S):
         async with _pool(cfg, registry) as pool:
@@ -395,7 +444,8 @@ async def test_a_roll_whose_new_settings_do_not_start_reverts_that_worker_and_st
             assert stopped()[0].startswith(
                 "rolling restart stopped at worker 0: it did not come up with the new settings "
                 "(exited during start-up (exit status 3)). Worker(s) [0, 1] keep their "
-                "previous settings")
+                "previous settings"
+            )
             await _until(lambda: _pid(registry, 0) not in (None, first))
             back = _managed(registry, 0)
             assert back is not None and back.routable
@@ -410,24 +460,35 @@ async def test_resizes_port_moves_and_gpu_swaps_wait_for_a_restart() -> None:
     with trio.fail_after(TEST_TIMEOUT_S):
         async with _pool(cfg, registry) as pool:
             plans = pool.plans
-            resized = await pool.reconfigure(attrs.evolve(
-                cfg, num_workers=3, worker_base_port=cfg.worker_base_port + 100,
-                gpu_ids=[["1"], ["0"], ["2"]], max_restarts=9))
-            assert resized.restart_only == ("launcher.num_workers", "launcher.worker_base_port",
-                                            "launcher.gpu_ids")
+            resized = await pool.reconfigure(
+                attrs.evolve(
+                    cfg,
+                    num_workers=3,
+                    worker_base_port=cfg.worker_base_port + 100,
+                    gpu_ids=[["1"], ["0"], ["2"]],
+                    max_restarts=9,
+                )
+            )
+            assert resized.restart_only == (
+                "launcher.num_workers",
+                "launcher.worker_base_port",
+                "launcher.gpu_ids",
+            )
             assert resized.in_place == ("launcher.max_restarts",)
             assert resized.plans == plans
             assert pool.apply(resized, drain_timeout_s=1.0) == []
             assert pool.cfg.max_restarts == 9 and pool.cfg.gpu_ids == [["0"], ["1"]]
             # GPUs nobody holds now may be added to a worker: that rolls
-            wider = await pool.reconfigure(attrs.evolve(
-                cfg, num_gpus_per_worker=2, gpu_ids=[["0", "2"], ["1", "3"]]))
+            wider = await pool.reconfigure(
+                attrs.evolve(cfg, num_gpus_per_worker=2, gpu_ids=[["0", "2"], ["1", "3"]])
+            )
             assert wider.restart_only == ()
             assert [plan.gpus for plan in wider.plans] == [("0", "2"), ("1", "3")]
 
 
 async def test_a_reload_during_a_roll_retargets_it_and_the_newest_settings_win(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     registry = _registry()
     cfg = _config()
     caplog.set_level(logging.INFO, logger="dsrouter.launcher")

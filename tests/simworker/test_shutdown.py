@@ -47,9 +47,12 @@ async def test_sigterm_lets_the_request_in_flight_finish_then_exits() -> None:
             answered_at: list[float] = []
 
             async def generate() -> None:
-                answers.append(await http.post(
-                    f"{worker.url}/v1/images/generations",
-                    json={**PROMPT, "size": "100x100", "num_inference_steps": 2}))
+                answers.append(
+                    await http.post(
+                        f"{worker.url}/v1/images/generations",
+                        json={**PROMPT, "size": "100x100", "num_inference_steps": 2},
+                    )
+                )
                 answered_at.append(trio.current_time())
                 answered.set()
 

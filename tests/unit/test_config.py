@@ -22,7 +22,9 @@ def test_example_config_loads_and_matches_defaults() -> None:
 
 
 def test_every_problem_is_one_line_naming_file_and_key(tmp_path: Path) -> None:
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 [health]
 interval_s = "ten"
 failure_treshold = 3
@@ -32,7 +34,8 @@ algorithm = "fastest"
 port = 70000
 [[workers]]
 url = "http://169.254.169.254"
-""")
+""",
+    )
     with pytest.raises(ConfigError) as info:
         load_config(path)
     problems = info.value.problems
@@ -81,7 +84,9 @@ def test_invalid_toml_and_missing_file_name_the_file(tmp_path: Path) -> None:
 
 
 def test_seed_launcher_yaml_is_accepted(tmp_path: Path) -> None:
-    yaml_path = write(tmp_path, """
+    yaml_path = write(
+        tmp_path,
+        """
 launcher:
   backend: local
   model: Qwen/Qwen-Image
@@ -91,11 +96,16 @@ launcher:
   wait_timeout: 600
   worker_gpu_ids: ["0", "1,2", 3]
   worker_extra_args: "--dit-precision bf16 --warmup-mode off"
-""", "launcher.yaml")
+""",
+        "launcher.yaml",
+    )
     config = load_config(None, Overrides(launcher_config=yaml_path))
     launcher = config.launcher
     assert (launcher.model, launcher.num_workers, launcher.wait_timeout_s) == (
-        "Qwen/Qwen-Image", 8, 600.0)
+        "Qwen/Qwen-Image",
+        8,
+        600.0,
+    )
     assert launcher.gpu_ids == [["0"], ["1", "2"], ["3"]]
     assert launcher.extra_args == ["--dit-precision", "bf16", "--warmup-mode", "off"]
 
@@ -111,7 +121,8 @@ def test_yaml_errors_name_the_yaml_file(tmp_path: Path) -> None:
 
 
 def test_check_config_exits_2_with_one_line_per_problem(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = write(tmp_path, "[health]\ninterval_s = 0\n[logging]\nlevel = 'loud'\n")
     assert main(["check-config", "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -120,7 +131,8 @@ def test_check_config_exits_2_with_one_line_per_problem(
 
 
 def test_check_config_prints_the_effective_config(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = write(tmp_path, "[health]\ninterval_s = 2.5\n")
     assert main(["check-config", "--config", str(path), "--port", "9999"]) == 0
     out = capsys.readouterr().out
@@ -138,8 +150,11 @@ def test_example_documents_every_key() -> None:
             assert "[[workers]]" in text
             continue
         assert f"[{section.name}]" in text
-        for field in attrs.fields(section.type if isinstance(section.type, type) else
-                                  type(getattr(Config(), section.name))):
+        for field in attrs.fields(
+            section.type
+            if isinstance(section.type, type)
+            else type(getattr(Config(), section.name))
+        ):
             assert f"\n{field.name} = " in text, f"{section.name}.{field.name} undocumented"
 
 
@@ -153,18 +168,25 @@ def problems_of(tmp_path: Path, text: str) -> list[str]:
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
-        ('[security]\napi_keys = "abc"',
-         "security.api_keys: expected a list of strings, got 'abc'"),
-        ('[security]\nallowed_worker_networks = "10.0.0.0/8"',
-         "security.allowed_worker_networks: expected a list of CIDRs or host names"),
-        ('[launcher]\ncommand = "sglang serve"',
-         "launcher.command: expected a list of strings, got 'sglang serve'"),
+        (
+            '[security]\napi_keys = "abc"',
+            "security.api_keys: expected a list of strings, got 'abc'",
+        ),
+        (
+            '[security]\nallowed_worker_networks = "10.0.0.0/8"',
+            "security.allowed_worker_networks: expected a list of CIDRs or host names",
+        ),
+        (
+            '[launcher]\ncommand = "sglang serve"',
+            "launcher.command: expected a list of strings, got 'sglang serve'",
+        ),
         ('[launcher]\ngpu_ids = "01"', "launcher.gpu_ids: expected a list of GPU id lists"),
         ('workers = "http://127.0.0.1:1"', "workers: expected a list of tables"),
     ],
 )
 def test_a_string_where_a_list_is_expected_is_an_error(
-        tmp_path: Path, text: str, problem: str) -> None:
+    tmp_path: Path, text: str, problem: str
+) -> None:
     problems = problems_of(tmp_path, text)
     assert len(problems) == 1
     assert problems[0].startswith(f"{tmp_path / 'router.toml'}: {problem}")
@@ -181,58 +203,66 @@ def test_a_string_where_a_list_is_expected_is_an_error(
     ],
 )
 def test_a_value_of_the_wrong_shape_says_what_was_expected(
-        tmp_path: Path, text: str, problem: str) -> None:
+    tmp_path: Path, text: str, problem: str
+) -> None:
     assert problems_of(tmp_path, text) == [f"{tmp_path / 'router.toml'}: {problem}"]
 
 
 def test_extra_args_as_a_shell_string_is_split_in_toml_as_in_yaml(tmp_path: Path) -> None:
     path = write(tmp_path, "[launcher]\nextra_args = \"x  y --name 'a b'\"\n")
     assert load_config(path).launcher.extra_args == ["x", "y", "--name", "a b"]
-    path = write(tmp_path, "[launcher]\nextra_args = [\"x y\"]\n")
+    path = write(tmp_path, '[launcher]\nextra_args = ["x y"]\n')
     assert load_config(path).launcher.extra_args == ["x y"]
-    yaml_path = write(tmp_path, "launcher:\n  worker_extra_args: \"x  y\"\n", "l.yaml")
-    assert load_config(None, Overrides(launcher_config=yaml_path)).launcher.extra_args == [
-        "x", "y"]
+    yaml_path = write(tmp_path, 'launcher:\n  worker_extra_args: "x  y"\n', "l.yaml")
+    assert load_config(None, Overrides(launcher_config=yaml_path)).launcher.extra_args == ["x", "y"]
     assert problems_of(tmp_path, "[launcher]\nextra_args = 'x \"y'") == [
         f"{tmp_path / 'router.toml'}: launcher.extra_args: expected a shell string "
-        "(No closing quotation), got 'x \"y'"]
+        "(No closing quotation), got 'x \"y'"
+    ]
 
 
-def test_gpu_ids_take_the_yaml_forms_and_reject_empty_or_malformed_groups(
-        tmp_path: Path) -> None:
+def test_gpu_ids_take_the_yaml_forms_and_reject_empty_or_malformed_groups(tmp_path: Path) -> None:
     path = write(tmp_path, '[launcher]\ngpu_ids = [["0"], "1, 2", 3, ["GPU-8932f937"], [4]]\n')
-    assert load_config(path).launcher.gpu_ids == [
-        ["0"], ["1", "2"], ["3"], ["GPU-8932f937"], ["4"]]
+    assert load_config(path).launcher.gpu_ids == [["0"], ["1", "2"], ["3"], ["GPU-8932f937"], ["4"]]
     problems = problems_of(tmp_path, '[launcher]\ngpu_ids = ["10", "", [], ["0,1"], -1, true]')
     assert [p.split(": ")[1] for p in problems] == [
-        "launcher.gpu_ids[1]", "launcher.gpu_ids[2]", "launcher.gpu_ids[3]",
-        "launcher.gpu_ids[4]", "launcher.gpu_ids[5]"]
+        "launcher.gpu_ids[1]",
+        "launcher.gpu_ids[2]",
+        "launcher.gpu_ids[3]",
+        "launcher.gpu_ids[4]",
+        "launcher.gpu_ids[5]",
+    ]
     assert all("expected the GPU ids of one worker" in p for p in problems)
 
 
 def test_port_stride_below_two_and_an_empty_command_are_rejected(tmp_path: Path) -> None:
     source = tmp_path / "router.toml"
-    assert sorted(problems_of(tmp_path, '[launcher]\nport_stride = 1\ncommand = []\n')) == [
+    assert sorted(problems_of(tmp_path, "[launcher]\nport_stride = 1\ncommand = []\n")) == [
         f"{source}: launcher.command: expected a non-empty list of strings (the program, then "
         "its arguments), got []",
         f"{source}: launcher.port_stride: expected an integer >= 2, got 1",
     ]
     assert problems_of(tmp_path, '[launcher]\ncommand = ["", "serve"]\n')[0].startswith(
-        f"{source}: launcher.command: expected a non-empty list")
+        f"{source}: launcher.command: expected a non-empty list"
+    )
     path = write(tmp_path, '[launcher]\nport_stride = 3\ncommand = ["python", "-m", "w"]\n')
     launcher = load_config(path).launcher
     assert (launcher.port_stride, launcher.command) == (3, ["python", "-m", "w"])
 
 
-def test_allowed_worker_networks_take_cidrs_and_names_but_not_broken_cidrs(
-        tmp_path: Path) -> None:
-    path = write(tmp_path, '[security]\nallowed_worker_networks = '
-                           '["10.0.0.0/8", "fd00::/8", "::1", "gpu-3.cluster.local"]\n')
+def test_allowed_worker_networks_take_cidrs_and_names_but_not_broken_cidrs(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[security]\nallowed_worker_networks = "
+        '["10.0.0.0/8", "fd00::/8", "::1", "gpu-3.cluster.local"]\n',
+    )
     assert len(load_config(path).security.allowed_worker_networks) == 4
     problems = problems_of(
-        tmp_path, '[security]\nallowed_worker_networks = ["10.0.0.0/33", "a b", ""]\n')
+        tmp_path, '[security]\nallowed_worker_networks = ["10.0.0.0/33", "a b", ""]\n'
+    )
     assert [p.split(": ")[1] for p in problems] == [
-        f"security.allowed_worker_networks[{i}]" for i in range(3)]
+        f"security.allowed_worker_networks[{i}]" for i in range(3)
+    ]
     assert all("expected a CIDR like '10.0.0.0/8' or a host name" in p for p in problems)
 
 
@@ -244,8 +274,10 @@ def test_model_overrides_are_checked_and_reach_the_cost_model(tmp_path: Path) ->
         f"{source}: cost.models['m'].foo: unknown key",
         f"{source}: cost.models['m'].steps: expected an integer > 0, got -1",
     ]
-    path = write(tmp_path, '[cost]\ndefault_steps = 20\n'
-                           'models = { "org/m" = { steps = 50, width = 2000 } }\n')
+    path = write(
+        tmp_path,
+        '[cost]\ndefault_steps = 20\nmodels = { "org/m" = { steps = 50, width = 2000 } }\n',
+    )
     model = CostModel(load_config(path).cost)
     tuned = model.estimate("/v1/images/generations", b'{"model": "org/m"}', "application/json")
     assert tuned == pytest.approx(2000 * 1024 / 1e6 * 50)
@@ -254,10 +286,13 @@ def test_model_overrides_are_checked_and_reach_the_cost_model(tmp_path: Path) ->
 
 
 def test_check_config_masks_secrets_but_shows_where_they_come_from(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import json
 
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 [[workers]]
 url = "http://127.0.0.1:35001"
 api_key = "worker-one-secret"
@@ -271,14 +306,18 @@ admin_token_env = "DSROUTER_ADMIN_TOKEN"
 api_keys = ["key-secret-1", "key-secret-2"]
 api_keys_file = "/etc/dsrouter/keys"
 worker_api_key = "pool-secret"
-""")
+""",
+    )
     assert main(["check-config", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert "secret" not in out
     printed = json.loads(out)
     security = printed["security"]
     assert (security["admin_token"], security["api_keys"], security["worker_api_key"]) == (
-        "***", ["***", "***"], "***")
+        "***",
+        ["***", "***"],
+        "***",
+    )
     assert security["admin_token_env"] == "DSROUTER_ADMIN_TOKEN"
     assert security["api_keys_file"] == "/etc/dsrouter/keys"
     assert security["admin_token_file"] == ""

@@ -21,16 +21,20 @@ def _warned(caplog: pytest.LogCaptureFixture, host: str, token: str = "") -> boo
     return any("NO admin token" in record.getMessage() for record in caplog.records)
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "127.255.0.9", "::1",
-                                  "::ffff:127.0.0.1", "localhost", "LOCALHOST"])
+@pytest.mark.parametrize(
+    "host",
+    ["127.0.0.1", "127.0.0.2", "127.255.0.9", "::1", "::ffff:127.0.0.1", "localhost", "LOCALHOST"],
+)
 def test_loopback_hosts_do_not_warn(caplog: pytest.LogCaptureFixture, host: str) -> None:
     assert not _warned(caplog, host)
 
 
-@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.0.0.5", "192.168.1.2", "fe80::1",
-                                  "router.internal", "128.0.0.1"])
-def test_other_hosts_warn_without_an_admin_token(caplog: pytest.LogCaptureFixture,
-                                                 host: str) -> None:
+@pytest.mark.parametrize(
+    "host", ["0.0.0.0", "::", "10.0.0.5", "192.168.1.2", "fe80::1", "router.internal", "128.0.0.1"]
+)
+def test_other_hosts_warn_without_an_admin_token(
+    caplog: pytest.LogCaptureFixture, host: str
+) -> None:
     assert _warned(caplog, host)
 
 

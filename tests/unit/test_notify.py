@@ -43,13 +43,16 @@ def test_messages_reach_an_abstract_socket(listener: tuple[str, socket.socket]) 
     notifier.status("1/2 workers healthy, 3 queued")
     notifier.stopping()
     notifier.status("0/2 workers healthy, 0 queued")
-    assert _drain(sock) == [b"READY=1\nSTATUS=2/2 workers healthy, 0 queued",
-                            b"STATUS=1/2 workers healthy, 3 queued",
-                            b"STOPPING=1\nSTATUS=draining in-flight requests"]
+    assert _drain(sock) == [
+        b"READY=1\nSTATUS=2/2 workers healthy, 0 queued",
+        b"STATUS=1/2 workers healthy, 3 queued",
+        b"STOPPING=1\nSTATUS=draining in-flight requests",
+    ]
 
 
 def test_reload_is_bracketed_by_reloading_and_ready_even_when_it_fails(
-        listener: tuple[str, socket.socket]) -> None:
+    listener: tuple[str, socket.socket],
+) -> None:
     name, sock = listener
     notifier = Notifier({"NOTIFY_SOCKET": name})
     notifier.ready("1/1 workers healthy, 0 queued")
@@ -63,7 +66,8 @@ def test_reload_is_bracketed_by_reloading_and_ready_even_when_it_fails(
 
 
 def test_a_reload_before_start_up_finished_does_not_announce_readiness(
-        listener: tuple[str, socket.socket]) -> None:
+    listener: tuple[str, socket.socket],
+) -> None:
     name, sock = listener
     notifier = Notifier({"NOTIFY_SOCKET": name})
     with notifier.reloading(lambda: "0/0 workers healthy, 0 queued"):
@@ -72,7 +76,8 @@ def test_a_reload_before_start_up_finished_does_not_announce_readiness(
 
 
 def test_a_reload_while_draining_does_not_announce_readiness_again(
-        listener: tuple[str, socket.socket]) -> None:
+    listener: tuple[str, socket.socket],
+) -> None:
     name, sock = listener
     notifier = Notifier({"NOTIFY_SOCKET": name})
     notifier.ready("1/1 workers healthy, 0 queued")
@@ -87,10 +92,18 @@ def test_without_notify_socket_nothing_is_sent_and_the_watchdog_is_off() -> None
     notifier = Notifier({"WATCHDOG_USEC": "1000000"})
     assert not notifier.enabled
     notifier.ready("x")
-    assert Notifier({"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "1000000",
-                     "WATCHDOG_PID": "1"}).watchdog_s is None
-    assert Notifier({"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "1000000",
-                     "WATCHDOG_PID": str(os.getpid())}).watchdog_s == 1.0
+    assert (
+        Notifier(
+            {"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"}
+        ).watchdog_s
+        is None
+    )
+    assert (
+        Notifier(
+            {"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": str(os.getpid())}
+        ).watchdog_s
+        == 1.0
+    )
     assert Notifier({"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "1000000"}).watchdog_s == 1.0
     assert Notifier({"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "soon"}).watchdog_s is None
 
@@ -104,12 +117,14 @@ def test_an_unreachable_socket_is_logged_not_raised(caplog: pytest.LogCaptureFix
 
 
 def test_a_full_socket_queue_drops_messages_instead_of_blocking(
-        listener: tuple[str, socket.socket], caplog: pytest.LogCaptureFixture) -> None:
+    listener: tuple[str, socket.socket], caplog: pytest.LogCaptureFixture
+) -> None:
     """A blocked send would stall the event loop, and with it the watchdog pings."""
     name, sock = listener
     notifier = Notifier({"NOTIFY_SOCKET": name})
-    sender = threading.Thread(target=lambda: [notifier.send("WATCHDOG=1") for _ in range(500)],
-                              daemon=True)
+    sender = threading.Thread(
+        target=lambda: [notifier.send("WATCHDOG=1") for _ in range(500)], daemon=True
+    )
     sender.start()
     sender.join(timeout=10)
     assert not sender.is_alive()
@@ -118,7 +133,8 @@ def test_a_full_socket_queue_drops_messages_instead_of_blocking(
 
 
 async def test_watchdog_pings_at_half_the_interval(
-        listener: tuple[str, socket.socket], autojump_clock: trio.testing.MockClock) -> None:
+    listener: tuple[str, socket.socket], autojump_clock: trio.testing.MockClock
+) -> None:
     name, sock = listener
     notifier = Notifier({"NOTIFY_SOCKET": name, "WATCHDOG_USEC": "2000000"})
     async with trio.open_nursery() as nursery:
@@ -129,7 +145,8 @@ async def test_watchdog_pings_at_half_the_interval(
 
 
 async def test_watchdog_task_ends_at_once_without_a_watchdog(
-        listener: tuple[str, socket.socket]) -> None:
+    listener: tuple[str, socket.socket],
+) -> None:
     name, sock = listener
     with trio.fail_after(1):
         await Notifier({"NOTIFY_SOCKET": name}).run_watchdog()
@@ -137,7 +154,8 @@ async def test_watchdog_task_ends_at_once_without_a_watchdog(
 
 
 async def test_status_is_resent_only_when_it_changes(
-        listener: tuple[str, socket.socket], autojump_clock: trio.testing.MockClock) -> None:
+    listener: tuple[str, socket.socket], autojump_clock: trio.testing.MockClock
+) -> None:
     name, sock = listener
     notifier = Notifier({"NOTIFY_SOCKET": name})
     queued = [0]
@@ -147,11 +165,19 @@ async def test_status_is_resent_only_when_it_changes(
         queued[0] = 4
         await trio.sleep(3)
         nursery.cancel_scope.cancel()
-    assert _drain(sock) == [b"STATUS=1/1 workers healthy, 0 queued",
-                            b"STATUS=1/1 workers healthy, 4 queued"]
+    assert _drain(sock) == [
+        b"STATUS=1/1 workers healthy, 0 queued",
+        b"STATUS=1/1 workers healthy, 4 queued",
+    ]
 
 
 def test_status_line_names_what_is_unusual() -> None:
-    summary = {"healthy_workers": 6, "total_workers": 8, "queued": 0, "sleeping_workers": 0,
-               "stale_workers": 2, "draining_workers": 0}
+    summary = {
+        "healthy_workers": 6,
+        "total_workers": 8,
+        "queued": 0,
+        "sleeping_workers": 0,
+        "stale_workers": 2,
+        "draining_workers": 0,
+    }
     assert describe_pool(summary) == "6/8 workers healthy, 0 queued, 2 stale"

@@ -29,8 +29,12 @@ class Clock:
 
 
 def pool(n: int, clock: Clock | None = None, **routing: object) -> Registry:
-    registry = Registry(HealthConfig(), LeastWork(), routing=RoutingConfig(**routing),
-                        clock=clock or trio.current_time)
+    registry = Registry(
+        HealthConfig(),
+        LeastWork(),
+        routing=RoutingConfig(**routing),
+        clock=clock or trio.current_time,
+    )
     for i in range(n):
         registry.add(f"http://w{i}:1")
         registry.apply_probe(f"http://w{i}:1", ProbeOutcome.OK)
@@ -48,15 +52,21 @@ def fast_and_slow(clock: Clock, slow_spu: float) -> tuple[Registry, Worker, Work
 
 def test_cost_grows_with_pixels_steps_frames_and_outputs() -> None:
     model = CostModel(CostConfig())
-    small = model.estimate("/v1/images/generations",
-                           b'{"size": "512x512", "num_inference_steps": 10}', "application/json")
+    small = model.estimate(
+        "/v1/images/generations",
+        b'{"size": "512x512", "num_inference_steps": 10}',
+        "application/json",
+    )
     assert small == pytest.approx(0.512 * 0.512 * 10)
-    big = model.estimate("/v1/images/generations",
-                         b'{"width": 1024, "height": 1024, "num_inference_steps": 10, "n": 4}',
-                         "application/json")
+    big = model.estimate(
+        "/v1/images/generations",
+        b'{"width": 1024, "height": 1024, "num_inference_steps": 10, "n": 4}',
+        "application/json",
+    )
     assert big == pytest.approx(16 * small)
-    video = model.estimate("/v1/videos", b'{"size": "832x480", "seconds": 2, "fps": 16}',
-                           "application/json")
+    video = model.estimate(
+        "/v1/videos", b'{"size": "832x480", "seconds": 2, "fps": 16}', "application/json"
+    )
     assert video == pytest.approx(0.832 * 0.48 * 30 * 32)
 
 

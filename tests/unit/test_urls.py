@@ -84,7 +84,7 @@ def test_worker_id_is_percent_encoded_without_safe_characters() -> None:
         "http://[::169.254.169.254]",
         "http://[64:ff9b::169.254.169.254]",
         "http://[2002:a9fe:a9fe::1]",
-        "http://2851995905",            # 169.254.0.1, link-local
+        "http://2851995905",  # 169.254.0.1, link-local
         "http://[::ffff:169.254.0.1]",
     ],
 )
@@ -107,12 +107,16 @@ def test_metadata_and_link_local_hosts_are_blocked_in_every_spelling(raw: str) -
     ],
 )
 def test_numeric_ipv4_hosts_are_written_dotted_so_one_worker_has_one_id(
-        raw: str, expected: str) -> None:
+    raw: str, expected: str
+) -> None:
     assert normalize_worker_url(raw) == expected
 
 
-@given(st.lists(st.text("0123456789abcdefxX", min_size=1, max_size=12), min_size=1,
-                max_size=5).map(".".join))
+@given(
+    st.lists(st.text("0123456789abcdefxX", min_size=1, max_size=12), min_size=1, max_size=5).map(
+        ".".join
+    )
+)
 @example("4294967295")
 @example("4294967296")
 @example("1.16777216")
