@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -27,7 +28,21 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 _PREFIX = os.urandom(4).hex()
+_CLIENT_ID = re.compile(rb"[\x21-\x7e]{1,128}")
 _counter = iter(range(1, 1 << 62))
+
+
+def printable(text: str) -> str:
+    """`text` safe for one log line: control and other unprintable characters escaped.
+
+    Request paths are percent-decoded, so a client can put a newline (`%0a`) in one and
+    forge log lines; escaped, it shows as `\\n`.
+    """
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(
+        c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode() for c in text
+    )
 
 
 def new_request_id() -> str:
@@ -54,18 +69,26 @@ class RequestRecord:
 
     @classmethod
     def open(cls, scope: Scope) -> RequestRecord:
-        """Read the client's `x-request-id`, or make one and add it to the scope's headers so
-        that Quart handlers and the proxy see the same id the client will get back."""
+        """Read the client's `x-request-id`, or make one and put it in the scope's headers so
+        that Quart handlers and the proxy see the same id the client will get back.
+
+        A client's id goes into logs, answers and requests to workers, so only a short
+        token of visible ASCII is taken; anything else is replaced by one of ours.
+        """
         headers = scope["headers"]
         request_id = ""
         for key, value in headers:
             if key == b"x-request-id":
-                request_id = value.decode("latin-1")
+                if _CLIENT_ID.fullmatch(value):
+                    request_id = value.decode("ascii")
                 break
         if not request_id:
             request_id = new_request_id()
-            scope["headers"] = [*headers, (b"x-request-id", request_id.encode())]
-        return cls(scope["method"], scope["path"], request_id)
+            scope["headers"] = [
+                *(h for h in headers if h[0] != b"x-request-id"),
+                (b"x-request-id", request_id.encode()),
+            ]
+        return cls(scope["method"], printable(scope["path"]), request_id)
 
     def wrap_send(self, send: Send) -> Send:
         """Observe status and bytes; stamp `x-request-id` on the response head."""

@@ -59,6 +59,7 @@ def create_app(context: RouterContext, control: PoolControl) -> QuartTrio:
         return MANAGEMENT_BODY_LIMIT
 
     app.request_class = _request_class(body_limit)
+    app.config["DSROUTER_BODY_LIMIT"] = body_limit
     app.register_error_handler(HTTPException, _http_error)
     return app
 

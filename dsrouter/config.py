@@ -33,6 +33,7 @@ PositiveInt = NewType("PositiveInt", int)
 NonNegativeInt = NewType("NonNegativeInt", int)
 Port = NewType("Port", int)
 PortStride = NewType("PortStride", int)
+Percent = NewType("Percent", int)
 WorkerURL = NewType("WorkerURL", str)
 NetworkEntry = NewType("NetworkEntry", str)
 GpuGroup = NewType("GpuGroup", list[str])
@@ -59,10 +60,15 @@ class ServerConfig:
     drain_timeout_s: NonNegativeFloat = NonNegativeFloat(30.0)
     keep_alive_timeout_s: PositiveFloat = PositiveFloat(30.0)
     max_body_mb: PositiveInt = PositiveInt(8192)
-    max_control_body_mb: PositiveInt = PositiveInt(2048)
+    max_control_body_mb: PositiveInt = PositiveInt(64)
     """Largest RL control body (buffered whole): update_weights_from_tensor carries tensors."""
     max_header_kb: PositiveInt = PositiveInt(64)
     body_idle_timeout_s: PositiveFloat = PositiveFloat(60.0)
+    body_min_rate_kb_s: NonNegativeFloat = NonNegativeFloat(16.0)
+    """An upload must average this many KiB/s once `body_rate_grace_s` have passed (0: off)."""
+    body_rate_grace_s: NonNegativeFloat = NonNegativeFloat(10.0)
+    max_buffered_mb: PositiveInt = PositiveInt(512)
+    """Request bodies kept in memory for replay, over all requests together."""
     metrics_port: Port = Port(0)
 
 
@@ -121,6 +127,8 @@ class HealthConfig:
     failure_threshold: PositiveInt = PositiveInt(3)
     recovery_threshold: PositiveInt = PositiveInt(2)
     breaker_open_s: PositiveFloat = PositiveFloat(15.0)
+    max_ejection_percent: Percent = Percent(50)
+    """Failed requests may take at most this share of the workers out of rotation."""
 
 
 @attrs.frozen
@@ -229,6 +237,12 @@ def _strict_hook(kind: type, what: str) -> Any:
 def _port(value: Any, _: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
         raise ValueError(f"expected a port number 0..65535, got {value!r}")
+    return value
+
+
+def _percent(value: Any, _: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 100:
+        raise ValueError(f"expected a percentage 0..100, got {value!r}")
     return value
 
 
@@ -398,6 +412,7 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook(NonNegativeInt, _number_hook(int, 0, False, "an integer >= 0"))
     conv.register_structure_hook(PortStride, _number_hook(int, 2, False, "an integer >= 2"))
     conv.register_structure_hook(Port, _port)
+    conv.register_structure_hook(Percent, _percent)
     conv.register_structure_hook(WorkerURL, _worker_url)
     conv.register_structure_hook(NetworkEntry, _network_entry)
     conv.register_structure_hook(GpuGroup, _gpu_group)

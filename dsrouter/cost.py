@@ -9,6 +9,7 @@ Only small JSON bodies are read; multipart uploads and large bodies get the rout
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -16,8 +17,10 @@ import attrs
 
 from dsrouter.config import CostConfig, ModelCost
 
-_SIZE = re.compile(r"^\s*(\d+)\s*[xX*]\s*(\d+)\s*$")
+_SIZE = re.compile(r"^\s*(\d{1,7})\s*[xX*]\s*(\d{1,7})\s*$")
 MAX_PARSED_BODY = 256 * 1024
+MAX_FACTOR = 1_000_000
+"""The largest value one cost factor (a side in pixels, steps, frames) is read as."""
 _NO_OVERRIDE = ModelCost()
 
 
@@ -31,7 +34,7 @@ class CostModel:
         if body and len(body) <= MAX_PARSED_BODY and content_type.startswith("application/json"):
             try:
                 parsed = json.loads(body)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nesting deeper than ~1000
                 parsed = None
             if isinstance(parsed, dict):
                 payload = parsed
@@ -60,13 +63,23 @@ class CostModel:
 
 
 def _positive(value: Any) -> float | None:
+    """A positive, finite number no larger than `MAX_FACTOR`, or None.
+
+    Clients send anything: `"Infinity"`, `1e400` (JSON reads it as inf) or an integer of
+    400 digits (which `float()` refuses) must give an estimate, not an exception or an
+    infinite cost that no worker could be compared by.
+    """
     if isinstance(value, str):
         try:
             value = float(value)
         except ValueError:
             return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = min(value, MAX_FACTOR)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
-        return float(value)
+        return float(min(value, MAX_FACTOR))
     return None
 
 
@@ -78,5 +91,5 @@ def _size(payload: dict[str, Any]) -> tuple[int | None, int | None]:
     if isinstance(size, str):
         match = _SIZE.match(size)
         if match:
-            return int(match.group(1)), int(match.group(2))
+            return min(int(match.group(1)), MAX_FACTOR), min(int(match.group(2)), MAX_FACTOR)
     return None, None

@@ -41,6 +41,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
+from dsrouter import wire
 from dsrouter.access import AccessLog
 from dsrouter.app import create_app
 from dsrouter.auth import Auth
@@ -99,6 +100,7 @@ async def run_router(
 
     `loader` re-reads the configuration for SIGHUP and `POST /admin/reload`.
     """
+    wire.install()
     shutdown = trio.Event()
     serving = trio.Event()
     upstream = Upstream(connect_timeout_s=config.server.connect_timeout_s)
@@ -131,6 +133,7 @@ async def run_router(
                     Proxy(context, upstream),
                     auth,
                     AccessLog(context.metrics, lambda: context.config.logging),
+                    lambda: context.config,
                 )
                 reloader = Reloader(context, frontend, loader or (lambda: config), notifier)
                 app.config["DSROUTER_RELOAD"] = reloader

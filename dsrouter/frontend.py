@@ -10,6 +10,7 @@ orphaned between a view returning and its body being iterated.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -17,14 +18,26 @@ import trio
 from quart_trio import QuartTrio
 
 from dsrouter import routes
-from dsrouter.access import AccessLog, Receive, RequestRecord, Scope, Send
+from dsrouter.access import AccessLog, Receive, RequestRecord, Scope, Send, printable
 from dsrouter.app import admin_paths
 from dsrouter.auth import PUBLIC_PATHS, Auth
+from dsrouter.config import Config
+from dsrouter.target import BadTarget, check_target, is_worker_internal
 
 if TYPE_CHECKING:
     from dsrouter.proxy import Proxy
 
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+
+log = logging.getLogger("dsrouter.frontend")
+
+CLOSE: Headers = [(b"connection", b"close")]
+"""On answers given before the request body was read: the rest of it is still on the
+connection, so hypercorn closes it, and the client must know not to reuse it."""
+DRAINING = {"error": "router is draining (shutting down)"}
+UNAUTHORIZED = {"error": "missing or invalid bearer token"}
+BUFFERS_FULL = {"error": "too many request bodies are buffered (server.max_buffered_mb)"}
 
 
 def shield_final_send(send: Send) -> Send:
@@ -60,18 +73,29 @@ class Frontend:
     """Dispatch, authentication and the draining switch, in front of Quart and the proxy.
 
     Every HTTP request passes here once, so this is where each gets its request id, its
-    access line and its metrics (see `access.py`), and where in-flight requests are counted
-    for the drain on shutdown.
+    access line and its metrics (see `access.py`), where in-flight requests are counted for
+    the drain on shutdown, and where malformed heads are refused before anyone reads them:
+    an oversized head (431) and a request target the router and a worker could read
+    differently (400, see `target.py`). WebSocket upgrades get the same checks.
     """
 
     OPEN_ADMIN_PATHS = frozenset({"/v1/models"})
     """Served by Quart but guarded like inference (API keys), not by the admin token."""
 
-    def __init__(self, app: QuartTrio, proxy: Proxy, auth: Auth, access: AccessLog) -> None:
+    def __init__(
+        self,
+        app: QuartTrio,
+        proxy: Proxy,
+        auth: Auth,
+        access: AccessLog,
+        config: Callable[[], Config],
+    ) -> None:
         self.app = app
         self.proxy = proxy
         self.auth = auth
         self.access = access
+        self._config = config
+        """Read at use, so a reload changes the limits for the next request."""
         self.exact, self.prefixes = admin_paths(app)
         self.draining = False
         self.in_flight = 0
@@ -104,38 +128,67 @@ class Frontend:
         prefix = next((p for p in self.prefixes if path.startswith(p)), "")
         return f"{prefix}{{id}}" if prefix else "other"
 
+    def _refusal(self, scope: Scope) -> tuple[int, str, Headers] | None:
+        """An oversized head: (status, message, headers), else None.
+
+        hypercorn enforces `h11_max_incomplete_size` only while a head is incomplete, so a
+        large head that arrives in one read passes it; this counts every head.
+        """
+        limit = self._config().server.max_header_kb * 1024
+        size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+        size += sum(len(key) + len(value) + 4 for key, value in scope["headers"])
+        if size > limit:
+            message = f"request head exceeds server.max_header_kb ({limit // 1024} KiB)"
+            return 431, message, CLOSE
+        return None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "lifespan":
             await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
             return
         record = RequestRecord.open(scope)
         send = record.wrap_send(shield_final_send(send))
-        path = scope["path"]
-        admin = self.serves_admin(path)
+        admin = False
         try:
+            refusal = self._refusal(scope)
+            if refusal is None:
+                try:
+                    target = check_target(scope)
+                except BadTarget as exc:
+                    refusal = 400, str(exc), CLOSE
+                else:
+                    scope = target.scope
+                    path = scope["path"]
+                    admin = self.serves_admin(path)
+                    refusal = None if admin else self._not_proxied(target.canonical)
+            if refusal is not None:
+                status, message, headers = refusal
+                log.info(
+                    "%s %s -> %d: %s [%s]",
+                    scope["method"],
+                    printable(scope["path"]),
+                    status,
+                    message,
+                    record.request_id,
+                )
+                await send_json(send, status, {"error": message}, headers)
+                return
             if self.draining:
                 if path == "/health":
                     await send_json(send, 503, {"status": "draining"})
                 else:
-                    await send_json(
-                        send,
-                        503,
-                        {"error": "router is draining (shutting down)"},
-                        [(b"retry-after", b"5")],
-                    )
+                    await send_json(send, 503, DRAINING, [(b"retry-after", b"5")])
                 return
-            authorization = None
-            for key, value in scope["headers"]:
-                if key == b"authorization":
-                    authorization = value
-                    break
-            if not self._allowed(path, admin, authorization):
-                await send_json(
-                    send,
-                    401,
-                    {"error": "missing or invalid bearer token"},
-                    [(b"www-authenticate", b"Bearer")],
-                )
+            if not self._allowed(path, admin, _authorization(scope)):
+                headers = [(b"www-authenticate", b"Bearer"), *(CLOSE if _has_body(scope) else [])]
+                await send_json(send, 401, UNAUTHORIZED, headers)
+                return
+            held = self._hold_admin_body(scope) if admin else 0
+            if held is None:
+                await send_json(send, 503, BUFFERS_FULL, [(b"retry-after", b"1"), *CLOSE])
                 return
             if not self.in_flight:
                 self._idle = trio.Event()
@@ -146,11 +199,94 @@ class Frontend:
                 else:
                     await self.proxy.handle(scope, receive, send, record)
             finally:
+                self.proxy.buffers.give_back(held)
                 self.in_flight -= 1
                 if not self.in_flight:
                     self._idle.set()
         finally:
             self.access.finish(record, record.route or self._label(scope, admin))
+
+    def _not_proxied(self, canonical: str) -> tuple[int, str, Headers] | None:
+        """Refuse to proxy a path a worker may read as one of the router's own routes.
+
+        Quart matches the decoded path exactly; a worker (or a proxy in front of it) may
+        merge slashes or drop a trailing one, so `//update_weights_from_disk` must not be
+        forwarded where `/update_weights_from_disk` would need the admin token.
+        """
+        if is_worker_internal(canonical):
+            return 404, f"{printable(canonical)} is a worker's own route", []
+        if self.serves_admin(canonical):
+            return 400, f"use {printable(canonical)} as written, without extra slashes", CLOSE
+        return None
+
+    def _hold_admin_body(self, scope: Scope) -> int | None:
+        """Count the body Quart is about to buffer against `server.max_buffered_mb`.
+
+        Quart reads an admin body whole (up to its route's limit: RL control bodies may be
+        tens of MiB), so a burst of them must fit the same budget the proxy's replay
+        buffers use. Returns the bytes held, or None when they do not fit.
+        """
+        if not _has_body(scope):
+            return 0
+        limit = self.app.config["DSROUTER_BODY_LIMIT"](scope["path"])
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        size = min(int(length), limit) if length is not None and length.isdigit() else limit
+        return size if self.proxy.buffers.take(size) else None
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """An upgrade gets the checks every request gets; no route serves WebSockets yet.
+
+        The refusal is an HTTP answer with a JSON body where the server supports ASGI's
+        `websocket.http.response` extension (hypercorn does), else a plain close (403).
+        """
+        status, message = 404, "no WebSocket route is served here"
+        refusal = self._refusal(scope)
+        try:
+            target = check_target(scope)
+        except BadTarget as exc:
+            refusal = refusal or (400, str(exc), [])
+        else:
+            path = target.scope["path"]
+            admin = self.serves_admin(path)
+            refusal = refusal or (None if admin else self._not_proxied(target.canonical))
+            if self.draining:
+                status, message = 503, DRAINING["error"]
+            elif not self._allowed(path, admin, _authorization(scope)):
+                status, message = 401, UNAUTHORIZED["error"]
+        if refusal is not None:
+            status, message = refusal[0], refusal[1]
+        log.info("WebSocket %s -> %d: %s", printable(scope["path"]), status, message)
+        await receive()  # websocket.connect
+        if "websocket.http.response" not in scope.get("extensions", {}):
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        body = json.dumps({"error": message}).encode()
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", b"%d" % len(body)),
+                ],
+            }
+        )
+        await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
+
+
+def _has_body(scope: Scope) -> bool:
+    """The request announced a body (which nobody will read if the answer comes first)."""
+    return any(
+        key == b"transfer-encoding" or (key == b"content-length" and value.strip(b"0 "))
+        for key, value in scope["headers"]
+    )
+
+
+def _authorization(scope: Scope) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == b"authorization":
+            return value
+    return None
 
 
 class MetricsOnly:

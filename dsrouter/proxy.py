@@ -16,10 +16,11 @@ outcome is also reported to the registry's circuit breaker.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 from urllib.parse import quote
 
@@ -29,7 +30,13 @@ import trio
 
 from dsrouter import routes
 from dsrouter.access import RequestRecord
-from dsrouter.body import BodyTooLarge, ClientDisconnected, ClientTooSlow, RequestBody
+from dsrouter.body import (
+    BodyTooLarge,
+    BufferBudget,
+    ClientDisconnected,
+    ClientTooSlow,
+    RequestBody,
+)
 from dsrouter.config import Config
 from dsrouter.context import RouterContext
 from dsrouter.cost import CostModel
@@ -44,7 +51,7 @@ from dsrouter.registry import (
     Worker,
 )
 from dsrouter.routes import Route
-from dsrouter.upstream import Upstream, UpstreamError, UpstreamResponse
+from dsrouter.upstream import InvalidRequest, Upstream, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("dsrouter.proxy")
 
@@ -73,6 +80,12 @@ CLOSE = [(b"connection", b"close")]
 """On answers given before the request body was read: the rest of it is still on the
 connection, so hypercorn closes it, and the client must know not to reuse it."""
 MiB = 1024 * 1024
+GATEWAY_FAILURES = frozenset({502, 503, 504})
+"""Worker answers that count against it (passive health): it could not do the work."""
+
+
+class TooBusy(Exception):
+    """`server.max_connections` proxied requests are in flight already (429)."""
 
 
 class UpstreamFailed(Exception):
@@ -97,6 +110,9 @@ class Exchange:
     headers: dict[bytes, bytes]
     """The client's headers by (lower-case) name, for the few the router reads."""
     response_started: bool = False
+    suspects: list[tuple[Worker, str, str]] = attrs.Factory(list)
+    """Failures of this request not yet charged to their workers: (worker, kind, error).
+    See `Proxy._judge`."""
 
     @property
     def method(self) -> str:
@@ -193,6 +209,7 @@ class Proxy:
         self.upstream = upstream
         """The hot-path client; probes and broadcasts use `context.client` (httpx)."""
         self.active = 0
+        self.buffers = BufferBudget(lambda: self.config.server.max_buffered_mb * MiB)
         self._rng = random.Random()
 
     @property
@@ -207,8 +224,9 @@ class Proxy:
         headers = dict(scope["headers"])
         route = routes.classify(scope["method"], scope["path"], scope["query_string"])
         record.route = routes.label(route)
+        server = self.config.server
         length = headers.get(b"content-length")
-        content_length = int(length) if length and length.isdigit() else None
+        content_length = int(length) if length is not None and length.isdigit() else None
         present = scope["method"] not in BODYLESS_METHODS or (
             b"content-length" in headers or b"transfer-encoding" in headers
         )
@@ -216,29 +234,31 @@ class Proxy:
             receive,
             present=present,
             content_length=content_length,
-            max_bytes=self.config.server.max_body_mb * MiB,
-            idle_s=self.config.server.body_idle_timeout_s,
+            max_bytes=server.max_body_mb * MiB,
+            idle_s=server.body_idle_timeout_s,
+            min_rate=server.body_min_rate_kb_s * 1024,
+            rate_grace_s=server.body_rate_grace_s,
         )
         exchange = Exchange(scope, send, record, route, body, headers)
+        if length is not None and b"transfer-encoding" in headers:
+            # RFC 9112 6.3: a request with both is a smuggling attempt or a broken client;
+            # which length the worker would believe is anyone's guess.
+            await exchange.respond_error(
+                400, "request has both Content-Length and Transfer-Encoding", CLOSE
+            )
+            return
         if content_length is not None and content_length > body.max_bytes:
             await exchange.respond_error(413, str(BodyTooLarge(body.max_bytes)), CLOSE)
             return
-        if self.active >= self.config.server.max_connections:
-            await exchange.respond_error(
-                429,
-                f"Too many concurrent requests (limit {self.config.server.max_connections})",
-                [(b"retry-after", b"1")],
-            )
-            return
-        self.active += 1
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_disconnect, exchange, receive, nursery.cancel_scope)
                 await self._handle(exchange)
                 nursery.cancel_scope.cancel()
         finally:
-            self.active -= 1
+            body.release()
             record.bytes_in = body.received
+            self._judge(exchange)
 
     async def _handle(self, exchange: Exchange) -> None:
         try:
@@ -255,6 +275,10 @@ class Proxy:
             await exchange.respond_error(413, str(exc), CLOSE)
         except ClientTooSlow as exc:
             await exchange.respond_error(408, str(exc), CLOSE)
+        except TooBusy as exc:
+            await exchange.respond_error(429, str(exc), [(b"retry-after", b"1")])
+        except InvalidRequest as exc:
+            await exchange.respond_error(400, str(exc), CLOSE)
         except UpstreamFailed as exc:
             if exchange.response_started:
                 log.warning("worker broke a response mid-stream: %s [%s]", exc, exchange.request_id)
@@ -285,7 +309,33 @@ class Proxy:
             return self.config.timeouts.content_s
         return self.config.server.request_timeout_s
 
+    @contextlib.contextmanager
+    def _slot(self) -> Iterator[None]:
+        """One of `server.max_connections` concurrent proxied requests.
+
+        Taken once the body is buffered, not when the request arrives: a client trickling
+        its upload holds no slot, so a crowd of them cannot lock out everyone else.
+        """
+        limit = self.config.server.max_connections
+        if self.active >= limit:
+            raise TooBusy(f"Too many concurrent requests (limit {limit})")
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+
     async def _dispatch(self, exchange: Exchange) -> None:
+        route = exchange.route
+        body = exchange.body
+        if route.kind in (routes.POOL, routes.CREATE) and body.present:
+            retry_buffer = self.config.routing.retry_buffer_mb * MiB
+            if retry_buffer:
+                await body.buffer_up_to(retry_buffer, self.buffers)
+        with self._slot():
+            await self._route(exchange)
+
+    async def _route(self, exchange: Exchange) -> None:
         route = exchange.route
         if route.kind == routes.STICKY:
             await self._sticky(exchange)
@@ -307,8 +357,6 @@ class Proxy:
     ) -> None:
         """Try suitable workers one after another until one answers (not 503)."""
         body = exchange.body
-        if body.present and self.config.routing.retry_buffer_mb:
-            await body.buffer_up_to(self.config.routing.retry_buffer_mb * MiB)
         route = exchange.route
         headers = exchange.headers
         cost = CostModel(self.config.cost).estimate(
@@ -424,7 +472,16 @@ class Proxy:
         watch_status: bool = False,
         may_retry: bool = False,
     ) -> int:
-        """Send the request to `worker` and stream its answer back; returns the status."""
+        """Send the request to `worker` and stream its answer back; returns the status.
+
+        Passive health (Envoy's outlier detection, gateway-failure flavour): a worker is
+        blamed for connect failures, resets, timeouts and 502/503/504, once per attempt. A
+        connect failure is charged at once (no byte of the request was involved); the
+        others wait in `exchange.suspects` until the request's outcome shows whose fault
+        they were (`_judge`). A complete answer below 500 counts as a success; other 5xx
+        (a plain-text 500 is how a worker says a generation failed, often for the
+        request's own reasons) count as neither.
+        """
         exchange.record.attempts += 1
         exchange.record.worker = worker.display_id
         timeout = self._timeout(exchange.route)
@@ -433,30 +490,57 @@ class Proxy:
             try:
                 response = await self.upstream.send(*self._request_parts(exchange, worker))
             except UpstreamError as exc:
-                self._fail(worker, str(exc))
+                if exc.connect:
+                    self.registry.record_result(worker, False, str(exc))
+                else:
+                    exchange.suspects.append((worker, "reset", str(exc)))
                 raise UpstreamFailed(
                     502, f"Worker request failed: {exc} ({worker.url})", retryable=True
                 ) from None
         if response is None:
             assert deadline.cancelled_caught
-            self._fail(worker, f"no answer within {timeout:g}s")
+            exchange.suspects.append((worker, "timeout", f"no answer within {timeout:g}s"))
             raise UpstreamFailed(504, f"Worker did not answer within {timeout:g}s ({worker.url})")
+        status = response.status_code
         try:
-            if response.status_code >= 500:
-                self._fail(worker, f"answered {response.status_code}")
+            if status in GATEWAY_FAILURES:
+                exchange.suspects.append((worker, f"status {status}", f"answered {status}"))
             else:
-                self.registry.record_result(worker, True)
-            if response.status_code == 503 and may_retry:
+                self._acquit(exchange)
+            if status == 503 and may_retry:
                 raise UpstreamFailed(
                     503, f"Worker {worker.display_id} is unavailable (503)", retryable=True
                 )
             await self._relay(exchange, worker, response, learn or watch_status)
         finally:
             await response.aclose()
-        return response.status_code
+        if status < 500:
+            self.registry.record_result(worker, True)
+        return status
 
-    def _fail(self, worker: Worker, error: str) -> None:
-        self.registry.record_result(worker, False, error)
+    def _acquit(self, exchange: Exchange) -> None:
+        """A worker answered this request: the ones that failed it before are to blame."""
+        for worker, _, error in exchange.suspects:
+            self.registry.record_result(worker, False, error)
+        exchange.suspects.clear()
+
+    def _judge(self, exchange: Exchange) -> None:
+        """Charge the request's remaining failures once it is over.
+
+        When two or more workers failed it the same way and none answered, the request is
+        the likelier culprit (a body that crashes or stalls every worker): nobody is
+        charged, so one client cannot take healthy workers out of rotation.
+        """
+        suspects = exchange.suspects
+        if len(suspects) >= 2 and len({kind for _, kind, _ in suspects}) == 1:
+            log.warning(
+                "%d workers failed this request the same way (%s); not counted against them [%s]",
+                len(suspects),
+                suspects[0][1],
+                exchange.request_id,
+            )
+            suspects.clear()
+        self._acquit(exchange)
 
     def _worker_auth(self, worker: Worker) -> list[tuple[bytes, bytes]]:
         key = worker.api_key or self.config.security.worker_api_key
@@ -471,6 +555,9 @@ class Proxy:
         if not forward_auth:
             headers.extend(self._worker_auth(worker))
         headers.append((b"x-request-id", exchange.request_id.encode()))
+        content = exchange.body.content()
+        if not isinstance(content, bytes | None) and exchange.body.content_length is not None:
+            headers.append((b"content-length", b"%d" % exchange.body.content_length))
         target = scope.get("raw_path") or exchange.route.path.encode()
         if exchange.route.path != scope["path"]:
             target = exchange.route.path.encode()
@@ -482,7 +569,7 @@ class Proxy:
             worker.url,
             target.decode("latin-1"),
             headers,
-            exchange.body.content(),
+            content,
         )
 
     async def _relay(
@@ -509,7 +596,10 @@ class Proxy:
                     {"type": "http.response.body", "body": chunk, "more_body": True}
                 )
         except (UpstreamError, trio.TooSlowError) as exc:
-            self._fail(worker, f"broke its answer: {type(exc).__name__}")
+            # One count per attempt: a worker that answered 5xx and then broke it is one
+            # failure, not two.
+            exchange.suspects[:] = [s for s in exchange.suspects if s[0] is not worker]
+            exchange.suspects.append((worker, "broken", f"broke its answer: {exc}"))
             # Before the first byte reached the client (the answer was still being peeked
             # at), the request may go to another worker like any unanswered one.
             raise UpstreamFailed(
@@ -575,8 +665,9 @@ def _is_json(response: UpstreamResponse) -> bool:
 def _forward_headers(
     raw: list[tuple[bytes, bytes]], *, keep_authorization: bool
 ) -> list[tuple[bytes, bytes]]:
-    """Drop hop-by-hop headers, those `Connection` names, the client's id and credentials."""
-    named = {b"x-request-id"}
+    """Drop hop-by-hop headers, those `Connection` names, the client's id and credentials,
+    and the client's framing: the proxy frames the body it sends itself."""
+    named = {b"x-request-id", b"content-length"}
     if not keep_authorization:
         named.add(b"authorization")
     for key, value in raw:

@@ -591,7 +591,10 @@ class Registry:
 
         A worker that fails fast would otherwise attract ever more traffic under
         least-request; `failure_threshold` failures in a row open its breaker (dead), and
-        after `breaker_open_s` one trial request may close it again.
+        after `breaker_open_s` one trial request may close it again. Requests may keep at
+        most `health.max_ejection_percent` of the pool out this way: past that share, a
+        failing pool is more likely failed by its clients than by its workers, and the
+        probes still take out a worker that is really gone.
         """
         if ok:
             worker.consecutive_failures = 0
@@ -607,6 +610,22 @@ class Registry:
             worker.health is Health.HEALTHY
             and worker.consecutive_failures >= self.health_config.failure_threshold
         ):
+            ejected = sum(1 for w in self._workers.values() if w.tripped_by_requests)
+            allowed = len(self._workers) * self.health_config.max_ejection_percent // 100
+            if ejected >= allowed:
+                if worker.consecutive_failures == self.health_config.failure_threshold:
+                    log.warning(
+                        "worker %s failed %d requests in a row (%s) but stays in rotation: "
+                        "%d of %d workers are already out by failed requests "
+                        "(health.max_ejection_percent = %d)",
+                        worker.display_id,
+                        worker.consecutive_failures,
+                        error,
+                        ejected,
+                        len(self._workers),
+                        self.health_config.max_ejection_percent,
+                    )
+                return
             self._set_health(worker, Health.DEAD)
             worker.tripped_by_requests = True
 

@@ -39,6 +39,10 @@ class UpstreamError(Exception):
         self.sent_nothing = sent_nothing
 
 
+class InvalidRequest(Exception):
+    """The request head cannot be sent as HTTP/1.1 (the client's fault, not the worker's)."""
+
+
 @attrs.define(eq=False)
 class _Connection:
     stream: trio.abc.Stream
@@ -169,6 +173,13 @@ class _Pool:
                 conn.discard()
         self.idle = keep
 
+    def release_unused(self, conn: _Connection) -> None:
+        """Return a connection nothing was sent on (its h11 state is still idle)."""
+        if conn.h11.our_state is h11.IDLE:
+            self.release(conn)
+        else:
+            conn.discard()
+
     def release(self, conn: _Connection) -> None:
         if len(self.idle) >= self.max_idle:
             conn.discard()
@@ -265,9 +276,13 @@ class Upstream:
             framing = [(b"content-length", str(len(body)).encode())]
         elif body is not None and not any(k == b"content-length" for k, _ in headers):
             framing = [(b"transfer-encoding", b"chunked")]
-        request = h11.Request(
-            method=method, target=target, headers=[(b"host", host), *headers, *framing]
-        )
+        try:
+            request = h11.Request(
+                method=method, target=target, headers=[(b"host", host), *headers, *framing]
+            )
+        except h11.LocalProtocolError as exc:
+            pool.release_unused(conn)
+            raise InvalidRequest(f"request cannot be forwarded: {exc}") from None
         body_started = False
         try:
             head = conn.h11.send(request)

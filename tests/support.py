@@ -216,3 +216,64 @@ async def start_simworker(
         with trio.fail_after(START_TIMEOUT_S):
             await ready.wait()
     return worker
+
+
+@attrs.frozen
+class RawAnswer:
+    status: int
+    headers: dict[str, str]
+    """Lower-case names; a repeated header keeps its last value."""
+    body: bytes
+
+    def json(self) -> object:
+        import json
+
+        return json.loads(self.body)
+
+
+async def raw_request(
+    url: str, data: bytes | list[bytes], *, pause_s: float = 0.0, timeout_s: float = 20.0
+) -> RawAnswer:
+    """Send `data` exactly as given (a malformed head, an absolute-form target...) to
+    `url`'s host and port, read until the server closes, and parse the one answer.
+
+    `data` as a list is sent piece by piece, `pause_s` apart. The request should say
+    `Connection: close` (or be one the server closes on).
+    """
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    assert parts.hostname in ("127.0.0.1", "::1", "localhost"), "loopback only"
+    pieces = [data] if isinstance(data, bytes) else data
+    received = b""
+    with trio.fail_after(timeout_s):
+        stream = await trio.open_tcp_stream(parts.hostname, parts.port or 80)
+        async with stream:
+            for index, piece in enumerate(pieces):
+                if index and pause_s:
+                    await trio.sleep(pause_s)
+                try:
+                    await stream.send_all(piece)
+                except trio.BrokenResourceError:
+                    break  # the server answered and closed before reading everything
+            try:
+                while chunk := await stream.receive_some(65536):
+                    received += chunk
+            except trio.BrokenResourceError:
+                pass  # a reset after the answer (the server closed with our data unread)
+    head, _, body = received.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if headers.get("transfer-encoding") == "chunked":
+        decoded, rest = b"", body
+        while rest:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line.split(b";")[0], 16)
+            if not size:
+                break
+            decoded, rest = decoded + rest[:size], rest[size + 2 :]
+        body = decoded
+    return RawAnswer(int(status_line.split(" ")[1]), headers, body)

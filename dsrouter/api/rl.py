@@ -72,6 +72,9 @@ def _checksums_agree(results: list[dict[str, Any]]) -> bool:
 for _path in sorted(WEIGHT_ROUTES):
     _weight_route(_path)
 _read_route("/get_weights_checksum", "POST")
+# Checks every worker's tensors against the trainer's hashes; as an admin route it can never
+# reach a worker through the inference catch-all.
+_read_route("/update_weights_from_tensor_checker", "POST")
 _read_route("/v1/list_loras", "GET")
 
 

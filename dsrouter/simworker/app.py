@@ -15,6 +15,7 @@ import os
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import trio
 
@@ -265,6 +266,9 @@ async def _respond(worker: SimWorker, request: Request) -> Response:
         return json_response(503, {"error": worker.faults.backend_failed})
     if path not in BYPASS:
         await worker.warm.wait()
+    if request.method == "POST" and worker.roll(worker.faults.unavailable_rate):
+        await request.drain()
+        return json_response(503, {"error": "Service temporarily unavailable"})
     if request.method == "POST" and worker.roll(worker.faults.hang_rate):
         await request.drain()
         await trio.sleep_forever()
@@ -290,7 +294,20 @@ class SimApp:
         if scope["type"] != "http":
             return
         worker = self.workers[scope["server"][1]]
+        scope = _as_parsed_by_httptools(scope)
         await _serve_one(worker, Request(scope, receive), send)
+
+
+def _as_parsed_by_httptools(scope: Scope) -> Scope:
+    """The path a real worker routes by: uvicorn's httptools parser reduces an
+    absolute-form target (`http://host/path`) to its path and drops a `#fragment`, so the
+    simulated worker does too (a router must not be fooled into forwarding either)."""
+    raw: bytes = scope.get("raw_path") or b""
+    if not raw.startswith(b"/") or b"#" in raw:
+        parts = urlsplit(raw.decode("latin-1"))
+        path = parts.path or "/"
+        return {**scope, "raw_path": path.encode("latin-1"), "path": unquote(path)}
+    return scope
 
 
 async def _serve_one(worker: SimWorker, request: Request, send: Send) -> None:

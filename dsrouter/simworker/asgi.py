@@ -145,6 +145,8 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     """Body of a route declared with a pydantic model: invalid JSON is FastAPI's 422."""
     try:
         value = json.loads(raw) if raw else None
+    except RecursionError:  # nesting past Python's limit: uncaught in FastAPI too
+        raise HTTPError(500, "Internal Server Error", content_type="text/plain") from None
     except ValueError as exc:
         raise HTTPError(
             422,

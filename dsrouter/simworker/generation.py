@@ -77,7 +77,7 @@ def _positive_int(payload: dict[str, Any], key: str) -> int | None:
         return None
     try:
         number = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise HTTPError(400, {"detail": f"{key} must be an integer"}) from None
     if number <= 0:
         raise HTTPError(400, {"detail": f"{key} must be > 0"})

@@ -26,6 +26,7 @@ MAX_IMAGES = 512
 FAULT_FIELDS = {
     "fail_rate": float,
     "hang_rate": float,
+    "unavailable_rate": float,
     "exit_after": int,
     "slow_body_bps": int,
     "backend_failed": str,
@@ -50,6 +51,9 @@ class Asleep(Exception):
 class LiveFaults:
     fail_rate: float = 0.0
     hang_rate: float = 0.0
+    unavailable_rate: float = 0.0
+    """Fraction of POSTs answered 503 `{"error": ...}` while `/health` stays 200: what a
+    worker behind an overloaded ingress looks like to the router."""
     exit_after: int | None = None
     slow_body_bps: int = 0
     backend_failed: str | None = None
@@ -69,7 +73,7 @@ class LiveFaults:
                 problems.append(f"{key}: expected a fraction between 0 and 1")
         if not problems:
             for key, value in changes.items():
-                if key in ("fail_rate", "hang_rate", "slow_body_bps") and value is None:
+                if (key.endswith("_rate") or key == "slow_body_bps") and value is None:
                     value = 0
                 if key in ("refit_fails", "corrupt_weights") and value is None:
                     value = False

@@ -163,7 +163,10 @@ async def test_hung_worker_gives_504_and_frees_its_lease(
 async def _burst_until_dead(
     http: httpx.AsyncClient, router: str, bad: SimWorker, good: SimWorker
 ) -> None:
-    """Send generations until the failing worker is dead; only it may fail them."""
+    """Send generations until the failing worker is dead; only it may fail them.
+
+    The worker answers 503 (`unavailable_rate`): what passive health counts (a plain-text
+    500 is how a worker reports a failed generation, often the request's own fault)."""
     served: Counter = Counter()
     for _ in range(40):
         answer = await http.post(f"{router}/v1/images/generations", json=IMAGE)
@@ -172,7 +175,7 @@ async def _burst_until_dead(
             break
     assert (await worker_state(http, router, bad.url))["is_dead"], served
     assert set(served) <= {
-        (500, bad.url.removeprefix("http://")),
+        (503, bad.url.removeprefix("http://")),
         (200, good.url.removeprefix("http://")),
     }, served
 
@@ -185,7 +188,7 @@ async def _all_served_by(http: httpx.AsyncClient, router: str, worker: SimWorker
     assert after == {(200, worker.url.removeprefix("http://")): 20}, after
 
 
-async def test_500_burst_opens_the_breaker_and_traffic_moves_away(
+async def test_503_burst_opens_the_breaker_and_traffic_moves_away(
     tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
     # No recovery by probes during the test: what moves traffic away is the breaker alone.
@@ -199,7 +202,7 @@ async def test_500_burst_opens_the_breaker_and_traffic_moves_away(
             ["--worker-urls", bad.url, good.url], config=config, tmp_path=tmp_path
         ) as router:
             await healthy(http, router.url, 2)
-            await sim_faults(http, bad.url, fail_rate=1.0)
+            await sim_faults(http, bad.url, unavailable_rate=1.0)
             await _burst_until_dead(http, router.url, bad, good)
             await _all_served_by(http, router.url, good)
         nursery.cancel_scope.cancel()
@@ -219,7 +222,7 @@ async def test_good_probes_do_not_close_a_breaker_opened_by_failed_requests(
             ["--worker-urls", bad.url, good.url], config=CONFIG, tmp_path=tmp_path
         ) as router:
             await healthy(http, router.url, 2)
-            await sim_faults(http, bad.url, fail_rate=1.0)
+            await sim_faults(http, bad.url, unavailable_rate=1.0)
             await _burst_until_dead(http, router.url, bad, good)
             probes: set[float] = set()
 

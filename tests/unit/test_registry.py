@@ -157,7 +157,7 @@ def test_request_failures_open_the_breaker_and_a_trial_closes_it() -> None:
 
 def test_a_failed_trial_reopens_the_breaker() -> None:
     clock = Clock()
-    reg = registry(clock, failure_threshold=1, breaker_open_s=5)
+    reg = registry(clock, failure_threshold=1, breaker_open_s=5, max_ejection_percent=100)
     worker = reg.by_url(URL)
     reg.apply_probe(URL, ProbeOutcome.OK)
     reg.record_result(worker, False)
@@ -173,17 +173,45 @@ def test_a_failed_trial_reopens_the_breaker() -> None:
 
 def test_good_probes_alone_do_not_close_a_breaker_that_failed_requests_opened() -> None:
     clock = Clock()
-    reg = registry(clock, failure_threshold=2, recovery_threshold=2, breaker_open_s=10)
+    reg = registry(
+        clock,
+        failure_threshold=2,
+        recovery_threshold=2,
+        breaker_open_s=10,
+        max_ejection_percent=100,
+    )
     worker = reg.by_url(URL)
     reg.apply_probe(URL, ProbeOutcome.OK)
-    reg.record_result(worker, False, "answered 500")
-    reg.record_result(worker, False, "answered 500")
+    reg.record_result(worker, False, "answered 503")
+    reg.record_result(worker, False, "answered 503")
     for _ in range(5):  # /health says 200 while generations fail
         reg.apply_probe(URL, ProbeOutcome.OK)
     assert worker.health is Health.DEAD and reg.routable() == []
     clock.now = 10.0
     reg.apply_probe(URL, ProbeOutcome.OK)  # the half-open probe closes it
     assert worker.health is Health.HEALTHY
+
+
+@pytest.mark.parametrize(
+    ("pool", "percent", "ejectable"),
+    [(1, 50, 0), (2, 50, 1), (4, 50, 2), (5, 50, 2), (3, 0, 0), (3, 100, 3)],
+)
+def test_failed_requests_eject_at_most_max_ejection_percent_of_the_pool(
+    pool: int, percent: int, ejectable: int
+) -> None:
+    reg = Registry(HealthConfig(failure_threshold=1, max_ejection_percent=percent), LeastRequest())
+    for index in range(pool):
+        reg.add(f"http://w:{index + 1}")
+        reg.apply_probe(f"http://w:{index + 1}", ProbeOutcome.OK)
+    for worker in reg.workers():
+        reg.record_result(worker, False, "answered 503")
+        reg.record_result(worker, False, "answered 503")
+    dead = [w for w in reg.workers() if w.health is Health.DEAD]
+    assert len(dead) == ejectable
+    for index in range(pool):  # probes still take out a worker that is really gone
+        for _ in range(3):
+            reg.apply_probe(f"http://w:{index + 1}", ProbeOutcome.REFUSED)
+    assert all(w.health is Health.DEAD for w in reg.workers())
 
 
 def test_a_breaker_worker_whose_probes_fail_too_recovers_by_probes() -> None:

@@ -1,0 +1,105 @@
+"""Two fixes to hypercorn's HTTP/1.1 protocol (0.17-0.18), installed before serving.
+
+Answers hypercorn makes by itself: h11 refuses some heads outright (a malformed request
+line, an unknown transfer coding, a head over `h11_max_incomplete_size`), and hypercorn then
+answers with an empty body: no JSON, no log line, and a 501 for an unknown transfer coding,
+which makes a client's garbage look like a router fault. hypercorn has no hook for this
+answer, so `install` replaces the method that writes it (`_send_error_response`): the
+router's JSON error shape, a 4xx status (the request is at fault) and one log line.
+
+Concurrent sends: trio allows one writer per socket and raises `BusyResourceError` in a
+second one. hypercorn's connection task writes a `100 Continue` (for `Expect:
+100-continue`) and its end-of-stream while the app's task may be writing its answer on the
+same socket; the request then dies with a traceback and, with a drain, the router's stop
+waits for it. Found by the hostile-request property test. Here a connection's h11 events
+are serialised (a `100 Continue` that lost the race to a final answer is dropped: the
+client no longer waits for it, and h11 would refuse it), and the end-of-stream takes the
+server's own send lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import h11
+import trio
+from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.trio.tcp_server import TCPServer
+
+log = logging.getLogger("dsrouter.frontend")
+
+_MESSAGES = {
+    400: "malformed HTTP request",
+    414: "request target too long",
+    431: "request head too large",
+}
+
+
+async def _send_error_response(self: Any, status_code: int) -> None:
+    status = status_code if status_code < 500 else 400
+    message = _MESSAGES.get(status, "malformed HTTP request")
+    if status_code >= 500:
+        message = "unsupported HTTP framing (transfer coding)"
+    body = json.dumps({"error": message}).encode()
+    client = getattr(self, "client", None)
+    log.info("refused a request head from %s -> %d: %s", client, status, message)
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % len(body)),
+        (b"connection", b"close"),
+        *self.config.response_headers("h11"),
+    ]
+    await self._send_h11_event(h11.Response(status_code=status, headers=headers))
+    await self._send_h11_event(h11.Data(data=body))
+    await self._send_h11_event(h11.EndOfMessage())
+
+
+_SEND = H11Protocol._send_h11_event
+_LOCK = "_dsrouter_send_lock"
+
+
+@contextlib.asynccontextmanager
+async def _holding(lock: trio.Lock) -> AsyncIterator[None]:
+    """`lock`, unless this task holds it already: hypercorn's error paths re-enter (a
+    failed write handles `Closed`, which writes or closes again) and must not deadlock."""
+    if lock.statistics().owner is trio.lowlevel.current_task():
+        yield
+        return
+    async with lock:
+        yield
+
+
+async def _send_h11_event(self: Any, event: Any) -> None:
+    lock = self.__dict__.get(_LOCK)
+    if lock is None:
+        lock = self.__dict__[_LOCK] = trio.Lock()
+    async with _holding(lock):
+        if (
+            isinstance(event, h11.InformationalResponse)
+            and self.connection.our_state is not h11.SEND_RESPONSE
+        ):
+            return
+        await _SEND(self, event)
+
+
+async def _close(self: Any) -> None:
+    async with _holding(self.send_lock):
+        with contextlib.suppress(
+            trio.BrokenResourceError,
+            trio.BusyResourceError,
+            trio.ClosedResourceError,
+            AttributeError,  # an SSL stream has no send_eof
+        ):
+            await self.stream.send_eof()
+    await self.stream.aclose()
+
+
+def install() -> None:
+    """Idempotent; called once by the daemon before it serves."""
+    H11Protocol._send_error_response = _send_error_response  # type: ignore[method-assign]
+    H11Protocol._send_h11_event = _send_h11_event  # type: ignore[method-assign]
+    TCPServer._close = _close  # type: ignore[method-assign]
