@@ -10,6 +10,13 @@ any form the resolver reads as one (`2852039166`, `0xa9fea9fe`, `::ffff:169.254.
 checked as that IP; other host names only against `BLOCKED_HOSTNAMES`. A name that resolves
 to a blocked address is stopped by `security.allowed_worker_networks` (`check_allowlist`,
 which resolves), not here.
+
+Hosts are ASCII. A resolver reads more than it is given: before any DNS lookup Python's
+`getaddrinfo` maps a `str` host through the IDNA codec, whose NFKC step turns full-width and
+circled digits and the ideographic full stop into `169.254.169.254`. Checking the text would
+miss that, and a host the codec cannot encode at all (`a..b`, a 64-character label) raised
+from inside the health prober. So a host must be an IPv6 literal or ASCII labels the codec
+accepts as they are (`_DNS_LABEL`); an internationalised name is written in its `xn--` form.
 """
 
 from __future__ import annotations
@@ -36,11 +43,16 @@ BLOCKED_IPS = frozenset(
         METADATA_IP,  # AWS, GCP, Azure, OCI, OpenStack
         ipaddress.ip_address("fd00:ec2::254"),  # AWS (IPv6)
         ipaddress.ip_address("fd20:ce::254"),  # GCP (IPv6-only instances)
+        ipaddress.ip_address("100.100.100.200"),  # Alibaba Cloud
+        ipaddress.ip_address("192.0.0.192"),  # Oracle Cloud (legacy)
     }
 )
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _IPV4_PART = re.compile(r"0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*")
+_DNS_LABEL = re.compile(r"[a-z0-9_-]{1,63}")
+MAX_HOST_NAME = 253
+"""Longest name DNS (and the IDNA codec) accepts, without the trailing dot."""
 
 
 class InvalidWorkerURL(ValueError):
@@ -77,6 +89,9 @@ def normalize_worker_url(raw: str) -> str:
     if not host:
         raise InvalidWorkerURL(f"worker url has no host: {text!r}")
     host = host.lower()
+    if "[" in parts.netloc and ":" not in host:
+        raise InvalidWorkerURL(f"worker host [{host}] in brackets must be an IPv6 address")
+    check_host_syntax(host)
     check_host_allowed(host)
     ipv4 = numeric_ipv4(host)
     if ipv4 is not None:
@@ -85,6 +100,31 @@ def normalize_worker_url(raw: str) -> str:
         host = f"[{host}]"
     netloc = host if port is None else f"{host}:{port}"
     return f"{scheme}://{netloc}"
+
+
+def check_host_syntax(host: str) -> None:
+    """Reject a host the connectors would read differently from us, or could not encode.
+
+    An IPv6 literal must parse as one. Anything else must be ASCII dot-separated labels of
+    1 to 63 letters, digits, `-` or `_` (one trailing dot allowed), at most 253 characters:
+    exactly what the IDNA codec passes through unchanged, so the name the blocklist judges
+    is the name that is resolved, and resolving it cannot raise `UnicodeError`.
+    """
+    if not host.isascii():
+        raise InvalidWorkerURL(
+            f"worker host {host!r} is not ASCII: write an internationalised name in its "
+            "xn-- (punycode) form"
+        )
+    if ":" in host:
+        if _host_ip(host) is None:
+            raise InvalidWorkerURL(f"worker host {host!r} is not a valid IPv6 address")
+        return
+    name = host.removesuffix(".")
+    if len(name) > MAX_HOST_NAME or not all(_DNS_LABEL.fullmatch(p) for p in name.split(".")):
+        raise InvalidWorkerURL(
+            f"worker host {host!r} is not a valid host name: labels of 1-63 letters, "
+            f"digits, '-' or '_' separated by single dots, at most {MAX_HOST_NAME} characters"
+        )
 
 
 def check_host_allowed(host: str) -> None:

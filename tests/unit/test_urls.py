@@ -1,5 +1,6 @@
 import ipaddress
 import socket
+from urllib.parse import urlsplit
 
 import pytest
 from hypothesis import example, given
@@ -127,3 +128,65 @@ def test_numeric_ipv4_reads_hosts_exactly_as_inet_aton(host: str) -> None:
     except OSError:
         expected = None
     assert numeric_ipv4(host) == expected
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "http://a..b:1",
+        "http://.a:1",
+        "http://\u00fc_.invalid:1",
+        "http://\u00fc.example:1",
+        "http://" + "a" * 64 + ".example:1",
+        "http://" + ".".join(["a" * 63] * 4) + ":1",
+        "http://a!b:1",
+        "http://[v1.x]:1",
+        # Unicode spellings of addresses: NFKC in the resolver's IDNA step makes them
+        # 169.254.169.254 and 127.0.0.1 at connect time.
+        "http://\u2460\u2465\u2468.\u2461\u2464\u2463.\u2460\u2465\u2468.\u2461\u2464\u2463",
+        "http://\uff11\uff16\uff19.\uff12\uff15\uff14.\uff11\uff16\uff19.\uff12\uff15\uff14",
+        "http://169\u3002254\u3002169\u3002254",
+        "http://127\uff0e0\uff0e0\uff0e1:1",
+        "http://metadata\u3002google\u3002internal",
+    ],
+)
+def test_hosts_the_connector_would_reencode_or_fail_on_are_rejected(raw: str) -> None:
+    with pytest.raises(InvalidWorkerURL, match="host"):
+        normalize_worker_url(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "http://100.100.100.200",
+        "http://1684301000",  # 100.100.100.200 as one number
+        "http://[::ffff:100.100.100.200]:80",
+        "http://192.0.0.192",
+        "http://0xc00000c0:80",
+        "http://[fd00:ec2::254]:80",
+    ],
+)
+def test_other_clouds_metadata_addresses_are_blocked(raw: str) -> None:
+    with pytest.raises(InvalidWorkerURL, match="blocked"):
+        normalize_worker_url(raw)
+
+
+@given(st.text(max_size=40))
+@example("a..b")
+@example("\u00fc_.invalid")
+@example("\u2460\u2465\u2468.\u2461\u2464\u2463.\u2460\u2465\u2468.\u2461\u2464\u2463")
+@example("a" * 64)
+def test_every_accepted_host_is_ascii_and_encodes_as_itself(host: str) -> None:
+    """What the blocklist judged is what the connectors resolve: trio passes an ASCII host
+    through, Python's getaddrinfo sends it through the IDNA codec, httpx parses it."""
+    import httpx
+
+    try:
+        url = normalize_worker_url(f"http://{host}:1")
+    except InvalidWorkerURL:
+        return
+    name = urlsplit(url).hostname
+    assert name is not None and name.isascii()
+    if ":" not in name:
+        assert name.encode("idna").decode() == name
+    assert httpx.URL(url + "/health").host == name
