@@ -134,6 +134,12 @@ class PoolControl:
             except httpx.HTTPError as exc:
                 entry["error"] = f"Worker request failed: {type(exc).__name__}: {exc}"
                 return entry
+            except (httpx.InvalidURL, UnicodeError) as exc:
+                # A host httpx or the resolver cannot encode (`normalize_worker_url` refuses
+                # them): this worker's call failed, the broadcast or catch-up goes on.
+                log.error("request to %s cannot be sent: %s", worker.display_id, exc)
+                entry["error"] = f"Worker request failed: {type(exc).__name__}: {exc}"
+                return entry
             entry["status_code"] = response.status_code
             try:
                 entry["body"] = response.json()

@@ -101,6 +101,12 @@ async def _get_json(client: httpx.AsyncClient, url: str, timeout_s: float) -> An
             response = await client.get(url)
         except httpx.HTTPError:
             return None
+        except (httpx.InvalidURL, UnicodeError) as exc:
+            # httpx checks the host when it parses the URL, and the resolver IDNA-encodes
+            # it (httpcore passes that UnicodeError on): a host `normalize_worker_url` should
+            # have refused. No answer, and a line that says why.
+            log.error("capability probe of %s: the URL cannot be requested: %s", url, exc)
+            return None
         if response.status_code != 200:
             return None
         try:
@@ -126,7 +132,18 @@ class HealthChecker:
         self.config = config
 
     async def probe_now(self, url: str) -> None:
-        outcome, error, latency = await probe_health(self.upstream, url, self.config.timeout_s)
+        """Probe one worker and report the verdict; never raises (but `trio.Cancelled`).
+
+        Every probe runs as a task of a round's nursery (or a reload's, or a registration's
+        request): an exception here would end the round and, through the root nursery, the
+        router. Transport failures are verdicts already (`probe_health`); anything else is a
+        bug about this one worker, logged with its traceback and counted as a failed probe.
+        """
+        try:
+            outcome, error, latency = await probe_health(self.upstream, url, self.config.timeout_s)
+        except Exception as exc:
+            log.exception("health probe of %s raised; counted as a failed probe", url)
+            outcome, error, latency = ProbeOutcome.FAILED, f"probe error: {exc!r}", None
         self.registry.apply_probe(url, outcome, error, latency)
 
     async def capabilities(self, url: str) -> Capabilities | None:

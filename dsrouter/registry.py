@@ -852,6 +852,8 @@ class Registry:
     async def _catch_up(self, catch_up: CatchUp, url: str) -> None:
         try:
             await catch_up(url)
+        except Exception:
+            _log_task_failure("weight catch-up", url)
         finally:
             self._catching_up.discard(url)
 
@@ -860,8 +862,23 @@ class Registry:
             caps = await prober(url)
             if caps is not None:
                 self.set_capabilities(url, caps)
+        except Exception:
+            _log_task_failure("capability probe", url)
         finally:
             self._refreshes.pop(url).set()
+
+
+def _log_task_failure(task: str, url: str) -> None:
+    """Contain a failure of one worker's background task: log it, keep the registry task.
+
+    These tasks run in the registry task's nursery, under the root nursery: an exception
+    escaping one worker's catch-up or capability probe would stop the router for every
+    worker. The expected failures (a worker that does not answer, answers garbage) are
+    handled where they happen; what arrives here is a bug, so it is logged at ERROR with
+    its traceback and the worker, and only that task ends. A later state change asks for
+    the task again.
+    """
+    log.exception("%s of worker %s failed; the router goes on without it", task, url)
 
 
 def video_support_from(task_types: Sequence[str], output_types: Sequence[str]) -> bool | None:

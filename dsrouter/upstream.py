@@ -14,6 +14,7 @@ closes it, so a half-read answer can never be mistaken for the next one.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 import ssl
 from collections import deque
@@ -23,6 +24,8 @@ from urllib.parse import urlsplit
 import attrs
 import h11
 import trio
+
+log = logging.getLogger("dsrouter.upstream")
 
 READ_SIZE = 256 * 1024
 COALESCE_LIMIT = 64 * 1024
@@ -191,16 +194,27 @@ class _Pool:
         with trio.move_on_after(timeout_s) as scope:
             try:
                 stream: trio.abc.Stream = await _open_tcp(self.host, self.port)
+                if self.tls:
+                    stream = trio.SSLStream(
+                        stream, ssl.create_default_context(), server_hostname=self.host
+                    )
             except OSError as exc:
                 raise UpstreamError(
                     f"connect to {self.host}:{self.port} failed: {exc}",
                     connect=True,
                     sent_nothing=True,
                 ) from None
-            if self.tls:
-                stream = trio.SSLStream(
-                    stream, ssl.create_default_context(), server_hostname=self.host
-                )
+            except UnicodeError as exc:
+                # The resolver and the TLS layer IDNA-encode the host: a name that cannot be
+                # encoded would otherwise raise out of whichever task dialled (a probe ends
+                # the process). `normalize_worker_url` refuses such names, so say so loudly.
+                log.error("worker host %r cannot be IDNA-encoded: %s", self.host, exc)
+                raise UpstreamError(
+                    f"connect to {self.host}:{self.port} failed: host name cannot be "
+                    f"IDNA-encoded: {exc}",
+                    connect=True,
+                    sent_nothing=True,
+                ) from None
         if scope.cancelled_caught:
             raise UpstreamError(
                 f"connect to {self.host}:{self.port} timed out after {timeout_s:g}s",
