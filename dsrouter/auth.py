@@ -1,15 +1,15 @@
 """Who may call what: an admin token for the control plane, API keys for inference.
 
 Secrets come from router.toml, an environment variable or a file (so they need not sit in
-the config), are compared in constant time, and are never logged or forwarded to workers.
+the config; `config.load` reads them), are compared in constant time, and are never logged
+or forwarded to workers.
 """
 
 from __future__ import annotations
 
 import hmac
-from pathlib import Path
 
-from dsrouter.config import ConfigError, SecurityConfig, resolve_secret
+from dsrouter.config import SecurityConfig
 
 PUBLIC_PATHS = frozenset({"/health", "/openapi.json"})
 """Reachable without credentials: load balancers and orchestrators probe /health."""
@@ -17,20 +17,9 @@ PUBLIC_PATHS = frozenset({"/health", "/openapi.json"})
 
 class Auth:
     def __init__(self, security: SecurityConfig) -> None:
-        try:
-            self.admin_token = resolve_secret(
-                security.admin_token, security.admin_token_env, security.admin_token_file
-            )
-            keys = list(security.api_keys)
-            if security.api_keys_file:
-                keys += [
-                    line.strip()
-                    for line in Path(security.api_keys_file).read_text().splitlines()
-                    if line.strip() and not line.startswith("#")
-                ]
-        except OSError as exc:
-            raise ConfigError([f"security: cannot read secret file: {exc}"]) from None
-        self.api_keys = [key.encode() for key in keys if key]
+        """`security` as `config.load` returns it: secret sources already read."""
+        self.admin_token = security.admin_token
+        self.api_keys = [key.encode() for key in security.api_keys if key]
         self.protect_metrics = security.protect_metrics
 
     def admin_allowed(self, authorization: bytes | None) -> bool:

@@ -13,8 +13,10 @@ import json
 import sys
 from pathlib import Path
 
+import attrs
+
 from dsrouter import ctl
-from dsrouter.config import Config, ConfigError, Overrides, dump_config, load_config
+from dsrouter.config import ConfigError, LoadedConfig, Overrides, dump_config, load
 
 
 def _add_overrides(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +46,7 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--verbose", action="store_true", help="same as --log-level debug")
 
 
-def _load(args: argparse.Namespace) -> Config:
+def _load(args: argparse.Namespace) -> LoadedConfig:
     overrides = Overrides(
         host=args.host,
         port=args.port,
@@ -57,12 +59,12 @@ def _load(args: argparse.Namespace) -> Config:
         log_level="debug" if args.verbose else args.log_level,
         launcher_config=args.launcher_config,
     )
-    config = load_config(args.config, overrides)
+    loaded = load(args.config, overrides)
     if getattr(args, "demo", False):
         from dsrouter.demo import demo_config
 
-        config = demo_config(config, args.demo_workers)
-    return config
+        loaded = attrs.evolve(loaded, config=demo_config(loaded.config, args.demo_workers))
+    return loaded
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ctl.COMMANDS:
         return ctl.main(args)
     try:
-        config = _load(args)
+        config = _load(args).config
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"config error: {problem}", file=sys.stderr)

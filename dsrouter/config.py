@@ -6,8 +6,13 @@ path (`health.interval_s: expected a number > 0, got 'ten'`). Nothing else valid
 Tables, lists and mappings are checked for their shape before cattrs looks inside them: cattrs
 itself turns any iterable into a list, so `api_keys = "abc"` would become `["a", "b", "c"]`.
 
-Secret fields carry `metadata=SECRET`; `dump_config` masks them, so nothing that prints the
-effective configuration can leak a token.
+Secret fields carry `metadata=SECRET`; `dump_config` masks them, and the secret-looking
+arguments of command lines (`metadata=ARGV`: `--api-key X`, `--hf-token=X`), so nothing
+that prints the effective configuration can leak a token.
+
+`load` reads the secret sources (`admin_token_env`, `admin_token_file`, `api_keys_file`)
+once, at load time, for start-up, `check-config` and reload alike: a configured source that
+is unset, empty or unreadable is a `ConfigError`, never "no auth".
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ RestartPolicy = Literal["never", "on-failure", "always"]
 SECRET = {"secret": True}
 """Field metadata: the value is masked by `dump_config` (a `dict` field: values whose name
 looks like a credential, see `_SECRET_NAME`)."""
+ARGV = {"argv": True}
+"""Field metadata: a command line; `dump_config` masks the values of secret flags in it."""
 
 
 @attrs.frozen
@@ -150,9 +157,9 @@ class LauncherConfig:
     master_port_base: Port = Port(30005)
     scheduler_port_base: Port = Port(5555)
     internal_port_stride: PositiveInt = PositiveInt(1)
-    extra_args: ShellArgs = attrs.Factory(lambda: ShellArgs([]))
+    extra_args: ShellArgs = attrs.field(factory=lambda: ShellArgs([]), metadata=ARGV)
     env: dict[str, str] = attrs.field(factory=dict, metadata=SECRET)
-    command: Command = attrs.Factory(lambda: Command(["sglang", "serve"]))
+    command: Command = attrs.field(factory=lambda: Command(["sglang", "serve"]), metadata=ARGV)
     wait_timeout_s: PositiveFloat = PositiveFloat(600.0)
     restart: RestartPolicy = "on-failure"
     max_restarts: NonNegativeInt = NonNegativeInt(5)
@@ -166,6 +173,10 @@ class LauncherConfig:
 
 @attrs.frozen
 class SecurityConfig:
+    """Who may call what. After `load`, `admin_token` and `api_keys` are the effective
+    secrets: the token from its file, else its variable, else the literal; the keys listed
+    plus those of `api_keys_file`. Nothing reads the `_env`/`_file` sources after that."""
+
     admin_token: str = attrs.field(default="", metadata=SECRET)
     admin_token_env: str = ""
     admin_token_file: str = ""
@@ -523,11 +534,32 @@ _FLAG_PATHS = {
 }
 
 
+@attrs.frozen
+class LoadedConfig:
+    """A loaded configuration and what its sources said in so many words.
+
+    A reload needs the difference between a key left out (a truncated file) and a key set
+    to empty on purpose (`api_keys = []`): both structure to the same `Config`.
+    """
+
+    config: Config
+    source: str
+    """The file the configuration came from, for messages ("(defaults)" without one)."""
+    given: frozenset[str] = frozenset()
+    """Key paths some source set: top-level keys (`workers`) and `section.key`."""
+
+
 def load_config(path: Path | None, overrides: Overrides | None = None) -> Config:
+    """The effective configuration (see `load`)."""
+    return load(path, overrides).config
+
+
+def load(path: Path | None, overrides: Overrides | None = None) -> LoadedConfig:
     """Load the effective configuration: file (optional), then launcher YAML, then flags.
 
     The sources are merged into one mapping and structured once; each problem is reported
     against the source that supplied its key (the TOML file, the YAML file, or `--flag`).
+    Then the secret sources are read (`resolve_secrets`).
     """
     overrides = overrides or Overrides()
     raw: dict[str, Any] = read_toml(path) if path is not None else {}
@@ -550,7 +582,18 @@ def load_config(path: Path | None, overrides: Overrides | None = None) -> Config
     if overrides.worker_urls is not None:
         raw["workers"] = [{"url": url} for url in overrides.worker_urls]
         sources["workers"] = "--worker-urls"
-    return structure_config(raw, str(path) if path is not None else "(defaults)", sources)
+    source = str(path) if path is not None else "(defaults)"
+    config = structure_config(raw, source, sources)
+    config = attrs.evolve(config, security=resolve_secrets(config.security, source))
+    return LoadedConfig(config, source, _given_keys(raw))
+
+
+def _given_keys(raw: Mapping[str, Any]) -> frozenset[str]:
+    keys = set(raw)
+    for name, value in raw.items():
+        if isinstance(value, dict):
+            keys.update(f"{name}.{key}" for key in value)
+    return frozenset(keys)
 
 
 def structure_config(
@@ -611,6 +654,8 @@ def _mask_secrets(obj: Any, data: dict[str, Any]) -> dict[str, Any]:
         value = getattr(obj, field.name)
         if field.metadata.get("secret"):
             data[field.name] = _mask(value)
+        elif field.metadata.get("argv"):
+            data[field.name] = mask_argv(value)
         elif attrs.has(type(value)):
             _mask_secrets(value, data[field.name])
         elif isinstance(value, list):
@@ -632,10 +677,100 @@ def _mask(value: Any) -> Any:
     return value
 
 
-def resolve_secret(value: str, env_name: str, file_name: str) -> str:
-    """A secret from, in order: the file, the environment variable, the literal value."""
-    if file_name:
-        return Path(file_name).read_text().strip()
-    if env_name:
-        return os.environ.get(env_name, "")
-    return value
+_SECRET_WORDS = frozenset(
+    {"token", "key", "apikey", "secret", "password", "passwd", "credential", "credentials"}
+)
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def _names_a_secret(name: str) -> bool:
+    """`--api-key`, `--hf-token`, `HF_TOKEN`: a word of the name is a credential word
+    (whole words, so `--max-tokens` and `--tokenizer-path` stay readable)."""
+    return not _SECRET_WORDS.isdisjoint(_WORD.findall(name.lower()))
+
+
+def mask_argv(argv: Iterable[str]) -> list[str]:
+    """A command line fit to print: the value of every secret-looking flag masked.
+
+    `--api-key X` and `--api-key=X` become `--api-key ***` and `--api-key=***`; a
+    `NAME=value` assignment (`env HF_TOKEN=x sglang serve`) whose name looks secret too.
+    The argument after a secret flag is kept when it is another `--flag` (a switch).
+    """
+    masked: list[str] = []
+    hide_next = False
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        if hide_next and not arg.startswith("--"):
+            masked.append(MASK)
+        elif eq and value and _names_a_secret(name):
+            masked.append(f"{name}={MASK}")
+        else:
+            masked.append(arg)
+        hide_next = arg.startswith("-") and not eq and _names_a_secret(arg)
+    return masked
+
+
+def resolve_secrets(security: SecurityConfig, source: str) -> SecurityConfig:
+    """Read the configured secret sources; the effective secrets replace the literals.
+
+    The admin token comes from, in order: `admin_token_file` (its first line),
+    `admin_token_env`, `admin_token`. API keys are `api_keys` plus one per line of
+    `api_keys_file` (blank lines and lines starting with `#`, indented or not, skipped).
+    A source that is configured must deliver: an unset or empty variable, an unreadable
+    file, an empty first line or a keys file without a key is a `ConfigError` naming the
+    key and `source`. Quietly falling back to "no token" would open the control plane to
+    anyone after one typo in a variable name.
+    """
+    problems: list[str] = []
+
+    def problem(key: str, text: str) -> None:
+        problems.append(f"{source}: security.{key}: {text}")
+
+    token = security.admin_token
+    if security.admin_token_env:
+        name = security.admin_token_env
+        value = os.environ.get(name)
+        if value is None:
+            problem("admin_token_env", f"environment variable {name!r} is not set")
+        elif not value.strip():
+            problem("admin_token_env", f"environment variable {name!r} is empty")
+        else:
+            token = value.strip()
+    if security.admin_token_file:
+        lines = _read_secret_file(security.admin_token_file, "admin_token_file", problem)
+        if lines is not None:
+            if lines and lines[0].strip():
+                token = lines[0].strip()
+            else:
+                problem(
+                    "admin_token_file",
+                    f"the first line of {security.admin_token_file!r} is empty "
+                    "(the token is the file's first line)",
+                )
+    keys = [key for key in security.api_keys if key]
+    if security.api_keys_file:
+        lines = _read_secret_file(security.api_keys_file, "api_keys_file", problem)
+        if lines is not None:
+            found = [
+                line.strip() for line in lines if line.strip() and not line.strip().startswith("#")
+            ]
+            if not found:
+                problem(
+                    "api_keys_file",
+                    f"{security.api_keys_file!r} holds no key (one key per line; blank "
+                    "lines and # comments are skipped)",
+                )
+            keys += found
+    if problems:
+        raise ConfigError(problems)
+    return attrs.evolve(security, admin_token=token, api_keys=keys)
+
+
+def _read_secret_file(name: str, key: str, problem: Callable[[str, str], None]) -> list[str] | None:
+    try:
+        return Path(name).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        problem(key, f"cannot read {name!r}: {exc.strerror or exc}")
+    except UnicodeDecodeError:
+        problem(key, f"{name!r} is not UTF-8 text")
+    return None

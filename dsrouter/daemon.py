@@ -45,7 +45,7 @@ from dsrouter import wire
 from dsrouter.access import AccessLog
 from dsrouter.app import create_app
 from dsrouter.auth import Auth
-from dsrouter.config import Config
+from dsrouter.config import Config, LoadedConfig
 from dsrouter.context import RouterContext
 from dsrouter.control import PoolControl
 from dsrouter.frontend import Frontend, MetricsOnly
@@ -93,7 +93,7 @@ def _control_client(config: Config) -> httpx.AsyncClient:
 
 async def run_router(
     config: Config,
-    loader: Callable[[], Config] | None = None,
+    loader: Callable[[], LoadedConfig] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the router until SIGINT/SIGTERM (or cancellation); reports bound addresses.
@@ -135,7 +135,12 @@ async def run_router(
                     AccessLog(context.metrics, lambda: context.config.logging),
                     lambda: context.config,
                 )
-                reloader = Reloader(context, frontend, loader or (lambda: config), notifier)
+                reloader = Reloader(
+                    context,
+                    frontend,
+                    loader or (lambda: LoadedConfig(config, "(start-up)")),
+                    notifier,
+                )
                 app.config["DSROUTER_RELOAD"] = reloader
                 _warn_if_exposed(config, auth)
                 root.start_soon(
@@ -328,7 +333,7 @@ def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
     return leaves
 
 
-def main_run(config: Config, loader: Callable[[], Config]) -> int:
+def main_run(config: Config, loader: Callable[[], LoadedConfig]) -> int:
     try:
         trio.run(run_router, config, loader)
     except KeyboardInterrupt:

@@ -14,6 +14,14 @@ with the workers it scheduled (`rolling_restart`) and the roll goes on in the ba
 reload during a roll retargets it. Settings that cannot roll (`num_workers`, ports, log
 files) are reported as needing a restart. New launcher settings that cannot run (a command
 not on PATH, too few GPUs) reject the whole reload, like an invalid file.
+
+A file caught half-written (empty, or cut short) is valid TOML that says nothing: applied,
+it would drop the admin token, the API keys and every static worker. So a reload that
+removes the admin token, all API keys or all `[[workers]]` is refused unless the new file
+sets that key to empty in so many words (`admin_token = ""`, `api_keys = []`,
+`workers = []`). Every reload that weakens security (those three removals, allowed,
+and `forward_authorization`, `protect_metrics`, `allowed_worker_networks` loosened) logs a
+WARNING per change and lists it under `security_weakened` in its answer.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import attrs
 import trio
 
 from dsrouter.auth import Auth
-from dsrouter.config import Config, ConfigError
+from dsrouter.config import Config, ConfigError, LoadedConfig
 from dsrouter.context import RouterContext
 from dsrouter.frontend import Frontend
 from dsrouter.launcher import LaunchError, Pool, Reconfiguration
@@ -50,7 +58,7 @@ class Reloader:
         self,
         context: RouterContext,
         frontend: Frontend,
-        loader: Callable[[], Config],
+        loader: Callable[[], LoadedConfig],
         notifier: Notifier | None = None,
     ) -> None:
         self.context = context
@@ -76,8 +84,13 @@ class Reloader:
                     return await self._reload()
 
     async def _reload(self) -> tuple[bool, dict[str, Any]]:
+        old = self.context.config
         try:
-            new = self.loader()
+            loaded = self.loader()
+            refused, weakened = security_changes(old, loaded)
+            if refused:
+                raise ConfigError(refused)
+            new = loaded.config
             auth = Auth(new.security)
             launcher = None if self.pool is None else await self.pool.reconfigure(new.launcher)
         except ConfigError as exc:
@@ -89,7 +102,6 @@ class Reloader:
             for problem in problems:
                 log.error("reload rejected: %s", problem)
             return False, {"status": "rejected", "errors": problems}
-        old = self.context.config
         registry = self.context.registry
         self.context.config = new
         self.frontend.auth = auth
@@ -120,6 +132,8 @@ class Reloader:
         restart += launcher_restart
         for key in restart:
             log.warning("reload: %s changed; it takes effect after a restart", key)
+        for change in weakened:
+            log.warning("reload weakens security: %s", change)
         log.info("config reloaded: %d workers added, %d removed", len(added), len(removed))
         return True, {
             "status": "reloaded",
@@ -127,6 +141,7 @@ class Reloader:
             "workers_removed": removed,
             "needs_restart": restart,
             "rolling_restart": rolling,
+            "security_weakened": weakened,
         }
 
     def _apply_launcher(
@@ -141,6 +156,66 @@ class Reloader:
         if self.pool is None or launcher is None:
             return ["launcher"] if old.launcher != new.launcher else [], []
         return list(launcher.restart_only), self.pool.apply(launcher, new.server.drain_timeout_s)
+
+
+def security_changes(old: Config, loaded: LoadedConfig) -> tuple[list[str], list[str]]:
+    """What a reload from `old` to `loaded` must refuse, and how it weakens security.
+
+    Removing the admin token, every API key or every static worker is refused (first list,
+    one line per problem naming the file and key) unless the new file sets that key
+    itself; `loaded.given` tells a key written as empty from one that is missing. The
+    second list says, one line per change, how the reload lowers the guard when applied.
+    """
+    new, given, source = loaded.config, loaded.given, loaded.source
+    refused: list[str] = []
+    weakened: list[str] = []
+
+    def removal(key: str, removed: bool, empty: str, effect: str) -> None:
+        if not removed:
+            return
+        if key in given:
+            weakened.append(f"{key}: removed: {effect}")
+        else:
+            refused.append(
+                f"{source}: {key}: not set, which would remove it: {effect}. Refused: a "
+                f"file cut short looks the same; write {empty} to remove it on purpose"
+            )
+
+    security, new_security = old.security, new.security
+    removal(
+        "security.admin_token",
+        bool(security.admin_token and not new_security.admin_token),
+        'admin_token = "" in [security]',
+        "worker management, RL control and reload would be open to anyone",
+    )
+    removal(
+        "security.api_keys",
+        bool(security.api_keys and not new_security.api_keys),
+        "api_keys = [] in [security]",
+        "inference would be open to anyone",
+    )
+    if old.workers and not new.workers and "workers" not in given:
+        refused.append(
+            f"{source}: workers: no [[workers]], which would remove all {len(old.workers)} "
+            "static workers. Refused: a file cut short looks the same; write workers = [] "
+            "(before the first table) to remove them all on purpose"
+        )
+    if new_security.forward_authorization and not security.forward_authorization:
+        weakened.append(
+            "security.forward_authorization: now true: clients' Authorization headers "
+            "are passed on to the workers"
+        )
+    if security.protect_metrics and not new_security.protect_metrics:
+        weakened.append("security.protect_metrics: now false: /metrics needs no token")
+    networks, new_networks = security.allowed_worker_networks, new_security.allowed_worker_networks
+    if networks and not new_networks:
+        weakened.append(
+            "security.allowed_worker_networks: removed: workers may be registered on any "
+            "address but cloud metadata and link-local ones"
+        )
+    elif networks and (wider := [n for n in new_networks if n not in networks]):
+        weakened.append(f"security.allowed_worker_networks: widened by {', '.join(wider)}")
+    return refused, weakened
 
 
 def _get(config: Config, key: str) -> Any:

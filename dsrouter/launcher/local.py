@@ -43,7 +43,7 @@ import attrs
 import httpx
 import trio
 
-from dsrouter.config import LauncherConfig
+from dsrouter.config import LauncherConfig, mask_argv
 from dsrouter.launcher.errors import LaunchError
 from dsrouter.launcher.logs import WorkerOutput
 from dsrouter.launcher.pidfile import TOKEN_VAR, PidFile, clean_stale, open_pidfile, runtime_dir
@@ -273,7 +273,7 @@ class Supervisor:
     async def _run_once(self, on_ready: Callable[[], None]) -> RunResult:
         """One process from spawn to exit: ready, registered while running, then removed."""
         plan = self.plan
-        self.output.begin_run(f"starting worker {self.index}: {shlex.join(plan.argv)}")
+        self.output.begin_run(f"starting worker {self.index}: {shlex.join(mask_argv(plan.argv))}")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **plan.env, TOKEN_VAR: self.pidfile.token}
         try:
             child = spawn(plan.argv, env)
@@ -481,7 +481,7 @@ async def run_pool(
     progress = Progress(len(plans))
     pidfile = open_pidfile(directory)
     failures: list[str] = []
-    log.info("launching %d worker(s): %s", len(plans), shlex.join(plans[0].argv))
+    log.info("launching %d worker(s): %s", len(plans), shlex.join(mask_argv(plans[0].argv)))
     try:
         async with (
             httpx.AsyncClient(

@@ -286,10 +286,15 @@ def test_model_overrides_are_checked_and_reach_the_cost_model(tmp_path: Path) ->
 
 
 def test_check_config_masks_secrets_but_shows_where_they_come_from(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import json
 
+    monkeypatch.setenv("DSROUTER_ADMIN_TOKEN", "env-secret")
+    keys = write(tmp_path_factory.mktemp("keys"), "file-secret\n", name="keys")
     path = write(
         tmp_path,
         """
@@ -304,9 +309,9 @@ env = { HF_TOKEN = "hf-secret", CUDA_HOME = "/usr/local/cuda" }
 admin_token = "admin-secret"
 admin_token_env = "DSROUTER_ADMIN_TOKEN"
 api_keys = ["key-secret-1", "key-secret-2"]
-api_keys_file = "/etc/dsrouter/keys"
+api_keys_file = "KEYS"
 worker_api_key = "pool-secret"
-""",
+""".replace("KEYS", str(keys)),
     )
     assert main(["check-config", "--config", str(path)]) == 0
     out = capsys.readouterr().out
@@ -315,13 +320,13 @@ worker_api_key = "pool-secret"
     security = printed["security"]
     assert (security["admin_token"], security["api_keys"], security["worker_api_key"]) == (
         "***",
-        ["***", "***"],
+        ["***", "***", "***"],
         "***",
     )
     assert security["admin_token_env"] == "DSROUTER_ADMIN_TOKEN"
-    assert security["api_keys_file"] == "/etc/dsrouter/keys"
+    assert security["api_keys_file"] == str(keys)
     assert security["admin_token_file"] == ""
     assert [w["api_key"] for w in printed["workers"]] == ["***", ""]
     assert printed["launcher"]["env"] == {"HF_TOKEN": "***", "CUDA_HOME": "/usr/local/cuda"}
     config = load_config(path)
-    assert config.security.admin_token == "admin-secret", "only the printout is masked"
+    assert config.security.admin_token == "env-secret", "only the printout is masked"
