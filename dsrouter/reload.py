@@ -170,36 +170,41 @@ def security_changes(old: Config, loaded: LoadedConfig) -> tuple[list[str], list
     refused: list[str] = []
     weakened: list[str] = []
 
-    def removal(key: str, removed: bool, empty: str, effect: str) -> None:
+    def removal(key: str, removed: bool, what: str, empty: str, effect: str) -> None:
         if not removed:
             return
         if key in given:
-            weakened.append(f"{key}: removed: {effect}")
+            if key.startswith("security."):
+                weakened.append(f"{key}: removed: {effect}")
         else:
             refused.append(
-                f"{source}: {key}: not set, which would remove it: {effect}. Refused: a "
-                f"file cut short looks the same; write {empty} to remove it on purpose"
+                f"{source}: {key}: missing; applying this file would remove {what} and then "
+                f"{effect}. Refused, since a file cut short looks the same: write {empty} "
+                "to remove it on purpose"
             )
 
     security, new_security = old.security, new.security
     removal(
         "security.admin_token",
         bool(security.admin_token and not new_security.admin_token),
-        'admin_token = "" in [security]',
-        "worker management, RL control and reload would be open to anyone",
+        "the admin token",
+        'admin_token = "" under [security]',
+        "worker management, RL control and reload are open to anyone",
     )
     removal(
         "security.api_keys",
         bool(security.api_keys and not new_security.api_keys),
-        "api_keys = [] in [security]",
-        "inference would be open to anyone",
+        "every API key",
+        "api_keys = [] under [security]",
+        "inference is open to anyone",
     )
-    if old.workers and not new.workers and "workers" not in given:
-        refused.append(
-            f"{source}: workers: no [[workers]], which would remove all {len(old.workers)} "
-            "static workers. Refused: a file cut short looks the same; write workers = [] "
-            "(before the first table) to remove them all on purpose"
-        )
+    removal(
+        "workers",
+        bool(old.workers and not new.workers),
+        f"all {len(old.workers)} static worker(s)",
+        "workers = [] (above the first table)",
+        "only workers registered through the API or launched remain",
+    )
     if new_security.forward_authorization and not security.forward_authorization:
         weakened.append(
             "security.forward_authorization: now true: clients' Authorization headers "
