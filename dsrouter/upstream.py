@@ -194,10 +194,6 @@ class _Pool:
         with trio.move_on_after(timeout_s) as scope:
             try:
                 stream: trio.abc.Stream = await _open_tcp(self.host, self.port)
-                if self.tls:
-                    stream = trio.SSLStream(
-                        stream, ssl.create_default_context(), server_hostname=self.host
-                    )
             except OSError as exc:
                 raise UpstreamError(
                     f"connect to {self.host}:{self.port} failed: {exc}",
@@ -205,9 +201,9 @@ class _Pool:
                     sent_nothing=True,
                 ) from None
             except UnicodeError as exc:
-                # The resolver and the TLS layer IDNA-encode the host: a name that cannot be
-                # encoded would otherwise raise out of whichever task dialled (a probe ends
-                # the process). `normalize_worker_url` refuses such names, so say so loudly.
+                # The resolver IDNA-encodes the host: a name that cannot be encoded would
+                # otherwise raise out of whichever task dialled (a probe ended the process).
+                # `normalize_worker_url` refuses such names, so say so loudly.
                 log.error("worker host %r cannot be IDNA-encoded: %s", self.host, exc)
                 raise UpstreamError(
                     f"connect to {self.host}:{self.port} failed: host name cannot be "
@@ -215,6 +211,10 @@ class _Pool:
                     connect=True,
                     sent_nothing=True,
                 ) from None
+            if self.tls:
+                stream = trio.SSLStream(
+                    stream, ssl.create_default_context(), server_hostname=self.host
+                )
         if scope.cancelled_caught:
             raise UpstreamError(
                 f"connect to {self.host}:{self.port} timed out after {timeout_s:g}s",
