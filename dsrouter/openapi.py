@@ -115,6 +115,7 @@ _RELOAD = {
         "workers_removed": {"type": "array", "items": {"type": "string"}},
         "needs_restart": {"type": "array", "items": {"type": "string"}},
         "rolling_restart": {"type": "array", "items": {"type": "integer"}},
+        "security_weakened": {"type": "array", "items": {"type": "string"}},
     },
 }
 
