@@ -382,3 +382,23 @@ async def test_router_survives_hosts_and_targets_it_refuses(
             await wait_until(serves, timeout_s=5)
             assert router.process.returncode is None
         nursery.cancel_scope.cancel()
+
+
+async def test_a_refused_request_with_a_long_body_does_not_wedge_its_connection(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    """A refusal sent before the body is read, with more body chunks behind it than
+    hypercorn queues for the app: the connection still closes and the router still stops."""
+    chunks = b"1\r\na\r\n" * 40 + b"0\r\n\r\n"
+    async with trio.open_nursery() as nursery:
+        worker = await start_simworker(nursery, *INSTANT)
+        async with router_process(
+            ["--worker-urls", worker.url], config=CONFIG, tmp_path=tmp_path
+        ) as router:
+            await healthy(http, router.url, 1)
+            for target in ("/v1/images/generations#x", "http://elsewhere/v1/x", "/_sim/state"):
+                data = head("POST", target, "Transfer-Encoding: chunked") + chunks
+                answer = await raw_request(router.url, data, timeout_s=10)
+                assert answer.status in (400, 404), (target, answer.status)
+            assert await router.stop(timeout_s=15) == 0
+        nursery.cancel_scope.cancel()
