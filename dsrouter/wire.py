@@ -1,4 +1,13 @@
-"""Three fixes to hypercorn's trio server (0.17-0.18), installed before serving.
+"""Four changes to hypercorn's trio server (0.17-0.18), installed before serving.
+
+HTTP/2 is off. hypercorn switches a cleartext connection to HTTP/2 on `Upgrade: h2c` or
+on the prior-knowledge preface, and its HTTP/2 side leaves an app waiting for ever when
+the client goes away before reading the answer (the stream's send buffer is never
+released once the connection is closed): found by the hostile-request property test,
+whose h2c upgrades left the router unable to stop. No client of this router needs
+HTTP/2 (curl, the OpenAI SDK and trainers speak HTTP/1.1), so an `Upgrade: h2c` is
+ignored, as RFC 9110 allows (the request is answered over HTTP/1.1), and the preface is
+an ordinary malformed request (400).
 
 Answers hypercorn makes by itself: h11 refuses some heads outright (a malformed request
 line, an unknown transfer coding, a head over `h11_max_incomplete_size`), and hypercorn then
@@ -109,6 +118,10 @@ async def _close(self: Any) -> None:
     await self.stream.aclose()
 
 
+async def _check_protocol(self: Any, event: h11.Request) -> None:
+    """Never switch protocols (hypercorn's version raises to hand over to HTTP/2)."""
+
+
 async def _spawn_app(self: Any, app: Any, config: Any, scope: Any, send: Any) -> Any:
     into_app, app_queue = trio.open_memory_channel[Any](config.max_app_queue_size)
 
@@ -153,3 +166,4 @@ def install() -> None:
     H11Protocol._send_h11_event = _send_h11_event  # type: ignore[method-assign]
     TCPServer._close = _close  # type: ignore[method-assign]
     task_group.TaskGroup.spawn_app = _spawn_app  # type: ignore[method-assign]
+    H11Protocol._check_protocol = _check_protocol  # type: ignore[method-assign]
