@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
 from quart_trio import QuartTrio
 
 from dsrouter import routes
-from dsrouter.access import AccessLog, Receive, RequestRecord, Scope, Send, printable
+from dsrouter.access import AccessLog, RequestRecord, printable
 from dsrouter.app import admin_paths
+from dsrouter.asgi import Headers, Receive, Scope, Send, send_json
 from dsrouter.auth import PUBLIC_PATHS, Auth
 from dsrouter.config import Config
 from dsrouter.target import BadTarget, check_target, is_worker_internal
@@ -27,8 +28,6 @@ from dsrouter.target import BadTarget, check_target, is_worker_internal
 if TYPE_CHECKING:
     from dsrouter.proxy import Proxy
 
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-Headers = list[tuple[bytes, bytes]]
 
 log = logging.getLogger("dsrouter.frontend")
 
@@ -49,24 +48,6 @@ def shield_final_send(send: Send) -> Send:
             await send(message)
 
     return wrapped
-
-
-async def send_json(
-    send: Send, status: int, payload: object, headers: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    body = json.dumps(payload).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *(headers or []),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 class Frontend:

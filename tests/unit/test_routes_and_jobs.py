@@ -1,8 +1,7 @@
 import pytest
 
 from dsrouter import routes
-from dsrouter.jobs import JobMap
-from dsrouter.proxy import job_id_from
+from dsrouter.jobs import JobMap, job_id_from
 
 
 @pytest.mark.parametrize(
