@@ -308,8 +308,8 @@ class PoolControl:
     async def resume(self, raw: bytes, request_id: str | None = None) -> dict[str, Any]:
         async with self.registry.control_lock:
             targets = [w for w in self.registry.workers() if w.sleeping]
-            self.registry.set_pool_sleeping(False)
             if not targets:
+                self.registry.set_pool_sleeping(False)
                 return {"results": [], "message": "No sleeping workers to resume"}
             results = await self.broadcast(
                 targets, "POST", "/resume_memory_occupation", raw or b"{}", request_id
@@ -317,6 +317,10 @@ class PoolControl:
             for worker, result in zip(targets, results, strict=True):
                 if result["status_code"] == 200:
                     self.registry.set_sleeping(worker, False)
+            # Only now: until a worker is awake, a request is told "pool is asleep" (503
+            # with Retry-After), not "no healthy workers".
+            if any(not w.sleeping for w in targets):
+                self.registry.set_pool_sleeping(False)
         return {"results": results}
 
     # ---- catch-up (run by the registry task) ---------------------------------------------

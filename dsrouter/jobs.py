@@ -37,44 +37,54 @@ class JobEntry:
 
 
 class JobMap:
+    """Job id -> owner, bounded; every operation but `forget_worker` costs O(1).
+
+    Finished jobs (and stored images, which never change) live in their own age-ordered
+    map, so eviction takes the oldest finished entry first, then the oldest unfinished
+    one, without scanning: at capacity an insert costs what it costs on an empty map.
+    """
+
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._entries: OrderedDict[str, JobEntry] = OrderedDict()
+        self._open: OrderedDict[str, JobEntry] = OrderedDict()
+        self._done: OrderedDict[str, JobEntry] = OrderedDict()
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._open) + len(self._done)
 
-    def remember(self, job_id: str, worker_url: str, kind: str) -> None:
-        self._entries[job_id] = JobEntry(worker_url, kind)
-        self._entries.move_to_end(job_id)
+    def remember(self, job_id: str, worker_url: str, kind: str, finished: bool = False) -> None:
+        self.forget(job_id)
+        entries = self._done if finished else self._open
+        entries[job_id] = JobEntry(worker_url, kind, finished)
         self._evict()
 
     def owner(self, job_id: str) -> str | None:
-        entry = self._entries.get(job_id)
+        entry = self._open.get(job_id) or self._done.get(job_id)
         return entry.worker_url if entry else None
 
     def mark_finished(self, job_id: str) -> None:
-        entry = self._entries.get(job_id)
+        entry = self._open.pop(job_id, None)
         if entry is not None:
             entry.finished = True
+            self._done[job_id] = entry
 
     def forget(self, job_id: str) -> None:
-        self._entries.pop(job_id, None)
+        self._open.pop(job_id, None)
+        self._done.pop(job_id, None)
 
     def forget_worker(self, worker_url: str) -> int:
-        doomed = [k for k, e in self._entries.items() if e.worker_url == worker_url]
-        for key in doomed:
-            del self._entries[key]
-        return len(doomed)
+        """Drop a removed worker's jobs (a scan: membership changes are rare)."""
+        forgotten = 0
+        for entries in (self._open, self._done):
+            doomed = [k for k, e in entries.items() if e.worker_url == worker_url]
+            for key in doomed:
+                del entries[key]
+            forgotten += len(doomed)
+        return forgotten
 
     def _evict(self) -> None:
-        if len(self._entries) <= self.capacity:
-            return
-        finished = [k for k, e in self._entries.items() if e.finished]
-        for key in finished[: len(self._entries) - self.capacity]:
-            del self._entries[key]
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
+        while len(self) > self.capacity:
+            (self._done or self._open).popitem(last=False)
 
 
 def job_id_from(payload: Any) -> str | None:
@@ -92,6 +102,19 @@ def job_id_from(payload: Any) -> str | None:
     return None
 
 
+def _stored_on_worker(payload: Any) -> bool:
+    """Whether the worker kept the image (`GET /v1/images/{id}/content` can fetch it): a
+    relative `url`, or a `file_path`. Otherwise (an S3 URL, or b64 with no output path)
+    nobody will ask the router for it again, and remembering it only costs room."""
+    data = payload.get("data") if isinstance(payload, dict) else None
+    for item in data if isinstance(data, list) else []:
+        if isinstance(item, dict):
+            url = item.get("url")
+            if (isinstance(url, str) and url.startswith("/")) or item.get("file_path"):
+                return True
+    return False
+
+
 class JobAffinity:
     """Remember job owners from answers, find unknown ones, merge the pool's job lists."""
 
@@ -107,7 +130,10 @@ class JobAffinity:
         job_id = job_id or job_id_from(payload)
         if job_id is None:
             return
-        if created:
+        if created and kind == "images":
+            if _stored_on_worker(payload):  # an image never changes: finished at once
+                self.registry.jobs.remember(job_id, worker.url, kind, finished=True)
+        elif created:
             self.registry.jobs.remember(job_id, worker.url, kind)
         elif isinstance(payload, dict) and payload.get("status") in ("completed", "failed"):
             self.registry.jobs.mark_finished(job_id)

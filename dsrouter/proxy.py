@@ -553,6 +553,8 @@ class Proxy:
         """`GET /v1/videos` (or meshes) without an id: every suitable worker's jobs, merged."""
         workers = self.registry.routable(accept_for(exchange.route.output))
         if not workers:
+            if self.registry.pool_sleeping:
+                raise PoolAsleep("pool is asleep")
             raise NoWorkerAvailable("No healthy workers available in the pool")
         exchange.record.attempts = len(workers)
         status, payload = await self.jobs.merged_list(
