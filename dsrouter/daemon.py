@@ -56,6 +56,7 @@ from dsrouter.policies import make_policy
 from dsrouter.proxy import Proxy
 from dsrouter.registry import Registry
 from dsrouter.reload import Reloader
+from dsrouter.units import KiB
 from dsrouter.workers_http import WorkerHTTP
 
 log = logging.getLogger("dsrouter")
@@ -72,7 +73,7 @@ def _hypercorn_config(config: Config) -> HypercornConfig:
     hc.bind = [f"[{host}]:{config.server.port}" if ":" in host else f"{host}:{config.server.port}"]
     hc.graceful_timeout = CLOSE_GRACE_S
     hc.keep_alive_timeout = config.server.keep_alive_timeout_s
-    hc.h11_max_incomplete_size = config.server.max_header_kb * 1024
+    hc.h11_max_incomplete_size = config.server.max_header_kb * KiB
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
     return hc

@@ -24,6 +24,7 @@ from dsrouter.asgi import Headers, Receive, Scope, Send, send_json
 from dsrouter.auth import PUBLIC_PATHS, Auth
 from dsrouter.config import Config
 from dsrouter.target import BadTarget, check_target, is_worker_internal
+from dsrouter.units import KiB
 
 if TYPE_CHECKING:
     from dsrouter.proxy import Proxy
@@ -115,7 +116,7 @@ class Frontend:
         hypercorn enforces `h11_max_incomplete_size` only while a head is incomplete, so a
         large head that arrives in one read passes it; this counts every head.
         """
-        limit = self._config().server.max_header_kb * 1024
+        limit = self._config().server.max_header_kb * KiB
         size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
         size += sum(len(key) + len(value) + 4 for key, value in scope["headers"])
         if size > limit:

@@ -49,7 +49,7 @@ from dsrouter.registry import (
     Worker,
 )
 from dsrouter.routes import Route
-from dsrouter.units import MiB
+from dsrouter.units import KiB, MiB
 from dsrouter.workers_http import InvalidRequest, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("dsrouter.proxy")
@@ -211,7 +211,7 @@ class Proxy:
             content_length=content_length,
             max_bytes=server.max_body_mb * MiB,
             idle_s=server.body_idle_timeout_s,
-            min_rate=server.body_min_rate_kb_s * 1024,
+            min_rate=server.body_min_rate_kb_s * KiB,
             rate_grace_s=server.body_rate_grace_s,
         )
         exchange = Exchange(scope, send, record, route, body, headers)

@@ -53,6 +53,7 @@ from dsrouter.launcher.progress import Progress
 from dsrouter.launcher.restarts import RestartTracker
 from dsrouter.launcher.rolling import Pool
 from dsrouter.registry import Health, ProbeOutcome, Registry
+from dsrouter.units import MiB
 from dsrouter.urls import worker_id_for
 from dsrouter.workers_http import HealthReading, WorkerHTTP
 
@@ -470,7 +471,7 @@ async def run_pool(
     await clean_stale(directory)
     check_ports_free([plan.ports for plan in plans], cfg.worker_host)
     log_dir = Path(cfg.log_dir) if cfg.log_dir else None
-    outputs = [WorkerOutput(plan.index, log_dir, cfg.log_max_mb * 1024 * 1024) for plan in plans]
+    outputs = [WorkerOutput(plan.index, log_dir, cfg.log_max_mb * MiB) for plan in plans]
     progress = Progress(len(plans))
     pidfile = open_pidfile(directory)
     failures: list[str] = []
