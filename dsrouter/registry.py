@@ -35,6 +35,7 @@ from dsrouter.jobs import JobMap
 from dsrouter.policies import SAMPLE_ABOVE, Policy
 from dsrouter.speed import SpeedEstimate, pool_median
 from dsrouter.urls import display_id_for, normalize_worker_url, worker_id_for
+from dsrouter.workers_http.readiness import ProbeOutcome
 
 log = logging.getLogger("dsrouter.registry")
 
@@ -46,13 +47,6 @@ class Health(enum.Enum):
     STARTING = "starting"
     HEALTHY = "healthy"
     DEAD = "dead"
-
-
-class ProbeOutcome(enum.Enum):
-    OK = "ok"
-    REFUSED = "refused"  # nothing listens: still loading, or gone
-    WARMING = "warming"  # 503 with an empty body: up, warming up
-    FAILED = "failed"  # unhealthy answer, timeout, protocol error
 
 
 class NoWorkerAvailable(Exception):

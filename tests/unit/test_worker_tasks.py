@@ -8,18 +8,17 @@ of these tasks must end that task only, with an ERROR line naming the worker.
 
 import logging
 
-import httpx
 import pytest
 import trio
 
 from dsrouter.config import Config, HealthConfig
 from dsrouter.context import RouterContext
 from dsrouter.control import PoolControl
-from dsrouter.health import HealthChecker, probe_capabilities, probe_health
+from dsrouter.health import HealthChecker, probe_capabilities
 from dsrouter.metrics import Metrics
 from dsrouter.policies import LeastRequest
 from dsrouter.registry import Capabilities, ProbeOutcome, Registry
-from dsrouter.upstream import Upstream
+from dsrouter.workers_http import WorkerHTTP
 
 UNENCODABLE = ["http://a..b:1", "http://" + "a" * 64 + ".example:1", "http://\u00fc_.invalid:1"]
 """Hosts the resolver's IDNA step cannot encode: each raised UnicodeError out of a probe."""
@@ -33,9 +32,9 @@ def errors(caplog: pytest.LogCaptureFixture) -> list[str]:
 async def test_a_probe_of_a_host_that_cannot_be_encoded_is_a_failed_connect(
     url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    outcome, error, _ = await probe_health(Upstream(connect_timeout_s=1), url, 5)
-    assert outcome is ProbeOutcome.REFUSED
-    assert error is not None and "IDNA" in error
+    reading = await WorkerHTTP(connect_timeout_s=1).probe(url, api_key="", timeout_s=5)
+    assert reading.outcome is ProbeOutcome.REFUSED
+    assert reading.detail is not None and "IDNA" in reading.detail
     assert any("cannot be IDNA-encoded" in line for line in errors(caplog))
 
 
@@ -43,23 +42,21 @@ async def test_a_probe_of_a_host_that_cannot_be_encoded_is_a_failed_connect(
 async def test_a_capability_probe_of_a_host_that_cannot_be_encoded_has_no_answer(
     url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with httpx.AsyncClient(trust_env=False) as client:
-        assert await probe_capabilities(client, url, 5) is None
-    assert any(url in line for line in errors(caplog))
+    assert await probe_capabilities(WorkerHTTP(connect_timeout_s=1), url, "", 5) is None
+    assert any("cannot be IDNA-encoded" in line for line in errors(caplog))
 
 
 async def test_a_probe_that_raises_counts_as_failed_and_is_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    class Broken(Upstream):
-        async def send(self, *args: object, **kwargs: object) -> object:
+    class Broken(WorkerHTTP):
+        async def probe(self, *args: object, **kwargs: object) -> object:
             raise RuntimeError("bug in the prober")
 
     registry = Registry(HealthConfig(), LeastRequest())
     worker, _ = registry.add("http://127.0.0.1:9")
-    async with httpx.AsyncClient(trust_env=False) as client:
-        checker = HealthChecker(registry, client, Broken(connect_timeout_s=1), HealthConfig())
-        await checker.probe_now(worker.url)
+    checker = HealthChecker(registry, Broken(connect_timeout_s=1), HealthConfig())
+    await checker.probe_now(worker.url)
     assert worker.last_error is not None and "bug in the prober" in worker.last_error
     assert any("health probe of http://127.0.0.1:9" in line for line in errors(caplog))
 
@@ -80,7 +77,7 @@ async def test_a_failing_capability_probe_or_catch_up_ends_only_that_task(
 
     async def catch_up(url: str) -> None:
         if url == bad:
-            raise httpx.InvalidURL("Invalid IDNA hostname")
+            raise ValueError("a bug in the catch-up")
         caught_up.set()
 
     with trio.fail_after(10):
@@ -105,11 +102,11 @@ async def test_a_broadcast_to_a_host_that_cannot_be_encoded_reports_that_worker(
 ) -> None:
     registry = Registry(HealthConfig(), LeastRequest())
     worker, _ = registry.add("http://\u00fc_.invalid:1")
-    async with httpx.AsyncClient(trust_env=False) as client:
-        health = HealthChecker(registry, client, Upstream(connect_timeout_s=1), HealthConfig())
-        context = RouterContext(Config(), registry, health, client, Metrics(registry))
-        [result] = await PoolControl(context).broadcast(
-            [worker], "POST", "/release_memory_occupation", b"{}"
-        )
-    assert result["status_code"] is None and "InvalidURL" in result["error"]
-    assert any("cannot be sent" in line for line in errors(caplog))
+    workers = WorkerHTTP(connect_timeout_s=1)
+    health = HealthChecker(registry, workers, HealthConfig())
+    context = RouterContext(Config(), registry, health, workers, Metrics(registry))
+    [result] = await PoolControl(context).broadcast(
+        [worker], "POST", "/release_memory_occupation", b"{}"
+    )
+    assert result["status_code"] is None and "IDNA" in result["error"]
+    assert any("cannot be IDNA-encoded" in line for line in errors(caplog))

@@ -25,7 +25,7 @@ import attrs
 import h11
 import trio
 
-log = logging.getLogger("dsrouter.upstream")
+log = logging.getLogger("dsrouter.workers_http")
 
 READ_SIZE = 256 * 1024
 COALESCE_LIMIT = 64 * 1024
