@@ -62,10 +62,10 @@ def test_adding_the_same_url_twice_keeps_one() -> None:
     assert not created and worker is reg.by_url(URL) and len(reg.workers()) == 1
 
 
-def test_lease_releases_exactly_once() -> None:
+async def test_lease_releases_exactly_once() -> None:
     reg = registry()
     reg.apply_probe(URL, ProbeOutcome.OK)
-    lease = reg.lease()
+    lease = await reg.acquire()
     lease.release()
     lease.release()
     assert reg.by_url(URL).in_flight == 0
@@ -77,7 +77,7 @@ async def test_lease_is_released_when_the_request_is_cancelled() -> None:
     entered = trio.Event()
 
     async def request() -> None:
-        with reg.lease():
+        with await reg.acquire():
             entered.set()
             await trio.sleep_forever()
 
@@ -92,7 +92,7 @@ async def test_lease_is_released_when_the_request_is_cancelled() -> None:
 async def test_lease_is_released_when_the_request_fails() -> None:
     reg = registry()
     reg.apply_probe(URL, ProbeOutcome.OK)
-    with pytest.raises(RuntimeError), reg.lease():
+    with pytest.raises(RuntimeError), await reg.acquire():
         raise RuntimeError("upstream broke")
     assert reg.by_url(URL).in_flight == 0
 
@@ -243,11 +243,11 @@ def test_operator_quarantine_never_half_opens() -> None:
     assert worker.routable
 
 
-def test_draining_worker_takes_no_new_requests_and_leaves_once_idle() -> None:
+async def test_draining_worker_takes_no_new_requests_and_leaves_once_idle() -> None:
     reg = registry()
     worker = reg.by_url(URL)
     reg.apply_probe(URL, ProbeOutcome.OK)
-    lease = reg.lease()
+    lease = await reg.acquire()
     reg.set_draining(worker, True, remove_when_idle=True)
     assert reg.routable() == [] and reg.by_url(URL) is worker
     lease.release()
