@@ -1,9 +1,9 @@
 import pytest
 import trio
 
-from dsrouter.config import HealthConfig
-from dsrouter.policies import LeastRequest
-from dsrouter.registry import Health, ProbeOutcome, Registry, video_support_from
+from dsrouter.config import HealthConfig, RoutingConfig
+from dsrouter.policies import LeastRequest, RoundRobin
+from dsrouter.registry import Health, ProbeOutcome, QueueFull, Registry, video_support_from
 
 URL = "http://w:1"
 
@@ -282,3 +282,23 @@ def test_routable_cache_follows_every_state_change() -> None:
     assert reg.routable() == [worker, other], "half-open after breaker_open_s, no event"
     reg.remove("http://v:1")
     assert reg.routable() == [worker]
+
+
+async def test_reconfigure_applies_new_thresholds_limits_and_policy() -> None:
+    reg = Registry(HealthConfig(failure_threshold=5), RoundRobin(), clock=Clock())
+    w, v = reg.add(URL)[0], reg.add("http://v:1")[0]
+    for worker in (w, v):
+        reg.apply_probe(worker.url, ProbeOutcome.OK)
+    assert (await reg.acquire()).worker is w
+    reg.reconfigure(
+        HealthConfig(failure_threshold=1),
+        RoutingConfig(max_inflight_per_worker=1, queue_size=0),
+        1.0,
+    )
+    assert (await reg.acquire()).worker is v, "no new policy: round-robin goes on where it was"
+    with pytest.raises(QueueFull):
+        await reg.acquire()
+    reg.apply_probe(URL, ProbeOutcome.FAILED)
+    assert w.health is Health.DEAD
+    reg.reconfigure(HealthConfig(), RoutingConfig(), 1.0, RoundRobin())
+    assert [(await reg.acquire()).worker for _ in range(2)] == [v, v]
