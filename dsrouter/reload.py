@@ -32,6 +32,7 @@ from dsrouter.frontend import Frontend
 from dsrouter.launcher import LaunchError, Pool, Reconfiguration
 from dsrouter.notify import Notifier, describe_pool
 from dsrouter.policies import make_policy
+from dsrouter.workers_http import fan_out
 
 log = logging.getLogger("dsrouter.reload")
 
@@ -111,9 +112,7 @@ class Reloader:
                 added.append(url)
         # Probe the new workers before the old ones go, so that replacing the whole worker
         # list never leaves a moment with nowhere to route (each probe is time-bounded).
-        async with trio.open_nursery() as nursery:
-            for url in added:
-                nursery.start_soon(self.context.health.probe_now, url)
+        await fan_out(added, self.context.health.probe_now, 2 * new.health.timeout_s)
         for worker in registry.workers():
             if worker.source == "config" and worker.url not in wanted:
                 registry.remove(worker.url)

@@ -33,13 +33,8 @@ from dsrouter.registry.dispatch import (
     QueueTimeout,
 )
 from dsrouter.registry.registry import CapabilityProber, CatchUp, Registry
-from dsrouter.registry.worker import (
-    Capabilities,
-    Health,
-    ProbeOutcome,
-    Worker,
-    video_support_from,
-)
+from dsrouter.registry.worker import Capabilities, Health, Worker, video_support_from
+from dsrouter.workers_http.readiness import ProbeOutcome
 
 __all__ = [
     "ASLEEP_RETRY_AFTER_S",

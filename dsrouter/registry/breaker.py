@@ -17,7 +17,8 @@ import time
 from collections.abc import Callable, Mapping
 
 from dsrouter.config import HealthConfig
-from dsrouter.registry.worker import Health, ProbeOutcome, Worker
+from dsrouter.registry.worker import Health, Worker
+from dsrouter.workers_http.readiness import ProbeOutcome
 
 log = logging.getLogger("dsrouter.registry")
 

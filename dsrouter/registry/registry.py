@@ -23,14 +23,9 @@ from dsrouter.policies import Policy
 from dsrouter.registry.breaker import Breaker
 from dsrouter.registry.dispatch import Dispatcher, Lease
 from dsrouter.registry.weights import PoolWeights
-from dsrouter.registry.worker import (
-    Capabilities,
-    Health,
-    ProbeOutcome,
-    RoutingEpoch,
-    Worker,
-)
+from dsrouter.registry.worker import Capabilities, Health, RoutingEpoch, Worker
 from dsrouter.urls import display_id_for, normalize_worker_url, worker_id_for
+from dsrouter.workers_http.readiness import ProbeOutcome
 
 log = logging.getLogger("dsrouter.registry")
 

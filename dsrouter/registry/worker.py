@@ -28,13 +28,6 @@ class Health(enum.Enum):
     DEAD = "dead"
 
 
-class ProbeOutcome(enum.Enum):
-    OK = "ok"
-    REFUSED = "refused"  # nothing listens: still loading, or gone
-    WARMING = "warming"  # 503 with an empty body: up, warming up
-    FAILED = "failed"  # unhealthy answer, timeout, protocol error
-
-
 @attrs.frozen
 class Capabilities:
     """What a worker can serve, read from `/model_info` and `/v1/models`."""
