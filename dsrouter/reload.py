@@ -102,7 +102,6 @@ class Reloader:
             if new.routing.algorithm != old.routing.algorithm
             else None,
         )
-        registry.jobs.capacity = new.routing.max_jobs
         self.context.health.config = new.health
         wanted = {w.url: w for w in new.workers}
         added, removed = [], []

@@ -88,6 +88,7 @@ class Registry:
         """Apply a reloaded configuration; `policy` None keeps the current one (and its
         state, such as a round-robin position)."""
         self._breaker.config = health
+        self.jobs.capacity = routing.max_jobs
         if policy is None:
             policy = self._dispatch.policy
         self._dispatch.reconfigure(routing, default_spu, policy)
