@@ -106,13 +106,15 @@ class Reloader:
         registry = self.context.registry
         self.context.config = new
         self.frontend.auth = auth
-        registry.health_config = new.health
-        registry.routing = new.routing
-        registry.default_spu = new.cost.default_seconds_per_unit
-        registry.jobs.capacity = new.routing.max_jobs
+        registry.reconfigure(
+            new.health,
+            new.routing,
+            new.cost.default_seconds_per_unit,
+            make_policy(new.routing.algorithm)
+            if new.routing.algorithm != old.routing.algorithm
+            else None,
+        )
         self.context.health.config = new.health
-        if new.routing.algorithm != old.routing.algorithm:
-            registry.policy = make_policy(new.routing.algorithm)
         wanted = {w.url: w for w in new.workers}
         added, removed = [], []
         for url, static in wanted.items():
