@@ -282,6 +282,21 @@ class PoolControl:
                 self.registry.mark_stale(worker, "weights checksum differs from the pool")
         return True
 
+    def new_lineage(self, reason: str) -> None:
+        """The workers are moving to another model: the refits since the last one belong to
+        the old model, so nobody replays them and no worker is stale for lacking them."""
+        if self.registry.target_version is None and not self.recipe:
+            return
+        log.warning(
+            "%s: the pool's weights (version %s) are dropped; workers serve their launch "
+            "weights until the next refit",
+            reason,
+            self.registry.target_version,
+        )
+        self.recipe.clear()
+        self.checksum = None
+        self.registry.clear_target()
+
     # ---- sleep and wake ------------------------------------------------------------------
 
     async def release(self, raw: bytes, request_id: str | None = None) -> dict[str, Any]:

@@ -128,7 +128,9 @@ async def run_router(
                     AccessLog(context.metrics, lambda: context.config.logging),
                     lambda: context.config,
                 )
-                reloader = Reloader(context, frontend, loader or (lambda: config), notifier)
+                reloader = Reloader(
+                    context, frontend, loader or (lambda: config), notifier, control
+                )
                 app.config["DSROUTER_RELOAD"] = reloader
                 _warn_if_exposed(config, auth)
                 root.start_soon(

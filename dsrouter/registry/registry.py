@@ -306,6 +306,10 @@ class Registry:
         """A refit moved the pool to `version`: every worker not confirmed on it is stale."""
         self._weights.set_target(version)
 
+    def clear_target(self) -> None:
+        """The pool starts a new weight lineage (a new model): no worker is stale."""
+        self._weights.clear_target()
+
     def confirm_weights(self, worker: Worker, version: str) -> None:
         self._weights.confirm_weights(worker, version)
 

@@ -42,6 +42,13 @@ class PoolWeights:
             self._update_staleness(worker)
         self._notify()
 
+    def clear_target(self) -> None:
+        """A new lineage (another model): every worker's launch weights are right again."""
+        self.target_version = None
+        for worker in self._workers.values():
+            self._update_staleness(worker)
+        self._notify()
+
     def confirm_weights(self, worker: Worker, version: str) -> None:
         worker.weights = version
         self._update_staleness(worker)
