@@ -282,6 +282,21 @@ class PoolControl:
                 self.registry.mark_stale(worker, "weights checksum differs from the pool")
         return True
 
+    def new_lineage(self, reason: str) -> None:
+        """The workers are moving to another model: the refits since the last one belong to
+        the old model, so nobody replays them and no worker is stale for lacking them."""
+        if self.registry.target_version is None and not self.recipe:
+            return
+        log.warning(
+            "%s: the pool's weights (version %s) are dropped; workers serve their launch "
+            "weights until the next refit",
+            reason,
+            self.registry.target_version,
+        )
+        self.recipe.clear()
+        self.checksum = None
+        self.registry.clear_target()
+
     # ---- sleep and wake ------------------------------------------------------------------
 
     async def release(self, raw: bytes, request_id: str | None = None) -> dict[str, Any]:
@@ -326,10 +341,13 @@ class PoolControl:
     # ---- catch-up (run by the registry task) ---------------------------------------------
 
     async def catch_up(self, url: str) -> None:
-        """Replay the pool's weight changes on a stale worker, retrying with backoff.
+        """Bring a worker in line with the pool: asleep if the pool sleeps, else on the
+        pool's weights (replaying its weight changes, retrying with backoff).
 
-        Runs until the worker is on the pool's version, or can no longer be caught up now
-        (gone, not healthy, asleep: the registry asks again when that changes). Marking the
+        A worker that joins or recovers while the pool sleeps is put to sleep, and nothing
+        else: its weights are replayed when the pool wakes (the wake asks again). Otherwise
+        this runs until the worker is on the pool's version, or can no longer be caught up
+        now (gone, not healthy, asleep: the registry asks again when that changes). Marking the
         worker stale from in here (`mark_stale`) asks for a catch-up too, but the registry
         runs one catch-up per worker at a time and drops that request, so this loop is the
         only retry.
@@ -337,9 +355,12 @@ class PoolControl:
         delay = CATCH_UP_FIRST_DELAY_S
         while True:
             worker = self.registry.by_url(url)
-            if worker is None or not worker.stale or worker.health is not Health.HEALTHY:
+            if worker is None or worker.health is not Health.HEALTHY or worker.sleeping:
                 return
-            if worker.sleeping:
+            if self.registry.pool_sleeping:
+                await self._put_to_sleep(worker)
+                return
+            if not worker.stale:
                 return
             if any(step.path not in REPLAYABLE for step in self.recipe):
                 self.registry.mark_stale(
@@ -354,6 +375,28 @@ class PoolControl:
                 return
             await trio.sleep(delay * self._rng.uniform(0.8, 1.2))
             delay = min(delay * 2, CATCH_UP_MAX_DELAY_S)
+
+    async def _put_to_sleep(self, worker: Worker) -> None:
+        """Release a late worker's GPU memory, as the pool's release did for the others."""
+        async with self.registry.control_lock:
+            if not self.registry.pool_sleeping or worker.sleeping:
+                return
+            request_id = new_request_id()
+            result = await self._call(
+                worker, "POST", "/release_memory_occupation", b"{}", request_id
+            )
+            if result["status_code"] == 200:
+                self.registry.set_sleeping(worker, True)
+                log.info(
+                    "%s joined a sleeping pool: put to sleep [%s]", worker.display_id, request_id
+                )
+            else:
+                log.warning(
+                    "%s joined a sleeping pool and could not be put to sleep: %s [%s]",
+                    worker.display_id,
+                    _reason(result),
+                    request_id,
+                )
 
     async def _replay(self, worker: Worker, request_id: str) -> None:
         """One catch-up attempt: the recipe, then the checksum check if the pool has one.
@@ -387,12 +430,6 @@ class PoolControl:
                 return
         self.registry.confirm_weights(worker, version)
         log.info("worker %s caught up to %s [%s]", worker.display_id, version, request_id)
-        if self.registry.pool_sleeping:
-            result = await self._call(
-                worker, "POST", "/release_memory_occupation", b"{}", request_id
-            )
-            if result["status_code"] == 200:
-                self.registry.set_sleeping(worker, True)
 
 
 def _canonical(body: Any) -> str:

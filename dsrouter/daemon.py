@@ -133,6 +133,7 @@ async def run_router(
                     frontend,
                     loader or (lambda: LoadedConfig(config, "(start-up)")),
                     notifier,
+                    control,
                 )
                 app.config["DSROUTER_RELOAD"] = reloader
                 _warn_if_exposed(config, auth)

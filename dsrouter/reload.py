@@ -36,6 +36,7 @@ import trio
 from dsrouter.auth import Auth
 from dsrouter.config import Config, ConfigError, LoadedConfig
 from dsrouter.context import RouterContext
+from dsrouter.control import PoolControl
 from dsrouter.frontend import Frontend
 from dsrouter.launcher import LaunchError, Pool, Reconfiguration
 from dsrouter.notify import Notifier, describe_pool
@@ -61,11 +62,13 @@ class Reloader:
         frontend: Frontend,
         loader: Callable[[], LoadedConfig],
         notifier: Notifier | None = None,
+        control: PoolControl | None = None,
     ) -> None:
         self.context = context
         self.frontend = frontend
         self.loader = loader
         self.notifier = notifier or Notifier({})
+        self.control = control
         self.pool: Pool | None = None
         """The launched workers, once `run_pool` has brought them up (the daemon sets it)."""
         self._lock = trio.Lock()
@@ -130,6 +133,12 @@ class Reloader:
                 removed.append(worker.url)
         restart = [key for key in RESTART_ONLY if _get(old, key) != _get(new, key)]
         launcher_restart, rolling = self._apply_launcher(launcher, old, new)
+        if rolling and old.launcher.model != new.launcher.model and self.control is not None:
+            # The restarted workers load the new model; a catch-up must not load the old
+            # model's refits back onto them.
+            self.control.new_lineage(
+                f"reload: launcher.model {old.launcher.model!r} -> {new.launcher.model!r}"
+            )
         restart += launcher_restart
         for key in restart:
             log.warning("reload: %s changed; it takes effect after a restart", key)

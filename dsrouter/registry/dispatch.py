@@ -93,6 +93,8 @@ class _Waiter:
     cost: float
     event: trio.Event = attrs.Factory(trio.Event)
     lease: Lease | None = None
+    refusal: Exception | None = None
+    """Set instead of a lease when the queue is emptied (`refuse_all`)."""
 
 
 class Dispatcher:
@@ -178,6 +180,8 @@ class Dispatcher:
             else:
                 self._leave_queue(entry)
             raise
+        if waiter.refusal is not None:
+            raise waiter.refusal
         if waiter.lease is None:
             self._leave_queue(entry)
             raise QueueTimeout(f"No worker became free within {self.routing.queue_timeout_s:g}s")
@@ -261,6 +265,14 @@ class Dispatcher:
             self._breaker.end_trial(worker)
         self._released(worker)
         self._notify()
+
+    def refuse_all(self, refusal: Exception) -> None:
+        """Empty the queue: every waiting request gets `refusal` raised now (the pool fell
+        asleep: waiting for the wake could take as long as a training step)."""
+        for _, _, waiter in self._queue:
+            waiter.refusal = refusal
+            waiter.event.set()
+        self._queue.clear()
 
     def _leave_queue(self, entry: tuple[int, int, _Waiter]) -> None:
         self._queue.remove(entry)

@@ -21,7 +21,7 @@ from dsrouter.config import HealthConfig, RoutingConfig
 from dsrouter.jobs import JobMap
 from dsrouter.policies import Policy
 from dsrouter.registry.breaker import Breaker
-from dsrouter.registry.dispatch import Dispatcher, Lease
+from dsrouter.registry.dispatch import Dispatcher, Lease, PoolAsleep
 from dsrouter.registry.weights import PoolWeights
 from dsrouter.registry.worker import Capabilities, Health, RoutingEpoch, Worker
 from dsrouter.urls import display_id_for, normalize_worker_url, worker_id_for
@@ -124,7 +124,8 @@ class Registry:
         return worker
 
     def routable(self, accept: Callable[[Worker], bool] | None = None) -> list[Worker]:
-        """Workers a request may go to: healthy ones, plus half-open ones awaiting a trial.
+        """Workers a request may go to: healthy ones, plus half-open ones awaiting a trial
+        (never one whose weights are unconfirmed); none while the pool sleeps.
 
         Cached: with a thousand workers a scan per request was the main routing cost. The
         cache is rebuilt when a routing-relevant field changes (the registry's
@@ -147,7 +148,7 @@ class Registry:
         base: list[Worker] = []
         until = math.inf
         now: float | None = None
-        for w in self._workers.values():
+        for w in () if self.pool_sleeping else self._workers.values():
             if w.routable:
                 base.append(w)
             elif (
@@ -156,6 +157,7 @@ class Registry:
                 and not w.trial_in_flight
                 and not w.sleeping
                 and not w.draining
+                and not w.stale
                 and w.half_open_after != math.inf
             ):
                 now = self.clock() if now is None else now
@@ -294,6 +296,8 @@ class Registry:
         if worker.health is Health.HEALTHY:
             self.request_capability_refresh(worker.url)
             self._weights.became_healthy(worker, was_dead=previous is Health.DEAD)
+        elif worker.health is Health.DEAD:
+            self._weights.went_dead(worker)
         self._notify()
 
     # ---- weights and sleep (weights.py) --------------------------------------------------
@@ -301,6 +305,10 @@ class Registry:
     def set_target(self, version: str) -> None:
         """A refit moved the pool to `version`: every worker not confirmed on it is stale."""
         self._weights.set_target(version)
+
+    def clear_target(self) -> None:
+        """The pool starts a new weight lineage (a new model): no worker is stale."""
+        self._weights.clear_target()
 
     def confirm_weights(self, worker: Worker, version: str) -> None:
         self._weights.confirm_weights(worker, version)
@@ -315,6 +323,12 @@ class Registry:
         self._weights.set_sleeping(worker, sleeping)
 
     def set_pool_sleeping(self, sleeping: bool) -> None:
+        """While the pool sleeps no worker is routable, whatever its own state (one that
+        recovers meanwhile is put to sleep by its catch-up), and requests waiting in the
+        queue get "pool is asleep" unless `routing.queue_while_asleep` keeps them."""
+        self._epoch.bump()
+        if sleeping and not self.routing.queue_while_asleep:
+            self._dispatch.refuse_all(PoolAsleep("pool is asleep"))
         self._weights.set_pool_sleeping(sleeping)
 
     def _notify(self) -> None:

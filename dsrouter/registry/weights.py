@@ -42,6 +42,13 @@ class PoolWeights:
             self._update_staleness(worker)
         self._notify()
 
+    def clear_target(self) -> None:
+        """A new lineage (another model): every worker's launch weights are right again."""
+        self.target_version = None
+        for worker in self._workers.values():
+            self._update_staleness(worker)
+        self._notify()
+
     def confirm_weights(self, worker: Worker, version: str) -> None:
         worker.weights = version
         self._update_staleness(worker)
@@ -64,12 +71,21 @@ class PoolWeights:
 
     def became_healthy(self, worker: Worker, was_dead: bool) -> None:
         """A worker (re)joined the healthy pool: a dead one may have restarted on its launch
-        weights, so once the pool has a target it counts as unconfirmed until caught up."""
+        weights, so once the pool has a target it counts as unconfirmed until caught up; one
+        that comes while the pool sleeps is put to sleep first (the catch-up does both)."""
         if self.target_version is not None and was_dead:
             worker.weights = None
         self._update_staleness(worker)
-        if worker.stale:
+        if worker.stale or (self.pool_sleeping and not worker.sleeping):
             self._request_catch_up(worker.url)
+
+    def went_dead(self, worker: Worker) -> None:
+        """A dead worker may come back as a new process on its launch weights: once the pool
+        has a target, it is unconfirmed from now on, so not even the breaker's trial request
+        reaches it before a catch-up has confirmed its weights."""
+        if self.target_version is not None:
+            worker.weights = None
+            self._update_staleness(worker)
 
     def set_sleeping(self, worker: Worker, sleeping: bool) -> None:
         """Record the router's own view of sleep: workers keep `/health` at 200 while asleep."""
@@ -85,6 +101,10 @@ class PoolWeights:
 
     def set_pool_sleeping(self, sleeping: bool) -> None:
         self.pool_sleeping = sleeping
+        if not sleeping:  # a worker that stayed awake through the sleep may be behind
+            for worker in self._workers.values():
+                if worker.stale and not worker.sleeping:
+                    self._request_catch_up(worker.url)
         self._notify()
 
     def _update_staleness(self, worker: Worker) -> None:

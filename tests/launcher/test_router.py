@@ -178,6 +178,47 @@ async def test_sighup_with_new_extra_args_restarts_workers_one_by_one_without_fa
         await wait_dead(pids, timeout_s=2)
 
 
+async def test_a_new_model_on_reload_after_a_refit_starts_a_new_weight_lineage(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    """The restarted workers serve the new model, not the old model's refit loaded back
+    onto them by a catch-up."""
+    config = _router_toml(2, stop_timeout_s=2.0)
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with router_process(
+            [], config=config, tmp_path=tmp_path, env=_env(tmp_path)
+        ) as router:
+            old = {i: w["supervisor"]["pid"] for i, w in (await _managed(http, router.url)).items()}
+            refit = await http.post(
+                f"{router.url}/update_weights_from_disk",
+                json={"model_path": "sim/step-1", "weight_version": "v1"},
+            )
+            assert refit.status_code == 200 and refit.json()["success"] is True
+            (tmp_path / "router.toml").write_text(
+                config.replace('model = "sim/Wan-Sim-T2V"', 'model = "sim/Other-T2V"')
+            )
+            reloaded = await http.post(f"{router.url}/admin/reload")
+            assert reloaded.status_code == 200 and reloaded.json()["rolling_restart"] == [0, 1]
+
+            async def rolled() -> bool:
+                now = await _managed(http, router.url)
+                return sorted(now) == [0, 1] and all(
+                    w["supervisor"]["pid"] not in old.values() and w["state"] == "healthy"
+                    for w in now.values()
+                )
+
+            await wait_until(rolled, timeout_s=30)
+            listed = (await http.get(f"{router.url}/workers")).json()
+            assert listed["target_version"] is None
+            assert all(not w["is_stale"] for w in listed["workers"])
+            for _ in range(6):
+                answer = await http.post(f"{router.url}/v1/images/generations", json=CUBE)
+                assert answer.status_code == 200
+                assert answer.headers["x-simworker-model-path"] == "sim/Other-T2V"
+            pids = [w["supervisor"]["pid"] for w in (await _managed(http, router.url)).values()]
+        await wait_dead(pids, timeout_s=2)
+
+
 async def _slots(http: httpx.AsyncClient, router: str) -> list[dict[str, Any]]:
     """`managed_workers` of `GET /workers`: every launcher slot, registered or not."""
     return (await http.get(f"{router}/workers")).json()["managed_workers"]
