@@ -13,6 +13,7 @@ the model pipeline for a tiny CPU one. Without sglang installed the real tests s
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import shutil
@@ -129,10 +130,8 @@ class Process:
 
 
 def _signal_group(pgid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def spawn(argv: list[str], log: Path, url: str, env: Mapping[str, str] | None = None) -> Process:

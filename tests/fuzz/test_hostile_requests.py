@@ -212,6 +212,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, list[s
         assert router.poll() is None, "the router exited"
     finally:
         import os
+
         if os.environ.get("FUZZ_DEBUG"):
             processes[-1].terminate()
             time.sleep(5)
@@ -272,6 +273,7 @@ def test_hostile_requests_get_no_router_5xx_and_no_admin_effect(
         lines.append(f"Content-Length: {len(body)}")
     data = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
     import os
+
     if os.environ.get("FUZZ_DEBUG"):
         with open("/work/scratch/inputs.txt", "a") as f:
             f.write(repr(data) + "\n")

@@ -15,6 +15,7 @@ the image worker's backend, so it must stay last.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import signal
 import socket
@@ -92,10 +93,8 @@ async def assert_plain_500_then_close(url: str, path: str, body: object) -> None
 def _kill(pid: int) -> None:
     import os
 
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 @pytest.fixture(scope="module", params=["sim", "real"])
@@ -105,7 +104,11 @@ def contract(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     no_weights.mkdir()
     if request.param == "sim":
         image, video = start_simworkers(
-            [[*SIM_FAST, "--task-type", "TI2I"], [*SIM_FAST, "--task-type", "T2V"]], directory
+            [
+                [*SIM_FAST, "--task-type", "TI2I", "--model-path", "ckpt/1"],
+                [*SIM_FAST, "--task-type", "T2V"],
+            ],
+            directory,
         )
         contract = Contract("sim", image, video, "ckpt/1", "ckpt/2", str(no_weights))
     else:
