@@ -102,13 +102,7 @@ class Process:
 
     def children(self) -> list[int]:
         """PIDs of the worker's direct children (a real worker's scheduler)."""
-        found = []
-        for task in Path(f"/proc/{self.pid}/task").glob("*/children"):
-            try:
-                found += [int(p) for p in task.read_text().split()]
-            except OSError:
-                continue
-        return [pid for pid in found if alive(pid)]
+        return children(self.pid)
 
     def stop(self) -> int | None:
         """SIGTERM the group, SIGKILL it after `STOP_TIMEOUT_S`; the exit status."""
@@ -127,6 +121,37 @@ class Process:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+def children(pid: int) -> list[int]:
+    """Live direct children of `pid`, from /proc."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found += [int(child) for child in task.read_text().split()]
+        except OSError:
+            continue
+    return [child for child in found if alive(child)]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid`."""
+    below = children(pid)
+    return below + [grandchild for child in below for grandchild in descendants(child)]
+
+
+def schedulers(pid: int) -> list[int]:
+    """The scheduler processes of the real worker `pid` (`sgl_diffusion::scheduler...`,
+    the title sglang gives them; the multiprocessing helpers are left alone)."""
+    found = []
+    for child in children(pid):
+        try:
+            title = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"sgl_diffusion" in title:
+            found.append(child)
+    return found
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -249,3 +274,26 @@ def start_simworkers(arg_lists: list[list[str]], directory: Path) -> list[Proces
             process.stop()
         raise
     return processes
+
+
+def start_router(config: str, directory: Path, env: Mapping[str, str]) -> Process:
+    """`dsrouter run --config` on an ephemeral port of 127.0.0.1; returns once it listens
+    (with a `[launcher]`, that is once every launched worker is ready)."""
+    path = directory / "router.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(config)
+    argv = [sys.executable, "-m", "dsrouter", "run", "--host", "127.0.0.1", "--port", "0"]
+    router = spawn([*argv, "--config", str(path)], directory / "router.log", "", env)
+    marker = "dsrouter listening on "
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not router.url:
+        for line in router.log.read_text(errors="replace").splitlines():
+            if marker in line:
+                router.url = line.split(marker, 1)[1].strip()
+        if router.url:
+            break
+        if router.popen.poll() is not None or time.monotonic() > deadline:
+            router.stop()
+            raise AssertionError(f"the router did not start:\n{router.tail(60)}")
+        time.sleep(0.1)  # a poll interval of the log file
+    return router

@@ -38,6 +38,7 @@ from tests.workers import (
     make_models,
     plugin_env,
     require_sglang,
+    schedulers,
     start_real_workers,
     start_simworkers,
 )
@@ -69,9 +70,9 @@ class Contract:
             )
             answer.raise_for_status()
             return
-        children = self.image.children()
-        assert children, "the real worker has no scheduler process"
-        for pid in children:
+        killed = schedulers(self.image.pid)
+        assert killed, "the real worker has no scheduler process"
+        for pid in killed:
             _kill(pid)
 
 
