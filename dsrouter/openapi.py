@@ -323,6 +323,9 @@ def build_openapi() -> dict[str, Any]:
         "/update_weights_from_disk": _control("refit every active worker from disk"),
         "/update_weights_from_tensor": _control("refit from tensors (co-located trainer)"),
         "/get_weights_checksum": _control("per-worker weight checksums"),
+        "/update_weights_from_tensor_checker": _control(
+            "check every worker's tensors against the trainer's hashes"
+        ),
         "/release_memory_occupation": _control("put the pool to sleep"),
         "/resume_memory_occupation": _control("wake the pool"),
         "/v1/set_lora": _control("load or activate a LoRA on every worker"),

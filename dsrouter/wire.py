@@ -1,4 +1,13 @@
-"""Two fixes to hypercorn's HTTP/1.1 protocol (0.17-0.18), installed before serving.
+"""Four changes to hypercorn's trio server (0.17-0.18), installed before serving.
+
+HTTP/2 is off. hypercorn switches a cleartext connection to HTTP/2 on `Upgrade: h2c` or
+on the prior-knowledge preface, and its HTTP/2 side leaves an app waiting for ever when
+the client goes away before reading the answer (the stream's send buffer is never
+released once the connection is closed): found by the hostile-request property test,
+whose h2c upgrades left the router unable to stop. No client of this router needs
+HTTP/2 (curl, the OpenAI SDK and trainers speak HTTP/1.1), so an `Upgrade: h2c` is
+ignored, as RFC 9110 allows (the request is answered over HTTP/1.1), and the preface is
+an ordinary malformed request (400).
 
 Answers hypercorn makes by itself: h11 refuses some heads outright (a malformed request
 line, an unknown transfer coding, a head over `h11_max_incomplete_size`), and hypercorn then
@@ -15,6 +24,16 @@ waits for it. Found by the hostile-request property test. Here a connection's h1
 are serialised (a `100 Continue` that lost the race to a final answer is dropped: the
 client no longer waits for it, and h11 would refuse it), and the end-of-stream takes the
 server's own send lock.
+
+A refused body wedges its connection: hypercorn hands request-body chunks to the app
+through a queue of `max_app_queue_size` (10) entries and never closes it. When the app
+answers without reading the body (a 400 for a bad target, a 401), a body of more than ten
+chunks (chunked coding makes one per chunk) fills the queue; the connection's reader then
+waits for ever, and so does the app's own end-of-stream, which queues a disconnect in the
+same queue. The socket stays half-closed and hypercorn's shutdown waits on it: the router
+never stops. Here the disconnect never blocks the app's send (it is queued from a task of
+its own when the queue is full), the queue closes when the app returns, and what arrives
+for it later is dropped.
 """
 
 from __future__ import annotations
@@ -28,6 +47,7 @@ from typing import Any
 import h11
 import trio
 from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.trio import task_group
 from hypercorn.trio.tcp_server import TCPServer
 
 log = logging.getLogger("dsrouter.frontend")
@@ -98,8 +118,52 @@ async def _close(self: Any) -> None:
     await self.stream.aclose()
 
 
+async def _check_protocol(self: Any, event: h11.Request) -> None:
+    """Never switch protocols (hypercorn's version raises to hand over to HTTP/2)."""
+
+
+async def _spawn_app(self: Any, app: Any, config: Any, scope: Any, send: Any) -> Any:
+    into_app, app_queue = trio.open_memory_channel[Any](config.max_app_queue_size)
+
+    async def app_then_close(*args: Any) -> None:
+        try:
+            await app(*args)
+        finally:
+            app_queue.close()
+
+    self._nursery.start_soon(
+        task_group._handle,
+        app_then_close,
+        config,
+        scope,
+        app_queue.receive,
+        send,
+        trio.to_thread.run_sync,
+        trio.from_thread.run,
+    )
+
+    async def queue(message: Any) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):  # the app has returned
+            await into_app.send(message)
+
+    async def put(message: Any) -> None:
+        if message["type"] != "http.disconnect":
+            await queue(message)
+            return
+        try:
+            into_app.send_nowait(message)
+        except trio.WouldBlock:
+            self._nursery.start_soon(queue, message)
+        except trio.BrokenResourceError:
+            pass
+
+    return put
+
+
 def install() -> None:
     """Idempotent; called once by the daemon before it serves."""
     H11Protocol._send_error_response = _send_error_response  # type: ignore[method-assign]
     H11Protocol._send_h11_event = _send_h11_event  # type: ignore[method-assign]
     TCPServer._close = _close  # type: ignore[method-assign]
+    task_group.TaskGroup.spawn_app = _spawn_app  # type: ignore[method-assign]
+    H11Protocol._check_protocol = _check_protocol  # type: ignore[method-assign]

@@ -8,9 +8,6 @@ the router's answer instead: a 4xx JSON error, one log line, and every worker un
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import h2.config
-import h2.connection
-import h2.events
 import httpx
 import pytest
 import trio
@@ -104,50 +101,32 @@ async def test_no_spelling_of_a_control_route_reaches_a_worker(
         nursery.cancel_scope.cancel()
 
 
-def _h2_post(port: int, path: str) -> int:
-    """One request over cleartext HTTP/2 (prior knowledge) with a raw `:path`."""
-    import socket
-
-    config = h2.config.H2Configuration(client_side=True, validate_outbound_headers=False)
-    conn = h2.connection.H2Connection(config=config)
-    conn.initiate_connection()
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(conn.data_to_send())
-        headers = [
-            (":method", "POST"),
-            (":scheme", "http"),
-            (":authority", "router"),
-            (":path", path),
-            ("content-length", "2"),
-        ]
-        conn.send_headers(1, headers)
-        conn.send_data(1, b"{}", end_stream=True)
-        sock.sendall(conn.data_to_send())
-        while True:
-            data = sock.recv(65536)
-            assert data, "connection closed without an answer"
-            for event in conn.receive_data(data):
-                if isinstance(event, h2.events.ResponseReceived):
-                    return int(dict(event.headers)[b":status"])
-            sock.sendall(conn.data_to_send())
-
-
-async def test_h2c_paths_get_the_same_checks(tmp_path: Path, http: httpx.AsyncClient) -> None:
+async def test_http2_is_off_and_upgrades_get_the_same_checks(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    """h2c upgrades are answered over HTTP/1.1 with the same target and token checks; the
+    prior-knowledge preface is a malformed request. The router still stops at once."""
     async with trio.open_nursery() as nursery:
         worker = await start_simworker(nursery, *INSTANT)
         async with router_process(
             ["--worker-urls", worker.url], config=CONFIG, tmp_path=tmp_path
         ) as router:
             await healthy(http, router.url, 1)
-            port = int(router.url.rsplit(":", 1)[1])
-            for path, status in {
+            upgrade = ("Upgrade: h2c", "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA")
+            for target, status in {
                 "http://x/release_memory_occupation": 400,
                 "/release_memory_occupation#x": 400,
-                "//release_memory_occupation": 400,
                 "/release_memory_occupation": 401,
+                "/health": 200,
             }.items():
-                assert await trio.to_thread.run_sync(_h2_post, port, path) == status, path
+                method = "GET" if target == "/health" else "POST"
+                answer = await raw_request(router.url, head(method, target, *upgrade))
+                assert answer.status == status, target
+            preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+            answer = await raw_request(router.url, preface)
+            assert answer.status == 400 and "error" in answer.json()
             await untouched(http, worker.url)
+            assert await router.stop(timeout_s=15) == 0
         nursery.cancel_scope.cancel()
 
 
@@ -381,4 +360,24 @@ async def test_router_survives_hosts_and_targets_it_refuses(
 
             await wait_until(serves, timeout_s=5)
             assert router.process.returncode is None
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_refused_request_with_a_long_body_does_not_wedge_its_connection(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    """A refusal sent before the body is read, with more body chunks behind it than
+    hypercorn queues for the app: the connection still closes and the router still stops."""
+    chunks = b"1\r\na\r\n" * 40 + b"0\r\n\r\n"
+    async with trio.open_nursery() as nursery:
+        worker = await start_simworker(nursery, *INSTANT)
+        async with router_process(
+            ["--worker-urls", worker.url], config=CONFIG, tmp_path=tmp_path
+        ) as router:
+            await healthy(http, router.url, 1)
+            for target in ("/v1/images/generations#x", "http://elsewhere/v1/x", "/_sim/state"):
+                data = head("POST", target, "Transfer-Encoding: chunked") + chunks
+                answer = await raw_request(router.url, data, timeout_s=10)
+                assert answer.status in (400, 404), (target, answer.status)
+            assert await router.stop(timeout_s=15) == 0
         nursery.cancel_scope.cancel()

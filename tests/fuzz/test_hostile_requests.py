@@ -163,7 +163,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, list[s
     directory = tmp_path_factory.mktemp("fuzz")
     config = directory / "router.toml"
     config.write_text(
-        f'[security]\nadmin_token = "{TOKEN}"\n[logging]\nlevel = "info"\naccess_log = true\n'
+        f'[security]\nadmin_token = "{TOKEN}"\n[logging]\nlevel = "error"\naccess_log = false\n'
     )
     processes: list[subprocess.Popen[bytes]] = []
     try:
@@ -210,22 +210,22 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, list[s
         processes.append(router)
         yield url, workers
         assert router.poll() is None, "the router exited"
+        router.terminate()  # no connection a hostile client left behind may hold the stop
+        assert router.wait(timeout=20) == 0
     finally:
-        import os
-
-        if os.environ.get("FUZZ_DEBUG"):
-            processes[-1].terminate()
-            time.sleep(5)
-            if processes[-1].poll() is None:
-                os.system(f"ss -tnpa | grep pid={processes[-1].pid}, > /work/scratch/dump.txt")
         for process in processes:
-            process.terminate()
+            if process.poll() is None:
+                process.terminate()
         for process in processes:
-            process.wait(timeout=20)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 def _exchange(url: str, data: bytes) -> tuple[int, dict[str, str], bytes]:
-    """Send `data`, read the answer until the server closes (or switches to HTTP/2)."""
+    """Send `data`, read the answer until the server closes."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=20) as sock:
         with contextlib.suppress(OSError):  # answered and closed before reading it all
@@ -234,8 +234,6 @@ def _exchange(url: str, data: bytes) -> tuple[int, dict[str, str], bytes]:
         with contextlib.suppress(ConnectionResetError):
             while chunk := sock.recv(65536):
                 received += chunk
-                if received.startswith(b"HTTP/1.1 101 ") and b"\r\n\r\n" in received:
-                    break  # h2c upgrade: the answer comes as HTTP/2 frames (not judged here)
     head, _, body = received.partition(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1.1 "):
         return 0, {}, b""  # closed without an answer
@@ -272,11 +270,6 @@ def test_hostile_requests_get_no_router_5xx_and_no_admin_effect(
     if body and not any(name in ("Content-Length", "Transfer-Encoding") for name, _ in headers):
         lines.append(f"Content-Length: {len(body)}")
     data = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
-    import os
-
-    if os.environ.get("FUZZ_DEBUG"):
-        with open("/work/scratch/inputs.txt", "a") as f:
-            f.write(repr(data) + "\n")
     status, answer_headers, answer = _exchange(url, data)
     if status >= 500:
         assert "x-dsrouter-worker" in answer_headers, (data[:300], status, answer[:200])

@@ -199,7 +199,11 @@ def test_good_probes_alone_do_not_close_a_breaker_that_failed_requests_opened() 
 def test_failed_requests_eject_at_most_max_ejection_percent_of_the_pool(
     pool: int, percent: int, ejectable: int
 ) -> None:
-    reg = Registry(HealthConfig(failure_threshold=1, max_ejection_percent=percent), LeastRequest())
+    reg = Registry(
+        HealthConfig(failure_threshold=1, max_ejection_percent=percent),
+        LeastRequest(),
+        clock=Clock(),
+    )
     for index in range(pool):
         reg.add(f"http://w:{index + 1}")
         reg.apply_probe(f"http://w:{index + 1}", ProbeOutcome.OK)
