@@ -362,11 +362,9 @@ class Supervisor:
         with trio.move_on_after(PROBE_TIMEOUT_S):
             try:
                 response = await self.client.get(f"{self.plan.url}/health")
-                body = response.json() if response.status_code == 503 else None
-            except (httpx.HTTPError, ValueError):
+            except httpx.HTTPError:
                 return None
-            if isinstance(body, dict) and body.get("status") == "unhealthy":
-                return str(body.get("error") or "unhealthy")
+            return _reported_failure(response)
         return None
 
     async def _stop(self, child: Child) -> None:
@@ -397,7 +395,7 @@ class Supervisor:
 
             race.start_soon(watch_exit)
             with trio.move_on_after(self.cfg.wait_timeout_s) as timeout:
-                await self._poll_health()
+                problem = await self._poll_health()
             if timeout.cancelled_caught:
                 problem = (
                     f"was not ready within wait_timeout_s = {self.cfg.wait_timeout_s:g} s "
@@ -406,8 +404,14 @@ class Supervisor:
             race.cancel_scope.cancel()
         return problem
 
-    async def _poll_health(self) -> None:
-        """Return when `GET /health` answers 200; keep the progress detail current."""
+    async def _poll_health(self) -> str | None:
+        """Return None when `GET /health` answers 200, or the worker's own error when it
+        reports itself failed; keep the progress detail current meanwhile.
+
+        A failed worker (503 `{"status": "unhealthy", ...}`, e.g. its scheduler died while
+        warming up) never becomes ready nor exits by itself (WORKER_API.md section 2), so
+        waiting for it would only delay the verdict by `wait_timeout_s`.
+        """
         port = self.plan.ports.http
         while True:
             with trio.move_on_after(PROBE_TIMEOUT_S):
@@ -419,7 +423,10 @@ class Supervisor:
                     self.progress.set_detail(self.index, f"/health failed: {type(exc).__name__}")
                 else:
                     if response.status_code == 200:
-                        return
+                        return None
+                    failure = _reported_failure(response)
+                    if failure is not None:
+                        return f"reported itself failed during start-up: {failure}"
                     self.progress.set_detail(
                         self.index,
                         "warming up"
@@ -441,6 +448,20 @@ class Supervisor:
         if self._registered:
             self._registered = False
             self.registry.remove(self.plan.url)
+
+
+def _reported_failure(response: httpx.Response) -> str | None:
+    """The error of a `/health` answer 503 `{"status": "unhealthy", "error": ...}`: a worker
+    that reports itself failed for good (an empty 503 only means warming up)."""
+    if response.status_code != 503:
+        return None
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    if isinstance(body, dict) and body.get("status") == "unhealthy":
+        return str(body.get("error") or "unhealthy")
+    return None
 
 
 def _result(verdict: _Verdict, failed: bool, reason: str) -> RunResult:
