@@ -31,6 +31,7 @@ import pytest
 from tests.launcher.helpers import alive, free_port_block
 
 REQUIRE_VAR = "DSROUTER_REQUIRE_SGLANG"
+REPO = Path(__file__).resolve().parent.parent
 PLUGIN_DIST = "dsrouter-sglang-testplugin"
 START_TIMEOUT_S = 180.0
 """A real worker starts in ~25 s on 2 idle cores; several at once on a busy CI machine take
@@ -159,8 +160,17 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
-def spawn(argv: list[str], log: Path, url: str, env: Mapping[str, str] | None = None) -> Process:
-    """Start `argv` in its own process group with output to `log` (not waited for)."""
+def spawn(
+    argv: list[str],
+    log: Path,
+    url: str,
+    env: Mapping[str, str] | None = None,
+    in_log_dir: bool = True,
+) -> Process:
+    """Start `argv` in its own process group with output to `log` (not waited for).
+
+    `in_log_dir`: run it in the log's directory, where a real worker leaves the files it
+    writes relative to its working directory (uploads, outputs)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as out:
         popen = subprocess.Popen(
@@ -169,7 +179,7 @@ def spawn(argv: list[str], log: Path, url: str, env: Mapping[str, str] | None = 
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
-            cwd=log.parent,
+            cwd=log.parent if in_log_dir else None,
             start_new_session=True,
         )
     return Process(popen, url, log)
@@ -266,7 +276,8 @@ def start_simworkers(arg_lists: list[list[str]], directory: Path) -> list[Proces
         argv = [sys.executable, "-m", "dsrouter.simworker", "--host", "127.0.0.1"]
         argv += ["--port", str(port), *args]
         log = directory / f"simworker-{index}" / "worker.log"
-        processes.append(spawn(argv, log, f"http://127.0.0.1:{port}"))
+        # in this directory: `-m dsrouter.simworker` must import the dsrouter under test
+        processes.append(spawn(argv, log, f"http://127.0.0.1:{port}", in_log_dir=False))
     try:
         wait_ready(processes, timeout_s=30.0)
     except BaseException:
@@ -283,6 +294,9 @@ def start_router(config: str, directory: Path, env: Mapping[str, str]) -> Proces
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(config)
     argv = [sys.executable, "-m", "dsrouter", "run", "--host", "127.0.0.1", "--port", "0"]
+    # It runs in `directory` (so do the workers it launches, and what they write there), so
+    # PYTHONPATH makes `-m dsrouter` import the dsrouter under test.
+    env = {**env, "PYTHONPATH": str(REPO)}
     router = spawn([*argv, "--config", str(path)], directory / "router.log", "", env)
     marker = "dsrouter listening on "
     deadline = time.monotonic() + START_TIMEOUT_S
