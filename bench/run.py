@@ -7,7 +7,8 @@
 (a) added latency of the router for small requests, (b) throughput and router CPU per
 request over 4 zero-latency workers, (c) streaming speed and memory for big answers,
 (d) a heterogeneous workload per policy against an offline earliest-finish-time oracle,
-(e) a pool of 1,000 workers: probe-loop CPU and per-request routing cost.
+(e) a pool of 1,000 workers: probe-loop CPU and per-request routing cost,
+(f) the job map: cost of one insert when empty and at capacity.
 """
 
 from __future__ import annotations
@@ -318,12 +319,40 @@ def section_e() -> None:
     }
 
 
-SECTIONS = {"a": section_a, "b": section_b, "c": section_c, "d": section_d, "e": section_e}
+def section_f() -> None:
+    """The job map: microseconds per insert, empty and at capacity (100,000 entries)."""
+    from dsrouter.jobs import JobMap
+
+    def per_insert(jobs: JobMap, prefix: str, count: int = 20000) -> float:
+        begin = time.perf_counter()
+        for i in range(count):
+            jobs.remember(f"{prefix}{i}", "http://w:1", "videos", finished=i % 2 == 0)
+        return (time.perf_counter() - begin) / count * 1e6
+
+    capacity = 100_000
+    empty = per_insert(JobMap(capacity * 10), "a")
+    full = JobMap(capacity)
+    per_insert(full, "warm", capacity)
+    results["f"] = {
+        "capacity": capacity,
+        "insert_us_empty": empty,
+        "insert_us_at_capacity": per_insert(full, "b"),
+    }
+
+
+SECTIONS = {
+    "a": section_a,
+    "b": section_b,
+    "c": section_c,
+    "d": section_d,
+    "e": section_e,
+    "f": section_f,
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="abcde", help="sections, e.g. a,d")
+    parser.add_argument("--only", default="abcdef", help="sections, e.g. a,d")
     parser.add_argument("--write", action="store_true", help="rewrite bench/RESULTS.md")
     parser.add_argument(
         "--sec-per-unit",

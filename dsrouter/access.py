@@ -12,20 +12,17 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 import trio
 
+from dsrouter.asgi import Receive, Scope, Send
 from dsrouter.config import LoggingConfig
 from dsrouter.metrics import Metrics
 
 access_log = logging.getLogger("dsrouter.access")
-
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 _PREFIX = os.urandom(4).hex()
 _CLIENT_ID = re.compile(rb"[\x21-\x7e]{1,128}")

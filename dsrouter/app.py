@@ -25,9 +25,9 @@ from dsrouter.api import discovery, ops, rl, workers
 from dsrouter.api.errors import error
 from dsrouter.context import RouterContext
 from dsrouter.control import PoolControl
+from dsrouter.units import MiB
 
-MIB = 1024 * 1024
-MANAGEMENT_BODY_LIMIT = 1 * MIB
+MANAGEMENT_BODY_LIMIT = 1 * MiB
 """Worker registration, `PUT /workers/{id}`, reload: a few small JSON fields at most."""
 
 
@@ -55,7 +55,7 @@ def create_app(context: RouterContext, control: PoolControl) -> QuartTrio:
 
     def body_limit(path: str) -> int:
         if path in control_paths:
-            return context.config.server.max_control_body_mb * MIB  # reload applies it
+            return context.config.server.max_control_body_mb * MiB  # reload applies it
         return MANAGEMENT_BODY_LIMIT
 
     app.request_class = _request_class(body_limit)
@@ -87,7 +87,7 @@ async def _http_error(exc: HTTPException) -> tuple[Response, int]:
     status = exc.code or 500
     if isinstance(exc, RequestEntityTooLarge):
         limit = request.max_content_length or 0
-        message = f"Request body exceeds the limit of {limit / MIB:g} MiB"
+        message = f"Request body exceeds the limit of {limit / MiB:g} MiB"
     elif isinstance(exc, MethodNotAllowed):
         allowed = ", ".join(sorted(exc.valid_methods or ()))
         message = f"Method {request.method} is not allowed on {request.path} (allowed: {allowed})"

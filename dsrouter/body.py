@@ -8,12 +8,12 @@ idle limit are enforced here, the one place a body is read.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable
 
 import trio
 
-Receive = Callable[[], Awaitable[dict[str, Any]]]
+from dsrouter.asgi import Receive
+from dsrouter.units import MiB
 
 
 class ClientDisconnected(Exception):
@@ -22,7 +22,7 @@ class ClientDisconnected(Exception):
 
 class BodyTooLarge(Exception):
     def __init__(self, limit: int) -> None:
-        super().__init__(f"Request body exceeds the limit of {limit // (1024 * 1024)} MiB")
+        super().__init__(f"Request body exceeds the limit of {limit // MiB} MiB")
 
 
 class ClientTooSlow(Exception):

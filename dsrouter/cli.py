@@ -14,50 +14,26 @@ import sys
 from pathlib import Path
 
 from dsrouter import ctl
-from dsrouter.config import Config, ConfigError, Overrides, dump_config, load_config
+from dsrouter.config import FLAGS, Config, ConfigError, Overrides, dump_config, load_config
 
 
 def _add_overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="router.toml (optional with flags only)")
     group = parser.add_argument_group("overrides (sglang-d-router flags)")
-    group.add_argument("--host", help="bind address (server.host, default 0.0.0.0)")
-    group.add_argument("--port", type=int, help="bind port (server.port, default 30080)")
-    group.add_argument(
-        "--worker-urls",
-        nargs="*",
-        metavar="URL",
-        help="static workers; replaces [[workers]] of the file",
-    )
-    group.add_argument("--max-connections", type=int, help="server.max_connections")
-    group.add_argument("--timeout", type=float, help="seconds a worker may take to answer")
-    group.add_argument("--health-check-interval", type=float, help="health.interval_s")
-    group.add_argument(
-        "--health-check-failure-threshold", type=int, help="health.failure_threshold"
-    )
-    group.add_argument(
-        "--routing-algorithm", help="least-request | round-robin | random (routing.algorithm)"
-    )
-    group.add_argument(
-        "--launcher-config", type=Path, help="sglang-d-router launcher YAML (launcher: ...)"
-    )
-    group.add_argument("--log-level", help="debug | info | warning | error")
+    for flag in FLAGS:
+        where = f" ({'.'.join(flag.path)})" if flag.path else ""
+        if flag.dest == "worker_urls":
+            group.add_argument(flag.option, nargs="*", metavar="URL", help=flag.help)
+        else:
+            group.add_argument(flag.option, type=flag.type, help=flag.help + where)
     group.add_argument("--verbose", action="store_true", help="same as --log-level debug")
 
 
 def _load(args: argparse.Namespace) -> Config:
-    overrides = Overrides(
-        host=args.host,
-        port=args.port,
-        worker_urls=args.worker_urls,
-        max_connections=args.max_connections,
-        timeout=args.timeout,
-        health_check_interval=args.health_check_interval,
-        health_check_failure_threshold=args.health_check_failure_threshold,
-        routing_algorithm=args.routing_algorithm,
-        log_level="debug" if args.verbose else args.log_level,
-        launcher_config=args.launcher_config,
-    )
-    config = load_config(args.config, overrides)
+    given = {flag.dest: getattr(args, flag.dest) for flag in FLAGS}
+    if args.verbose:
+        given["log_level"] = "debug"
+    config = load_config(args.config, Overrides(**given))
     if getattr(args, "demo", False):
         from dsrouter.demo import demo_config
 

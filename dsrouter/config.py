@@ -495,32 +495,61 @@ def read_launcher_yaml(path: Path) -> dict[str, Any]:
     return {_YAML_LAUNCHER_KEYS.get(key, key): value for key, value in doc["launcher"].items()}
 
 
-@attrs.frozen
+@attrs.frozen(init=False)
 class Overrides:
-    """Command-line flags that override the file; `None` means "not given"."""
+    """Command-line flags that override the file (`FLAGS`); a flag not given is absent.
 
-    host: str | None = None
-    port: int | None = None
-    worker_urls: list[str] | None = None
-    max_connections: int | None = None
-    timeout: float | None = None
-    health_check_interval: float | None = None
-    health_check_failure_threshold: int | None = None
-    routing_algorithm: str | None = None
-    log_level: str | None = None
-    launcher_config: Path | None = None
+    Keyword arguments are the flags' names (`health_check_interval=5`); `None` means "not
+    given", so argparse's namespace can be passed as it is.
+    """
+
+    values: dict[str, Any]
+
+    def __init__(self, **given: Any) -> None:
+        unknown = set(given) - {flag.dest for flag in FLAGS}
+        if unknown:
+            raise TypeError(f"unknown flags: {sorted(unknown)}")
+        values = {name: value for name, value in given.items() if value is not None}
+        self.__attrs_init__(values)  # type: ignore[attr-defined]
 
 
-_FLAG_PATHS = {
-    "host": ("server", "host"),
-    "port": ("server", "port"),
-    "max_connections": ("server", "max_connections"),
-    "timeout": ("server", "request_timeout_s"),
-    "health_check_interval": ("health", "interval_s"),
-    "health_check_failure_threshold": ("health", "failure_threshold"),
-    "routing_algorithm": ("routing", "algorithm"),
-    "log_level": ("logging", "level"),
-}
+@attrs.frozen
+class Flag:
+    """One sglang-d-router flag of `run` / `check-config`: what it overrides, once."""
+
+    dest: str
+    path: tuple[str, str] | None
+    """The router.toml key it sets; None for the two that are not one key."""
+    type: Callable[[str], Any] | None
+    help: str
+
+    @property
+    def option(self) -> str:
+        return "--" + self.dest.replace("_", "-")
+
+
+FLAGS = (
+    Flag("host", ("server", "host"), None, "bind address (default 0.0.0.0)"),
+    Flag("port", ("server", "port"), int, "bind port (default 30080)"),
+    Flag("worker_urls", None, None, "static workers; replaces [[workers]] of the file"),
+    Flag("max_connections", ("server", "max_connections"), int, "proxied requests at once"),
+    Flag("timeout", ("server", "request_timeout_s"), float, "seconds a worker may take"),
+    Flag("health_check_interval", ("health", "interval_s"), float, "seconds between probes"),
+    Flag(
+        "health_check_failure_threshold",
+        ("health", "failure_threshold"),
+        int,
+        "failed probes that quarantine a worker",
+    ),
+    Flag(
+        "routing_algorithm",
+        ("routing", "algorithm"),
+        None,
+        "least-work | least-request | round-robin | random",
+    ),
+    Flag("launcher_config", None, Path, "sglang-d-router launcher YAML (launcher: ...)"),
+    Flag("log_level", ("logging", "level"), None, "debug | info | warning | error"),
+)
 
 
 def load_config(path: Path | None, overrides: Overrides | None = None) -> Config:
@@ -532,23 +561,27 @@ def load_config(path: Path | None, overrides: Overrides | None = None) -> Config
     overrides = overrides or Overrides()
     raw: dict[str, Any] = read_toml(path) if path is not None else {}
     sources: dict[str, str] = {}
-    if overrides.launcher_config is not None:
-        launcher_raw = read_launcher_yaml(overrides.launcher_config)
+    launcher_config = overrides.values.get("launcher_config")
+    if launcher_config is not None:
+        launcher_raw = read_launcher_yaml(launcher_config)
         section = raw.setdefault("launcher", {})
         if not isinstance(section, dict):
             section = raw["launcher"] = {}
         for key, value in launcher_raw.items():
             section[key] = value
-            sources[f"launcher.{key}"] = str(overrides.launcher_config)
-    for name, (section_name, key) in _FLAG_PATHS.items():
-        value = getattr(overrides, name)
-        if value is not None:
-            section = raw.setdefault(section_name, {})
-            if isinstance(section, dict):
-                section[key] = value
-                sources[f"{section_name}.{key}"] = "--" + name.replace("_", "-")
-    if overrides.worker_urls is not None:
-        raw["workers"] = [{"url": url} for url in overrides.worker_urls]
+            sources[f"launcher.{key}"] = str(launcher_config)
+    for flag in FLAGS:
+        value = overrides.values.get(flag.dest)
+        if value is None or flag.path is None:
+            continue
+        section_name, key = flag.path
+        section = raw.setdefault(section_name, {})
+        if isinstance(section, dict):
+            section[key] = value
+            sources[f"{section_name}.{key}"] = flag.option
+    worker_urls = overrides.values.get("worker_urls")
+    if worker_urls is not None:
+        raw["workers"] = [{"url": url} for url in worker_urls]
         sources["workers"] = "--worker-urls"
     return structure_config(raw, str(path) if path is not None else "(defaults)", sources)
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import attrs
-import httpx
 
 from dsrouter.config import Config
 from dsrouter.health import HealthChecker
 from dsrouter.metrics import Metrics
 from dsrouter.registry import Registry
+from dsrouter.workers_http import WorkerHTTP
 
 
 @attrs.define
@@ -16,6 +16,6 @@ class RouterContext:
     config: Config
     registry: Registry
     health: HealthChecker
-    client: httpx.AsyncClient
-    """For probes, broadcasts and fan-out reads: small JSON bodies only, never the hot path."""
+    workers: WorkerHTTP
+    """Every request to a worker goes through it (see `workers_http`)."""
     metrics: Metrics

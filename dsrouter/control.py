@@ -19,13 +19,13 @@ import random
 from typing import Any
 
 import attrs
-import httpx
 import trio
 
 from dsrouter.access import new_request_id
 from dsrouter.config import Config
 from dsrouter.context import RouterContext
 from dsrouter.registry import Health, Worker
+from dsrouter.workers_http import fan_out
 
 log = logging.getLogger("dsrouter.control")
 
@@ -73,7 +73,7 @@ class PoolControl:
     def __init__(self, context: RouterContext) -> None:
         self.context = context
         self.registry = context.registry
-        self.client = context.client
+        self.workers = context.workers
         self.metrics = context.metrics
         self.recipe: list[Step] = []
         """Weight changes since the last refit from disk: what a late worker must replay.
@@ -104,9 +104,21 @@ class PoolControl:
         broadcast can be found from the router's.
         """
         request_id = request_id or new_request_id()
-        results = await trio_gather(
-            [self._call(w, method, path, body, request_id) for w in workers]
+        timeout = self.config.timeouts.control_s
+        calls = await fan_out(
+            workers, lambda w: self._call(w, method, path, body, request_id), timeout
         )
+        results = [
+            call
+            if call is not None
+            else {
+                "worker_url": worker.url,
+                "status_code": None,
+                "body": None,
+                "error": f"Worker request timed out after {timeout:g}s",
+            }
+            for worker, call in zip(workers, calls, strict=True)
+        ]
         ok = all(r["status_code"] == 200 for r in results)
         self.metrics.broadcasts.labels(path, "ok" if ok else "partial").inc()
         return results
@@ -120,27 +132,25 @@ class PoolControl:
         request_id: str | None = None,
     ) -> dict[str, Any]:
         entry: dict[str, Any] = {"worker_url": worker.url, "status_code": None, "body": None}
-        timeout = self.config.timeouts.control_s
-        headers = {"content-type": "application/json"} if body is not None else {}
-        headers["x-request-id"] = request_id or new_request_id()  # catch-ups have none
-        key = worker.api_key or self.config.security.worker_api_key
-        if key:
-            headers["authorization"] = f"Bearer {key}"
-        with self.registry.lease_worker(worker), trio.move_on_after(timeout) as scope:
-            try:
-                response = await self.client.request(
-                    method, worker.url + path, content=body, headers=headers
-                )
-            except httpx.HTTPError as exc:
-                entry["error"] = f"Worker request failed: {type(exc).__name__}: {exc}"
-                return entry
-            entry["status_code"] = response.status_code
-            try:
-                entry["body"] = response.json()
-            except ValueError:
-                entry["body"] = response.text
-        if scope.cancelled_caught:
-            entry["error"] = f"Worker request timed out after {timeout:g}s"
+        headers = [(b"x-request-id", (request_id or new_request_id()).encode())]
+        with self.registry.lease_worker(worker):
+            answer = await self.workers.call(
+                worker.url,
+                method,
+                path,
+                api_key=worker.api_key,
+                body=body,
+                headers=headers,
+                timeout_s=self.config.timeouts.control_s,
+            )
+        if answer.status is None:
+            entry["error"] = answer.error
+            return entry
+        entry["status_code"] = answer.status
+        try:
+            entry["body"] = answer.json()
+        except ValueError:
+            entry["body"] = answer.body.decode(errors="replace")
         return entry
 
     # ---- refit ---------------------------------------------------------------------------
@@ -298,8 +308,8 @@ class PoolControl:
     async def resume(self, raw: bytes, request_id: str | None = None) -> dict[str, Any]:
         async with self.registry.control_lock:
             targets = [w for w in self.registry.workers() if w.sleeping]
-            self.registry.set_pool_sleeping(False)
             if not targets:
+                self.registry.set_pool_sleeping(False)
                 return {"results": [], "message": "No sleeping workers to resume"}
             results = await self.broadcast(
                 targets, "POST", "/resume_memory_occupation", raw or b"{}", request_id
@@ -307,6 +317,10 @@ class PoolControl:
             for worker, result in zip(targets, results, strict=True):
                 if result["status_code"] == 200:
                     self.registry.set_sleeping(worker, False)
+            # Only now: until a worker is awake, a request is told "pool is asleep" (503
+            # with Retry-After), not "no healthy workers".
+            if any(not w.sleeping for w in targets):
+                self.registry.set_pool_sleeping(False)
         return {"results": results}
 
     # ---- catch-up (run by the registry task) ---------------------------------------------
@@ -379,19 +393,6 @@ class PoolControl:
             )
             if result["status_code"] == 200:
                 self.registry.set_sleeping(worker, True)
-
-
-async def trio_gather(calls: list[Any]) -> list[Any]:
-    """Await coroutines concurrently; results in input order."""
-    results: list[Any] = [None] * len(calls)
-
-    async def run(index: int, call: Any) -> None:
-        results[index] = await call
-
-    async with trio.open_nursery() as nursery:
-        for index, call in enumerate(calls):
-            nursery.start_soon(run, index, call)
-    return results
 
 
 def _canonical(body: Any) -> str:

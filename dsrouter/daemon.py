@@ -8,7 +8,7 @@
       services           everything that talks to the workers over HTTP
         reload watcher   SIGHUP
         registry task    capability probes and catch-ups the registry asks for
-        upstream sweep   closes idle proxy connections
+        pool sweep       closes idle connections to the workers (workers_http)
         health checker   probe rounds every `health.interval_s`
         HTTP frontend    hypercorn serving Quart (admin) + the streaming proxy
         metrics port     hypercorn serving `/metrics` alone (`server.metrics_port`)
@@ -20,8 +20,8 @@ Shutdown, on the first SIGINT/SIGTERM:
 2. In-flight requests get up to `server.drain_timeout_s` to finish (`_drain`).
 3. `shutdown` is set: hypercorn stops accepting, closes idle keep-alive connections and, after
    `CLOSE_GRACE_S`, cancels whatever still runs.
-4. `serve` returns and cancels `services`: probing stops, the control client closes its
-   connections and the proxy's idle ones are closed.
+4. `serve` returns and cancels `services`: probing stops and the idle connections to the
+   workers are closed.
 5. The root scope is cancelled: the launcher stops the worker processes (SIGTERM, SIGKILL
    after `launcher.stop_timeout_s`). A worker holds no keep-alive connection of ours by
    then, so it has nothing to wait for.
@@ -36,7 +36,6 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Callable
 
-import httpx
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
@@ -57,7 +56,8 @@ from dsrouter.policies import make_policy
 from dsrouter.proxy import Proxy
 from dsrouter.registry import Registry
 from dsrouter.reload import Reloader
-from dsrouter.upstream import Upstream
+from dsrouter.units import KiB
+from dsrouter.workers_http import WorkerHTTP
 
 log = logging.getLogger("dsrouter")
 
@@ -73,22 +73,10 @@ def _hypercorn_config(config: Config) -> HypercornConfig:
     hc.bind = [f"[{host}]:{config.server.port}" if ":" in host else f"{host}:{config.server.port}"]
     hc.graceful_timeout = CLOSE_GRACE_S
     hc.keep_alive_timeout = config.server.keep_alive_timeout_s
-    hc.h11_max_incomplete_size = config.server.max_header_kb * 1024
+    hc.h11_max_incomplete_size = config.server.max_header_kb * KiB
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
     return hc
-
-
-def _control_client(config: Config) -> httpx.AsyncClient:
-    """Probes, broadcasts and fan-out reads: small bodies, bounded by cancel scopes."""
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(
-            connect=config.server.connect_timeout_s, read=None, write=60, pool=30
-        ),
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
-        follow_redirects=False,
-        trust_env=False,
-    )
 
 
 async def run_router(
@@ -103,7 +91,12 @@ async def run_router(
     wire.install()
     shutdown = trio.Event()
     serving = trio.Event()
-    upstream = Upstream(connect_timeout_s=config.server.connect_timeout_s)
+    # Reads the context's configuration at each call (the context is built below), so a
+    # reload's worker credentials apply at once.
+    workers = WorkerHTTP(
+        connect_timeout_s=config.server.connect_timeout_s,
+        worker_api_key=lambda: context.config.security.worker_api_key,
+    )
     registry = Registry(
         config.health,
         make_policy(config.routing.algorithm),
@@ -116,13 +109,13 @@ async def run_router(
     # the workers stop then waits here instead of killing the router (its default action).
     with trio.open_signal_receiver(signal.SIGHUP) as hangups:
         async with trio.open_nursery() as root:
-            async with _control_client(config) as client, trio.open_nursery() as services:
-                health = HealthChecker(registry, client, upstream, config.health)
+            async with trio.open_nursery() as services:
+                health = HealthChecker(registry, workers, config.health)
                 context = RouterContext(
                     config=config,
                     registry=registry,
                     health=health,
-                    client=client,
+                    workers=workers,
                     metrics=Metrics(registry),
                 )
                 auth = Auth(config.security)
@@ -130,7 +123,7 @@ async def run_router(
                 app = create_app(context, control)
                 frontend = Frontend(
                     app,
-                    Proxy(context, upstream),
+                    Proxy(context),
                     auth,
                     AccessLog(context.metrics, lambda: context.config.logging),
                     lambda: context.config,
@@ -149,13 +142,17 @@ async def run_router(
                 )
                 services.start_soon(_watch_reload_signal, hangups, reloader)
                 await services.start(registry.run, health.capabilities, control.catch_up)
-                services.start_soon(upstream.run)
+                services.start_soon(workers.run)
                 for worker in config.workers:
                     registry.add(worker.url, api_key=worker.api_key, source="config")
                 await services.start(health.run)
                 if config.launcher.num_workers:
                     reloader.pool = await root.start(
-                        run_pool, config.launcher, registry, context.metrics.restarts.inc
+                        run_pool,
+                        config.launcher,
+                        registry,
+                        context.metrics.restarts.inc,
+                        workers,
                     )
                 binds = await services.start(
                     _serve, frontend, config, shutdown, services.cancel_scope
@@ -174,10 +171,9 @@ async def run_router(
                 root.start_soon(notifier.run_watchdog)
                 root.start_soon(notifier.run_status, lambda: describe_pool(registry.summary()))
                 task_status.started(binds)
-            # Drained, and nothing sends to the workers any more; the control client's
-            # connections closed with it. Close the proxy's idle ones too before the workers
-            # are stopped, so none of them waits for a keep-alive connection of ours.
-            upstream.close_idle()
+            # Drained, and nothing sends to the workers any more. Close the idle connections
+            # before the workers are stopped, so none of them waits for one of ours.
+            workers.close_idle()
             if config.launcher.num_workers:
                 log.info("connections to the workers closed; stopping the launched workers")
             root.cancel_scope.cancel()

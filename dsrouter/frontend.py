@@ -11,24 +11,24 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
 from quart_trio import QuartTrio
 
 from dsrouter import routes
-from dsrouter.access import AccessLog, Receive, RequestRecord, Scope, Send, printable
+from dsrouter.access import AccessLog, RequestRecord, printable
 from dsrouter.app import admin_paths
+from dsrouter.asgi import Headers, Receive, Scope, Send, send_json
 from dsrouter.auth import PUBLIC_PATHS, Auth
 from dsrouter.config import Config
 from dsrouter.target import BadTarget, check_target, is_worker_internal
+from dsrouter.units import KiB
 
 if TYPE_CHECKING:
     from dsrouter.proxy import Proxy
 
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-Headers = list[tuple[bytes, bytes]]
 
 log = logging.getLogger("dsrouter.frontend")
 
@@ -49,24 +49,6 @@ def shield_final_send(send: Send) -> Send:
             await send(message)
 
     return wrapped
-
-
-async def send_json(
-    send: Send, status: int, payload: object, headers: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    body = json.dumps(payload).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *(headers or []),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 class Frontend:
@@ -134,7 +116,7 @@ class Frontend:
         hypercorn enforces `h11_max_incomplete_size` only while a head is incomplete, so a
         large head that arrives in one read passes it; this counts every head.
         """
-        limit = self._config().server.max_header_kb * 1024
+        limit = self._config().server.max_header_kb * KiB
         size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
         size += sum(len(key) + len(value) + 4 for key, value in scope["headers"])
         if size > limit:

@@ -9,66 +9,27 @@ nobody else's probe.
 from __future__ import annotations
 
 import logging
-from contextlib import aclosing
 from typing import Any
 
-import httpx
 import trio
 
 from dsrouter.config import HealthConfig
-from dsrouter.registry import Capabilities, ProbeOutcome, Registry, video_support_from
-from dsrouter.upstream import Upstream, UpstreamError
+from dsrouter.registry import Capabilities, Registry, video_support_from
+from dsrouter.workers_http import WorkerHTTP, fan_out
 
 log = logging.getLogger("dsrouter.health")
 
 
-PROBE_BODY_LIMIT = 4096
-
-
-async def probe_health(
-    upstream: Upstream, url: str, timeout_s: float
-) -> tuple[ProbeOutcome, str | None, float | None]:
-    """GET `/health` once; classify the answer the way WORKER_API.md §2 describes it.
-
-    Probes ride the proxy's own keep-alive pools rather than httpx: with a thousand workers
-    the probe loop runs a thousand requests per interval, and httpx's client layer cost
-    several times the CPU per request (bench/RESULTS.md, section e).
-    """
-    started = trio.current_time()
-    with trio.move_on_after(timeout_s):
-        try:
-            response = await upstream.send("GET", url, "/health", [], None)
-            body = b""
-            try:
-                async with aclosing(response.aiter_raw()) as chunks:
-                    async for chunk in chunks:
-                        body += chunk[: PROBE_BODY_LIMIT - len(body)]
-            finally:
-                await response.aclose()
-        except UpstreamError as exc:
-            if exc.connect:
-                return ProbeOutcome.REFUSED, f"connect failed: {exc}", None
-            return ProbeOutcome.FAILED, f"probe failed: {exc}", None
-        latency = trio.current_time() - started
-        if response.status_code == 200:
-            return ProbeOutcome.OK, None, latency
-        if response.status_code == 503 and not body:
-            return ProbeOutcome.WARMING, "warming up (503)", latency
-        detail = body[:200].decode(errors="replace")
-        return ProbeOutcome.FAILED, f"/health answered {response.status_code}: {detail}", latency
-    return ProbeOutcome.FAILED, f"/health timed out after {timeout_s:g}s", None
-
-
 async def probe_capabilities(
-    client: httpx.AsyncClient, url: str, timeout_s: float
+    workers: WorkerHTTP, url: str, api_key: str, timeout_s: float
 ) -> Capabilities | None:
     """Read task and output types from `/model_info`, falling back to `/v1/models`.
 
     `/model_info` is never held during warm-up and carries `output_types`; `/v1/models` is
     what the routers we succeed used. None means "no answer": keep what we knew.
     """
-    info = await _get_json(client, f"{url}/model_info", timeout_s)
-    models = await _get_json(client, f"{url}/v1/models", timeout_s)
+    info = await _get_json(workers, url, "/model_info", api_key, timeout_s)
+    models = await _get_json(workers, url, "/v1/models", api_key, timeout_s)
     card: dict[str, Any] = {}
     if isinstance(models, dict) and isinstance(models.get("data"), list) and models["data"]:
         first = models["data"][0]
@@ -95,48 +56,46 @@ async def probe_capabilities(
     )
 
 
-async def _get_json(client: httpx.AsyncClient, url: str, timeout_s: float) -> Any:
-    with trio.move_on_after(timeout_s):
-        try:
-            response = await client.get(url)
-        except httpx.HTTPError:
-            return None
-        if response.status_code != 200:
-            return None
-        try:
-            return response.json()
-        except ValueError:
-            return None
-    return None
+async def _get_json(
+    workers: WorkerHTTP, url: str, path: str, api_key: str, timeout_s: float
+) -> Any:
+    answer = await workers.call(url, "GET", path, api_key=api_key, timeout_s=timeout_s)
+    if not answer.ok:
+        return None
+    try:
+        return answer.json()
+    except ValueError:
+        return None
 
 
 class HealthChecker:
     """Runs probe rounds and offers a one-off probe for freshly registered workers."""
 
-    def __init__(
-        self,
-        registry: Registry,
-        client: httpx.AsyncClient,
-        upstream: Upstream,
-        config: HealthConfig,
-    ) -> None:
+    def __init__(self, registry: Registry, workers: WorkerHTTP, config: HealthConfig) -> None:
         self.registry = registry
-        self.client = client
-        self.upstream = upstream
+        self.workers = workers
         self.config = config
 
+    def _api_key(self, url: str) -> str:
+        worker = self.registry.by_url(url)
+        return worker.api_key if worker is not None else ""
+
     async def probe_now(self, url: str) -> None:
-        outcome, error, latency = await probe_health(self.upstream, url, self.config.timeout_s)
-        self.registry.apply_probe(url, outcome, error, latency)
+        reading = await self.workers.probe(
+            url, api_key=self._api_key(url), timeout_s=self.config.timeout_s
+        )
+        self.registry.apply_probe(url, reading.outcome, reading.detail, reading.latency_s)
 
     async def capabilities(self, url: str) -> Capabilities | None:
-        return await probe_capabilities(self.client, url, self.config.timeout_s)
+        return await probe_capabilities(
+            self.workers, url, self._api_key(url), self.config.timeout_s
+        )
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
             deadline = trio.current_time() + self.config.interval_s
-            async with trio.open_nursery() as nursery:
-                for worker in self.registry.workers():
-                    nursery.start_soon(self.probe_now, worker.url)
+            urls = [worker.url for worker in self.registry.workers()]
+            # Each probe bounds itself by `timeout_s`; the fan-out's deadline is a backstop.
+            await fan_out(urls, self.probe_now, 2 * self.config.timeout_s)
             await trio.sleep_until(deadline)

@@ -37,7 +37,7 @@ class Policy(Protocol):
     name: str
     predictive: bool
     """Predicts finish times, so a queued request may wait for a busy worker that would
-    still finish it first (see `Registry._place`)."""
+    still finish it first (see `registry.dispatch.Dispatcher._place`)."""
 
     def choose(
         self, candidates: Sequence[Worker], cost: float, default_spu: float, now: float

@@ -22,14 +22,13 @@ import logging
 import random
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
-from urllib.parse import quote
 
 import attrs
-import httpx
 import trio
 
 from dsrouter import routes
 from dsrouter.access import RequestRecord
+from dsrouter.asgi import Receive, Scope, Send, json_answer
 from dsrouter.body import (
     BodyTooLarge,
     BufferBudget,
@@ -40,8 +39,7 @@ from dsrouter.body import (
 from dsrouter.config import Config
 from dsrouter.context import RouterContext
 from dsrouter.cost import CostModel
-from dsrouter.frontend import Receive, Scope, Send
-from dsrouter.listing import merged_job_list
+from dsrouter.jobs import JobAffinity
 from dsrouter.registry import (
     ASLEEP_RETRY_AFTER_S,
     NoWorkerAvailable,
@@ -51,7 +49,8 @@ from dsrouter.registry import (
     Worker,
 )
 from dsrouter.routes import Route
-from dsrouter.upstream import InvalidRequest, Upstream, UpstreamError, UpstreamResponse
+from dsrouter.units import KiB, MiB
+from dsrouter.workers_http import InvalidRequest, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("dsrouter.proxy")
 
@@ -72,14 +71,13 @@ HOP_BY_HOP = frozenset(
 )
 RESPONSE_DROP = HOP_BY_HOP | {b"date", b"server"}
 """hypercorn writes its own Date and Server; the worker's would be duplicates."""
-PEEK_LIMIT = 1024 * 1024
+PEEK_LIMIT = MiB
 """Largest answer the router reads to learn a job id or status; bigger ones just stream."""
 BODYLESS_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 ASLEEP_RETRY_AFTER = [(b"retry-after", str(ASLEEP_RETRY_AFTER_S).encode())]
 CLOSE = [(b"connection", b"close")]
 """On answers given before the request body was read: the rest of it is still on the
 connection, so hypercorn closes it, and the client must know not to reuse it."""
-MiB = 1024 * 1024
 GATEWAY_FAILURES = frozenset({502, 503, 504})
 """Worker answers that count against it (passive health): it could not do the work."""
 
@@ -137,16 +135,8 @@ class Exchange:
     async def respond_json(
         self, status: int, payload: Any, headers: list[tuple[bytes, bytes]] | None = None
     ) -> None:
-        body = json.dumps(payload).encode()
-        await self.respond(
-            status,
-            [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *(headers or []),
-            ],
-            body,
-        )
+        head, body = json_answer(payload, headers)
+        await self.respond(status, head, body)
 
     async def respond_error(
         self, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None
@@ -187,27 +177,12 @@ def accept_for(output: str | None) -> Callable[[Worker], bool] | None:
     return _ACCEPT.get(output or "")
 
 
-def job_id_from(payload: Any) -> str | None:
-    """The id in a create answer: `id`, `video_id` or `job_id`, also inside `data[0]`."""
-    if not isinstance(payload, dict):
-        return None
-    data = payload.get("data")
-    first = data[0] if isinstance(data, list) and data else None
-    for source in (payload, first):
-        if isinstance(source, dict):
-            for key in ("id", "video_id", "job_id"):
-                value = source.get(key)
-                if isinstance(value, str) and value:
-                    return value
-    return None
-
-
 class Proxy:
-    def __init__(self, context: RouterContext, upstream: Upstream) -> None:
+    def __init__(self, context: RouterContext) -> None:
         self.context = context
         self.registry = context.registry
-        self.upstream = upstream
-        """The hot-path client; probes and broadcasts use `context.client` (httpx)."""
+        self.workers = context.workers
+        self.jobs = JobAffinity(context.registry, context.workers)
         self.active = 0
         self.buffers = BufferBudget(lambda: self.config.server.max_buffered_mb * MiB)
         self._rng = random.Random()
@@ -236,7 +211,7 @@ class Proxy:
             content_length=content_length,
             max_bytes=server.max_body_mb * MiB,
             idle_s=server.body_idle_timeout_s,
-            min_rate=server.body_min_rate_kb_s * 1024,
+            min_rate=server.body_min_rate_kb_s * KiB,
             rate_grace_s=server.body_rate_grace_s,
         )
         exchange = Exchange(scope, send, record, route, body, headers)
@@ -410,7 +385,9 @@ class Proxy:
     async def _sticky(self, exchange: Exchange) -> None:
         route = exchange.route
         assert route.job_id is not None
-        worker = await self._owner(route)
+        worker = await self.jobs.owner(
+            route.job_kind or "", route.job_id, self.config.timeouts.discovery_s
+        )
         if worker is None:
             noun = {"videos": "Video", "meshes": "Mesh", "images": "Image"}[route.job_kind or ""]
             await exchange.respond_error(404, f"{noun} not found: {route.job_id}")
@@ -420,48 +397,7 @@ class Proxy:
                 exchange, worker, learn=False, watch_status=not route.path.endswith("/content")
             )
         if exchange.method == "DELETE" and status == 200:
-            self.registry.jobs.forget(route.job_id)
-
-    async def _owner(self, route: Route) -> Worker | None:
-        """The worker that owns the job: remembered, or found by asking the pool."""
-        assert route.job_id is not None
-        url = self.registry.jobs.owner(route.job_id)
-        if url is not None:
-            worker = self.registry.by_url(url)
-            if worker is not None:
-                return worker
-            self.registry.jobs.forget(route.job_id)
-        # The id came from the decoded path; any character may be in it (a NUL is not a
-        # valid URL), so it is encoded back for the lookup.
-        job = quote(route.job_id, safe="")
-        probe_path = (
-            f"/v1/images/{job}/content"
-            if route.job_kind == "images"
-            else f"/v1/{route.job_kind}/{job}"
-        )
-        found: list[Worker] = []
-
-        async def ask(worker: Worker, cancel: trio.CancelScope) -> None:
-            with trio.move_on_after(self.config.timeouts.discovery_s):
-                try:
-                    async with self.context.client.stream(
-                        "GET", worker.url + probe_path, headers=self._worker_auth(worker)
-                    ) as response:
-                        if response.status_code == 200:
-                            found.append(worker)
-                            cancel.cancel()
-                except httpx.HTTPError:
-                    return
-
-        async with trio.open_nursery() as nursery:
-            for worker in self.registry.workers():
-                if worker.health.value != "dead":
-                    nursery.start_soon(ask, worker, nursery.cancel_scope)
-        if not found:
-            return None
-        self.registry.jobs.remember(route.job_id, found[0].url, route.job_kind or "")
-        log.info("learned owner of %s %s: %s", route.job_kind, route.job_id, found[0].display_id)
-        return found[0]
+            self.jobs.forget(route.job_id)
 
     async def _attempt(
         self,
@@ -488,7 +424,7 @@ class Proxy:
         response: UpstreamResponse | None = None
         with trio.move_on_after(timeout) as deadline:
             try:
-                response = await self.upstream.send(*self._request_parts(exchange, worker))
+                response = await self.workers.send(*self._request_parts(exchange, worker))
             except UpstreamError as exc:
                 if exc.connect:
                     self.registry.record_result(worker, False, str(exc))
@@ -542,10 +478,6 @@ class Proxy:
             suspects.clear()
         self._acquit(exchange)
 
-    def _worker_auth(self, worker: Worker) -> list[tuple[bytes, bytes]]:
-        key = worker.api_key or self.config.security.worker_api_key
-        return [(b"authorization", b"Bearer " + key.encode())] if key else []
-
     def _request_parts(
         self, exchange: Exchange, worker: Worker
     ) -> tuple[str, str, str, list[tuple[bytes, bytes]], bytes | AsyncIterator[bytes] | None]:
@@ -553,7 +485,7 @@ class Proxy:
         forward_auth = self.config.security.forward_authorization
         headers = _forward_headers(scope["headers"], keep_authorization=forward_auth)
         if not forward_auth:
-            headers.extend(self._worker_auth(worker))
+            headers.extend(self.workers.auth(worker.api_key))
         headers.append((b"x-request-id", exchange.request_id.encode()))
         content = exchange.body.content()
         if not isinstance(content, bytes | None) and exchange.body.content_length is not None:
@@ -614,29 +546,24 @@ class Proxy:
             payload = json.loads(body)
         except ValueError:
             return
-        job_id = route.job_id or job_id_from(payload)
-        if job_id is None:
-            return
-        if route.kind == routes.CREATE:
-            self.registry.jobs.remember(job_id, worker.url, route.job_kind or "")
-        elif isinstance(payload, dict) and payload.get("status") in ("completed", "failed"):
-            self.registry.jobs.mark_finished(job_id)
+        created = route.kind == routes.CREATE
+        self.jobs.learn(route.job_id, created, payload, worker, route.job_kind or "")
 
     async def _merged_list(self, exchange: Exchange) -> None:
         """`GET /v1/videos` (or meshes) without an id: every suitable worker's jobs, merged."""
         workers = self.registry.routable(accept_for(exchange.route.output))
         if not workers:
+            if self.registry.pool_sleeping:
+                raise PoolAsleep("pool is asleep")
             raise NoWorkerAvailable("No healthy workers available in the pool")
         exchange.record.attempts = len(workers)
-        status, payload = await merged_job_list(
-            self.context.client,
+        status, payload = await self.jobs.merged_list(
             workers,
             exchange.route.path,
             exchange.scope["query_string"],
+            exchange.route.job_kind or "",
             self.config.timeouts.discovery_s,
         )
-        for worker_url, job_id in payload.pop("_owners", []):
-            self.registry.jobs.remember(job_id, worker_url, exchange.route.job_kind or "")
         await exchange.respond_json(status, payload)
 
 

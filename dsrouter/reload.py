@@ -32,6 +32,7 @@ from dsrouter.frontend import Frontend
 from dsrouter.launcher import LaunchError, Pool, Reconfiguration
 from dsrouter.notify import Notifier, describe_pool
 from dsrouter.policies import make_policy
+from dsrouter.workers_http import fan_out
 
 log = logging.getLogger("dsrouter.reload")
 
@@ -93,13 +94,15 @@ class Reloader:
         registry = self.context.registry
         self.context.config = new
         self.frontend.auth = auth
-        registry.health_config = new.health
-        registry.routing = new.routing
-        registry.default_spu = new.cost.default_seconds_per_unit
-        registry.jobs.capacity = new.routing.max_jobs
+        registry.reconfigure(
+            new.health,
+            new.routing,
+            new.cost.default_seconds_per_unit,
+            make_policy(new.routing.algorithm)
+            if new.routing.algorithm != old.routing.algorithm
+            else None,
+        )
         self.context.health.config = new.health
-        if new.routing.algorithm != old.routing.algorithm:
-            registry.policy = make_policy(new.routing.algorithm)
         wanted = {w.url: w for w in new.workers}
         added, removed = [], []
         for url, static in wanted.items():
@@ -108,9 +111,7 @@ class Reloader:
                 added.append(url)
         # Probe the new workers before the old ones go, so that replacing the whole worker
         # list never leaves a moment with nowhere to route (each probe is time-bounded).
-        async with trio.open_nursery() as nursery:
-            for url in added:
-                nursery.start_soon(self.context.health.probe_now, url)
+        await fan_out(added, self.context.health.probe_now, 2 * new.health.timeout_s)
         for worker in registry.workers():
             if worker.source == "config" and worker.url not in wanted:
                 registry.remove(worker.url)

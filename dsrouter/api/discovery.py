@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
-import trio
 from quart import Blueprint
 
 from dsrouter.api.errors import error
 from dsrouter.api.workers import ctx
-from dsrouter.registry import ASLEEP_RETRY_AFTER_S
+from dsrouter.registry import ASLEEP_RETRY_AFTER_S, Worker
+from dsrouter.workers_http import fan_out
 
 bp = Blueprint("discovery", __name__)
 
@@ -32,20 +31,23 @@ async def list_models() -> Any:
     answers: dict[str, Any] = {}
     failures: dict[str, str] = {}
 
-    async def ask(url: str) -> None:
-        with trio.move_on_after(context.config.timeouts.discovery_s):
-            try:
-                response = await context.client.get(f"{url}/v1/models")
-                response.raise_for_status()
-                answers[url] = response.json()
-            except (httpx.HTTPError, ValueError) as exc:
-                failures[url] = f"{type(exc).__name__}: {exc}"
-            return
-        failures[url] = "timed out"
+    timeout = context.config.timeouts.discovery_s
 
-    async with trio.open_nursery() as nursery:
-        for worker in workers:
-            nursery.start_soon(ask, worker.url)
+    async def ask(worker: Worker) -> None:
+        answer = await context.workers.call(
+            worker.url, "GET", "/v1/models", api_key=worker.api_key, timeout_s=timeout
+        )
+        try:
+            if answer.status is None:
+                failures[worker.url] = answer.error or "no answer"
+            elif not answer.ok:
+                failures[worker.url] = f"answered {answer.status}"
+            else:
+                answers[worker.url] = answer.json()
+        except ValueError as exc:
+            failures[worker.url] = f"not JSON: {exc}"
+
+    await fan_out(workers, ask, timeout)
     if not answers:
         return error(502, "Failed to fetch models from any worker", details=failures)
     seen: dict[str, Any] = {}

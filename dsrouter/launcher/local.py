@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import httpx
 import trio
 
 from dsrouter.config import LauncherConfig
@@ -54,7 +53,9 @@ from dsrouter.launcher.progress import Progress
 from dsrouter.launcher.restarts import RestartTracker
 from dsrouter.launcher.rolling import Pool
 from dsrouter.registry import Health, ProbeOutcome, Registry
+from dsrouter.units import MiB
 from dsrouter.urls import worker_id_for
+from dsrouter.workers_http import HealthReading, WorkerHTTP
 
 log = logging.getLogger("dsrouter.launcher")
 
@@ -114,7 +115,7 @@ class Supervisor:
         progress: Progress,
         output: WorkerOutput,
         pidfile: PidFile,
-        client: httpx.AsyncClient,
+        workers: WorkerHTTP,
         on_restart: Callable[[], None],
     ) -> None:
         self.plan = plan
@@ -123,7 +124,7 @@ class Supervisor:
         self.progress = progress
         self.output = output
         self.pidfile = pidfile
-        self.client = client
+        self.workers = workers
         self.on_restart = on_restart
         self.restarts = RestartTracker(cfg)
         self.pid: int | None = None
@@ -359,13 +360,10 @@ class Supervisor:
 
     async def _reported_failure(self) -> str | None:
         """The worker's own error if `/health` answers 503 `{"status": "unhealthy", ...}`."""
-        with trio.move_on_after(PROBE_TIMEOUT_S):
-            try:
-                response = await self.client.get(f"{self.plan.url}/health")
-            except httpx.HTTPError:
-                return None
-            return _reported_failure(response)
-        return None
+        return (await self._probe()).reported_error
+
+    async def _probe(self) -> HealthReading:
+        return await self.workers.probe(self.plan.url, api_key="", timeout_s=PROBE_TIMEOUT_S)
 
     async def _stop(self, child: Child) -> None:
         """The router is stopping (this task was cancelled): SIGTERM, then SIGKILL."""
@@ -414,25 +412,17 @@ class Supervisor:
         """
         port = self.plan.ports.http
         while True:
-            with trio.move_on_after(PROBE_TIMEOUT_S):
-                try:
-                    response = await self.client.get(f"{self.plan.url}/health")
-                except httpx.ConnectError:
-                    self.progress.set_detail(self.index, f"waiting for port {port}")
-                except httpx.HTTPError as exc:
-                    self.progress.set_detail(self.index, f"/health failed: {type(exc).__name__}")
-                else:
-                    if response.status_code == 200:
-                        return None
-                    failure = _reported_failure(response)
-                    if failure is not None:
-                        return f"reported itself failed during start-up: {failure}"
-                    self.progress.set_detail(
-                        self.index,
-                        "warming up"
-                        if response.status_code == 503
-                        else f"/health answered {response.status_code}",
-                    )
+            reading = await self._probe()
+            if reading.outcome is ProbeOutcome.OK:
+                return None
+            if reading.reported_error is not None:
+                return f"reported itself failed during start-up: {reading.reported_error}"
+            if reading.outcome is ProbeOutcome.REFUSED:
+                self.progress.set_detail(self.index, f"waiting for port {port}")
+            elif reading.outcome is ProbeOutcome.WARMING:
+                self.progress.set_detail(self.index, "warming up")
+            else:
+                self.progress.set_detail(self.index, reading.detail or "not ready")
             await trio.sleep(POLL_INTERVAL_S)
 
     def _register(self) -> None:
@@ -448,20 +438,6 @@ class Supervisor:
         if self._registered:
             self._registered = False
             self.registry.remove(self.plan.url)
-
-
-def _reported_failure(response: httpx.Response) -> str | None:
-    """The error of a `/health` answer 503 `{"status": "unhealthy", "error": ...}`: a worker
-    that reports itself failed for good (an empty 503 only means warming up)."""
-    if response.status_code != 503:
-        return None
-    try:
-        body = response.json()
-    except ValueError:
-        return None
-    if isinstance(body, dict) and body.get("status") == "unhealthy":
-        return str(body.get("error") or "unhealthy")
-    return None
 
 
 def _result(verdict: _Verdict, failed: bool, reason: str) -> RunResult:
@@ -481,6 +457,7 @@ async def run_pool(
     cfg: LauncherConfig,
     registry: Registry,
     on_restart: Callable[[], None] = _no_metrics,
+    workers: WorkerHTTP | None = None,
     task_status: trio.TaskStatus[Pool | None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Launch and supervise `cfg.num_workers` workers until cancelled.
@@ -488,8 +465,10 @@ async def run_pool(
     Raises `LaunchError` (with every child stopped) if the pool cannot come up; reports
     started once every worker is ready and registered, with the `Pool` a reload changes
     (None when `num_workers` is 0). `on_restart` is called for every restart (the
-    `dsrouter_launcher_restarts` counter).
+    `dsrouter_launcher_restarts` counter). `workers` is the router's worker-facing layer
+    (its credentials); by default readiness checks go without any.
     """
+    workers = workers or WorkerHTTP(connect_timeout_s=PROBE_TIMEOUT_S)
     if not cfg.num_workers:
         task_status.started(None)
         return
@@ -498,23 +477,16 @@ async def run_pool(
     await clean_stale(directory)
     check_ports_free([plan.ports for plan in plans], cfg.worker_host)
     log_dir = Path(cfg.log_dir) if cfg.log_dir else None
-    outputs = [WorkerOutput(plan.index, log_dir, cfg.log_max_mb * 1024 * 1024) for plan in plans]
+    outputs = [WorkerOutput(plan.index, log_dir, cfg.log_max_mb * MiB) for plan in plans]
     progress = Progress(len(plans))
     pidfile = open_pidfile(directory)
     failures: list[str] = []
     log.info("launching %d worker(s): %s", len(plans), shlex.join(plans[0].argv))
     try:
-        async with (
-            httpx.AsyncClient(
-                timeout=PROBE_TIMEOUT_S,
-                trust_env=False,
-                limits=httpx.Limits(max_keepalive_connections=0),
-            ) as client,
-            trio.open_nursery() as pool,
-        ):
+        async with trio.open_nursery() as pool:
             pool.start_soon(progress.run)
             supervisors = [
-                Supervisor(plan, cfg, registry, progress, output, pidfile, client, on_restart)
+                Supervisor(plan, cfg, registry, progress, output, pidfile, workers, on_restart)
                 for plan, output in zip(plans, outputs, strict=True)
             ]
             try:

@@ -281,8 +281,15 @@ async def _respond(worker: SimWorker, request: Request) -> Response:
 class SimApp:
     """The ASGI callable served by hypercorn for every simulated port."""
 
-    def __init__(self, workers: dict[int, SimWorker]) -> None:
+    def __init__(self, workers: dict[int, SimWorker], api_key: str = "") -> None:
         self.workers = workers
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    def _refused(self, request: Request) -> bool:
+        """`--require-api-key`: the operator's own `/_sim/*` routes stay open."""
+        if self.expected is None or request.path.startswith("/_sim/"):
+            return False
+        return dict(request.scope["headers"]).get(b"authorization") != self.expected
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -295,7 +302,12 @@ class SimApp:
             return
         worker = self.workers[scope["server"][1]]
         scope = _as_parsed_by_httptools(scope)
-        await _serve_one(worker, Request(scope, receive), send)
+        request = Request(scope, receive)
+        if self._refused(request):
+            await request.drain()
+            await send_response(send, json_response(401, {"error": "missing or wrong API key"}), [])
+            return
+        await _serve_one(worker, request, send)
 
 
 def _as_parsed_by_httptools(scope: Scope) -> Scope:

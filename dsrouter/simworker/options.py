@@ -53,6 +53,7 @@ class SimOptions:
     video_bytes: int | None
     seed: int
     faults: Faults
+    require_api_key: str = ""
 
     @property
     def output_types(self) -> list[str]:
@@ -159,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--video-bytes", type=int, default=None, help="size of every video file (default: 1 MiB)"
     )
     sim.add_argument("--seed", type=int, default=0, help="seed of the fault dice")
+    sim.add_argument(
+        "--require-api-key",
+        default="",
+        metavar="KEY",
+        help="answer 401 to every request without 'Authorization: Bearer KEY' (but /_sim/*), "
+        "as an authenticating proxy in front of a worker does (the worker itself has no auth)",
+    )
     faults = parser.add_argument_group("faults (also settable via POST /_sim/faults)")
     faults.add_argument(
         "--fail-rate",
@@ -213,4 +221,5 @@ def parse_options(argv: list[str] | None = None) -> SimOptions:
             exit_after=args.exit_after,
             slow_body_bps=args.slow_body_bps,
         ),
+        require_api_key=args.require_api_key,
     )

@@ -105,7 +105,9 @@ async def serve_workers(options: SimOptions) -> None:
         config.keep_alive_timeout = 5.0
         config.accesslog = None
         config.errorlog = logging.getLogger("simworker")
-        binds = await root.start(_serve, SimApp(workers), config, shutdown, root.cancel_scope)
+        binds = await root.start(
+            _serve, SimApp(workers, options.require_api_key), config, shutdown, root.cancel_scope
+        )
         for bind in binds:
             print(f"simworker listening on {bind}", flush=True)
         await trio.sleep(options.warmup_s)

@@ -167,6 +167,25 @@ async def test_models_while_the_pool_sleeps_is_503_asleep_with_retry_after(
         assert awake.status_code == 200 and awake.json()["data"]
 
 
+async def test_job_lists_while_the_pool_sleeps_are_503_asleep_with_retry_after(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    video = ("--task-type", "T2V", "--sec-per-mpx-step", "0")
+    async with trio.open_nursery() as nursery:
+        workers = await start_pool(nursery, video, video)
+        async with router_process(
+            ["--worker-urls", *[w.url for w in workers]], config=CONFIG, tmp_path=tmp_path
+        ) as router:
+            await healthy(http, router.url, 2)
+            assert (await http.post(f"{router.url}/release_memory_occupation")).status_code == 200
+            asleep = await http.get(f"{router.url}/v1/videos")
+            assert asleep.status_code == 503 and asleep.json() == {"error": "pool is asleep"}
+            assert int(asleep.headers["retry-after"]) > 0
+            assert (await http.post(f"{router.url}/resume_memory_occupation")).status_code == 200
+            assert (await http.get(f"{router.url}/v1/videos")).status_code == 200
+        nursery.cancel_scope.cancel()
+
+
 async def test_method_not_allowed_answers_are_json_with_allow(
     tmp_path: Path, http: httpx.AsyncClient
 ) -> None:

@@ -4,70 +4,71 @@ from collections import Counter
 import pytest
 
 from dsrouter.config import HealthConfig
-from dsrouter.policies import POLICIES, LeastRequest, Random, RoundRobin, make_policy
-from dsrouter.registry import Health, NoWorkerAvailable, Registry
+from dsrouter.policies import POLICIES, LeastRequest, Policy, Random, RoundRobin, make_policy
+from dsrouter.registry import NoWorkerAvailable, ProbeOutcome, Registry
 
 
-def pool(n: int, policy_name: str = "least-request") -> Registry:
-    registry = Registry(HealthConfig(), make_policy(policy_name), clock=lambda: 0.0)
+def pool(n: int, policy: Policy | str = "least-request") -> Registry:
+    if isinstance(policy, str):
+        policy = make_policy(policy)
+    registry = Registry(HealthConfig(), policy, clock=lambda: 0.0)
     for i in range(n):
-        worker, _ = registry.add(f"http://w{i}:1")
-        worker.health = Health.HEALTHY
+        registry.add(f"http://w{i}:1")
+        registry.apply_probe(f"http://w{i}:1", ProbeOutcome.OK)
     return registry
 
 
-def test_least_request_prefers_the_idle_worker() -> None:
+async def test_least_request_prefers_the_idle_worker() -> None:
     registry = pool(3)
     w0, w1, w2 = registry.workers()
     registry.lease_worker(w0)
     registry.lease_worker(w2)
-    assert registry.lease().worker is w1
+    assert (await registry.acquire()).worker is w1
 
 
-def test_least_request_spreads_ties_evenly() -> None:
+async def test_least_request_spreads_ties_evenly() -> None:
     registry = pool(4)
     counts = Counter()
     for _ in range(400):
-        with registry.lease() as lease:
+        with await registry.acquire() as lease:
             counts[lease.worker.url] += 1
     assert set(counts.values()) == {100}
 
 
-def test_least_request_under_concurrency_keeps_counts_balanced() -> None:
+async def test_least_request_under_concurrency_keeps_counts_balanced() -> None:
     registry = pool(3)
-    leases = [registry.lease() for _ in range(9)]
+    leases = [await registry.acquire() for _ in range(9)]
     assert [w.in_flight for w in registry.workers()] == [3, 3, 3]
     for lease in leases:
         lease.release()
     assert [w.in_flight for w in registry.workers()] == [0, 0, 0]
 
 
-def test_round_robin_cycles_in_order() -> None:
+async def test_round_robin_cycles_in_order() -> None:
     registry = pool(3, "round-robin")
     picks = []
     for _ in range(6):
-        with registry.lease() as lease:
+        with await registry.acquire() as lease:
             picks.append(lease.worker.url)
     assert picks == ["http://w0:1", "http://w1:1", "http://w2:1"] * 2
 
 
-def test_random_uses_every_worker() -> None:
-    policy = Random(random.Random(7))
-    registry = pool(3)
-    registry.policy = policy
-    seen = {registry.lease().worker.url for _ in range(60)}
+async def test_random_uses_every_worker() -> None:
+    registry = pool(3, Random(random.Random(7)))
+    seen = {(await registry.acquire()).worker.url for _ in range(60)}
     assert len(seen) == 3
 
 
-def test_unroutable_workers_are_never_chosen() -> None:
+async def test_unroutable_workers_are_never_chosen() -> None:
     registry = pool(3)
-    w0, w1, w2 = registry.workers()
-    w0.health = Health.DEAD
+    registry.add("http://starting:1")
+    w0, w1, w2, _ = registry.workers()
+    registry.set_dead(w0, True)
     registry.set_sleeping(w1, True)
-    assert {registry.lease().worker.url for _ in range(10)} == {w2.url}
-    w2.health = Health.STARTING
+    assert {(await registry.acquire()).worker.url for _ in range(10)} == {w2.url}
+    registry.set_draining(w2, True, remove_when_idle=False)
     with pytest.raises(NoWorkerAvailable, match="No healthy workers available in the pool"):
-        registry.lease()
+        await registry.acquire()
 
 
 def test_every_policy_is_registered() -> None:

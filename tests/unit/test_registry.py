@@ -1,9 +1,9 @@
 import pytest
 import trio
 
-from dsrouter.config import HealthConfig
-from dsrouter.policies import LeastRequest
-from dsrouter.registry import Health, ProbeOutcome, Registry, video_support_from
+from dsrouter.config import HealthConfig, RoutingConfig
+from dsrouter.policies import LeastRequest, RoundRobin
+from dsrouter.registry import Health, ProbeOutcome, QueueFull, Registry, video_support_from
 
 URL = "http://w:1"
 
@@ -62,10 +62,10 @@ def test_adding_the_same_url_twice_keeps_one() -> None:
     assert not created and worker is reg.by_url(URL) and len(reg.workers()) == 1
 
 
-def test_lease_releases_exactly_once() -> None:
+async def test_lease_releases_exactly_once() -> None:
     reg = registry()
     reg.apply_probe(URL, ProbeOutcome.OK)
-    lease = reg.lease()
+    lease = await reg.acquire()
     lease.release()
     lease.release()
     assert reg.by_url(URL).in_flight == 0
@@ -77,7 +77,7 @@ async def test_lease_is_released_when_the_request_is_cancelled() -> None:
     entered = trio.Event()
 
     async def request() -> None:
-        with reg.lease():
+        with await reg.acquire():
             entered.set()
             await trio.sleep_forever()
 
@@ -92,7 +92,7 @@ async def test_lease_is_released_when_the_request_is_cancelled() -> None:
 async def test_lease_is_released_when_the_request_fails() -> None:
     reg = registry()
     reg.apply_probe(URL, ProbeOutcome.OK)
-    with pytest.raises(RuntimeError), reg.lease():
+    with pytest.raises(RuntimeError), await reg.acquire():
         raise RuntimeError("upstream broke")
     assert reg.by_url(URL).in_flight == 0
 
@@ -243,11 +243,11 @@ def test_operator_quarantine_never_half_opens() -> None:
     assert worker.routable
 
 
-def test_draining_worker_takes_no_new_requests_and_leaves_once_idle() -> None:
+async def test_draining_worker_takes_no_new_requests_and_leaves_once_idle() -> None:
     reg = registry()
     worker = reg.by_url(URL)
     reg.apply_probe(URL, ProbeOutcome.OK)
-    lease = reg.lease()
+    lease = await reg.acquire()
     reg.set_draining(worker, True, remove_when_idle=True)
     assert reg.routable() == [] and reg.by_url(URL) is worker
     lease.release()
@@ -282,3 +282,23 @@ def test_routable_cache_follows_every_state_change() -> None:
     assert reg.routable() == [worker, other], "half-open after breaker_open_s, no event"
     reg.remove("http://v:1")
     assert reg.routable() == [worker]
+
+
+async def test_reconfigure_applies_new_thresholds_limits_and_policy() -> None:
+    reg = Registry(HealthConfig(failure_threshold=5), RoundRobin(), clock=Clock())
+    w, v = reg.add(URL)[0], reg.add("http://v:1")[0]
+    for worker in (w, v):
+        reg.apply_probe(worker.url, ProbeOutcome.OK)
+    assert (await reg.acquire()).worker is w
+    reg.reconfigure(
+        HealthConfig(failure_threshold=1),
+        RoutingConfig(max_inflight_per_worker=1, queue_size=0),
+        1.0,
+    )
+    assert (await reg.acquire()).worker is v, "no new policy: round-robin goes on where it was"
+    with pytest.raises(QueueFull):
+        await reg.acquire()
+    reg.apply_probe(URL, ProbeOutcome.FAILED)
+    assert w.health is Health.DEAD
+    reg.reconfigure(HealthConfig(), RoutingConfig(), 1.0, RoundRobin())
+    assert [(await reg.acquire()).worker for _ in range(2)] == [v, v]

@@ -1,8 +1,11 @@
 import pytest
 
 from dsrouter import routes
-from dsrouter.jobs import JobMap
-from dsrouter.proxy import job_id_from
+from dsrouter.config import HealthConfig
+from dsrouter.jobs import JobAffinity, JobMap, job_id_from
+from dsrouter.policies import LeastRequest
+from dsrouter.registry import Registry
+from dsrouter.workers_http import WorkerHTTP
 
 
 @pytest.mark.parametrize(
@@ -56,3 +59,35 @@ def test_job_map_evicts_finished_jobs_first() -> None:
     assert [jobs.owner(k) for k in "abcd"] == ["w1", None, "w2", "w2"]
     jobs.remember("e", "w3", "videos")
     assert jobs.owner("a") is None and len(jobs) == 3
+
+
+def test_job_map_at_capacity_evicts_oldest_finished_then_oldest_open() -> None:
+    jobs = JobMap(capacity=3)
+    jobs.remember("open-1", "w", "videos")
+    jobs.remember("open-2", "w", "videos")
+    jobs.remember("image", "w", "images", finished=True)
+    jobs.remember("open-3", "w", "videos")  # the finished one goes, although newer
+    assert jobs.owner("image") is None and len(jobs) == 3
+    jobs.remember("open-4", "w", "videos")  # none finished: the oldest goes
+    assert jobs.owner("open-1") is None
+    assert [jobs.owner(k) for k in ("open-2", "open-3", "open-4")] == ["w", "w", "w"]
+    jobs.remember("open-2", "w2", "videos")  # remembering again refreshes, not duplicates
+    assert jobs.owner("open-2") == "w2" and len(jobs) == 3
+
+
+def test_only_images_a_worker_kept_are_remembered() -> None:
+    registry = Registry(HealthConfig(), LeastRequest())
+    worker, _ = registry.add("http://w:1")
+    affinity = JobAffinity(registry, WorkerHTTP(connect_timeout_s=1))
+    kept = {"id": "kept", "data": [{"url": "/v1/images/kept/content", "file_path": None}]}
+    on_disk = {"id": "disk", "data": [{"b64_json": "eA==", "url": None, "file_path": "/o/d.png"}]}
+    gone = {"id": "gone", "data": [{"b64_json": "eA==", "url": None, "file_path": None}]}
+    s3 = {"id": "s3", "data": [{"url": "https://bucket/s3.png", "file_path": None}]}
+    for payload in (kept, on_disk, gone, s3):
+        affinity.learn(None, True, payload, worker, "images")
+    assert [registry.jobs.owner(k) for k in ("kept", "disk", "gone", "s3")] == [
+        worker.url,
+        worker.url,
+        None,
+        None,
+    ]

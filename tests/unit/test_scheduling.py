@@ -93,17 +93,17 @@ def test_speed_estimate_resists_outliers_and_tracks_slowdowns() -> None:
     assert pool_median([SpeedEstimate()], 1.0) == 1.0
 
 
-def test_least_work_prefers_the_faster_worker_until_its_backlog_outweighs_it() -> None:
+async def test_least_work_prefers_the_faster_worker_until_its_backlog_outweighs_it() -> None:
     registry = pool(2, Clock())
     fast, slow = registry.workers()
     fast.speed.observe(1, 1.0)
     slow.speed.observe(1, 4.5)
-    picks = [registry.lease(cost=1.0).worker for _ in range(5)]
+    picks = [(await registry.acquire(cost=1.0)).worker for _ in range(5)]
     assert picks[:4] == [fast] * 4
     assert picks[4] is slow
 
 
-def test_least_work_counts_the_progress_of_the_running_job() -> None:
+async def test_least_work_counts_the_progress_of_the_running_job() -> None:
     clock = Clock()
     registry = pool(2, clock)
     a, b = registry.workers()
@@ -114,10 +114,10 @@ def test_least_work_counts_the_progress_of_the_running_job() -> None:
     registry.lease_worker(b, 10.0)
     clock.now = 9.0
     # a has ~1 s of its job left, b ~9 s: same outstanding work, very different finish times
-    assert registry.lease(cost=1.0).worker is a
+    assert (await registry.acquire(cost=1.0)).worker is a
     clock.now = 30.0
     # both overran their estimates: the one overrunning by more (a, 20 s) looks busier
-    assert registry.lease(cost=1.0).worker is b
+    assert (await registry.acquire(cost=1.0)).worker is b
 
 
 def test_observe_discounts_time_spent_behind_the_previous_request() -> None:

@@ -1,0 +1,308 @@
+"""The dispatch queue: which worker a request goes to, and when.
+
+A request gets a `Lease` on the best worker with room (`acquire`), or waits in the router
+queue until capacity frees up (late binding), in priority then arrival order. Each lease
+counts against its worker until it is released, exactly once, however the request ends;
+releases and every other change that may free capacity (`Registry._notify`) serve the queue.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable, Iterable, Mapping
+
+import attrs
+import trio
+
+from dsrouter.config import RoutingConfig
+from dsrouter.policies import SAMPLE_ABOVE, Policy
+from dsrouter.registry.breaker import Breaker
+from dsrouter.registry.weights import PoolWeights
+from dsrouter.registry.worker import Worker
+from dsrouter.speed import pool_median
+
+DISPATCH_DEPTH = 64
+"""How far into the router queue one dispatch looks for a request the freed worker suits:
+bounded so that a release costs the same with ten thousand requests queued."""
+QUEUE_RECHECK_S = 0.25
+
+ASLEEP_RETRY_AFTER_S = 10
+"""The Retry-After of every "pool is asleep" answer (inference and discovery alike)."""
+
+
+class NoWorkerAvailable(Exception):
+    """No worker satisfies the request right now; the message is safe to show to a client."""
+
+
+class QueueFull(Exception):
+    """The router queue is at `routing.queue_size`: the client should retry later (429)."""
+
+
+class QueueTimeout(Exception):
+    """A request waited `routing.queue_timeout_s` without a worker freeing up (503)."""
+
+
+class PoolAsleep(Exception):
+    """Every worker sleeps (released its GPU memory); the client should come back (503)."""
+
+
+class Lease:
+    """One request's claim on a worker. Released exactly once, however the request ends."""
+
+    __slots__ = ("_dispatcher", "cost", "released", "trial", "worker")
+
+    def __init__(self, dispatcher: Dispatcher, worker: Worker, cost: float) -> None:
+        self._dispatcher = dispatcher
+        self.worker = worker
+        self.cost = cost
+        self.released = False
+        self.trial = False
+        """True when this request is the half-open breaker's one trial."""
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._dispatcher._release(self)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+class _Pause:
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+
+    def __enter__(self) -> None:
+        self.dispatcher._paused += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.dispatcher._paused -= 1
+        self.dispatcher._notify()
+
+
+@attrs.define(eq=False)
+class _Waiter:
+    """A request queued in the router until a worker has room (late binding)."""
+
+    accept: Callable[[Worker], bool] | None
+    exclude: frozenset[int]
+    cost: float
+    event: trio.Event = attrs.Factory(trio.Event)
+    lease: Lease | None = None
+
+
+class Dispatcher:
+    """Owns the router queue and each worker's load: `in_flight`, `requests_total`,
+    `outstanding_cost`, `work_started_at`, and the speed learnt from completed requests."""
+
+    def __init__(
+        self,
+        routing: RoutingConfig,
+        policy: Policy,
+        default_spu: float,
+        *,
+        workers: Mapping[str, Worker],
+        routable: Callable[[Callable[[Worker], bool] | None], list[Worker]],
+        breaker: Breaker,
+        weights: PoolWeights,
+        clock: Callable[[], float],
+        notify: Callable[[], None],
+        released: Callable[[Worker], None],
+    ) -> None:
+        self.routing = routing
+        self.policy = policy
+        self.default_spu = default_spu
+        self._workers = workers
+        self._routable = routable
+        self._breaker = breaker
+        self._weights = weights
+        self._clock = clock
+        self._notify = notify
+        self._released = released
+        """Called after a lease on the worker ended (and before the queue is served)."""
+        self._spu_cache: float | None = None
+        self._queue: list[tuple[int, int, _Waiter]] = []
+        self._seq = itertools.count()
+        self._paused = 0
+
+    def reconfigure(self, routing: RoutingConfig, default_spu: float, policy: Policy) -> None:
+        self.routing = routing
+        self.policy = policy
+        self.default_spu = default_spu
+        self._spu_cache = None
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    async def acquire(
+        self,
+        accept: Callable[[Worker], bool] | None = None,
+        exclude: Iterable[Worker] = (),
+        cost: float = 1.0,
+        priority: int = 0,
+    ) -> Lease:
+        """A lease on the best worker with room, waiting in the router queue if none has.
+
+        FIFO within a priority (higher first). A waiter that is cancelled (client gone,
+        queue timeout) leaves the queue at once, and a lease handed to it in the meantime is
+        released, so no slot is lost.
+        """
+        excluded = frozenset(map(id, exclude))
+        pool_sleeping = self._weights.pool_sleeping
+        if not self._candidates(accept, excluded, limit=False) and not self._paused:
+            if pool_sleeping and not self.routing.queue_while_asleep:
+                raise PoolAsleep("pool is asleep")
+            if not pool_sleeping:
+                raise NoWorkerAvailable("No healthy workers available in the pool")
+        if not self._queue:
+            worker, _ = self._place(accept, excluded, cost)
+            if worker is not None:
+                return self.lease_worker(worker, cost)
+        if len(self._queue) >= self.routing.queue_size:
+            raise QueueFull(f"Router queue is full ({self.routing.queue_size} waiting)")
+        waiter = _Waiter(accept, excluded, cost)
+        entry = (-priority, next(self._seq), waiter)
+        heapq.heappush(self._queue, entry)
+        self._notify()
+        try:
+            with trio.move_on_after(self.routing.queue_timeout_s):
+                await waiter.event.wait()
+        except BaseException:
+            if waiter.lease is not None:
+                waiter.lease.release()
+            else:
+                self._leave_queue(entry)
+            raise
+        if waiter.lease is None:
+            self._leave_queue(entry)
+            raise QueueTimeout(f"No worker became free within {self.routing.queue_timeout_s:g}s")
+        return waiter.lease
+
+    def lease_worker(self, worker: Worker, cost: float = 0.0) -> Lease:
+        """Count a request against a specific worker (sticky jobs, broadcasts)."""
+        if not worker.in_flight:
+            worker.work_started_at = self._clock()
+        worker.in_flight += 1
+        worker.requests_total += 1
+        worker.outstanding_cost += cost
+        lease = Lease(self, worker, cost)
+        lease.trial = self._breaker.begin_trial(worker)
+        return lease
+
+    def observe(self, worker: Worker, cost: float, started: float, finished: float) -> None:
+        """Learn a worker's speed from one completed request.
+
+        A worker runs one generation at a time, so a request that waited behind another one
+        in the worker started its real work when the previous one finished.
+        """
+        begin = max(started, worker.last_completion_at)
+        worker.last_completion_at = finished
+        worker.speed.observe(cost, finished - begin)
+        self._spu_cache = None
+
+    def pause(self) -> _Pause:
+        """Stop dispatching (requests wait in the queue) for the duration of a `with`."""
+        return _Pause(self)
+
+    def dispatch_queue(self) -> None:
+        """Hand freed capacity to queued requests, in priority then arrival order.
+
+        A request that keeps waiting for a busy worker it will go to first counts, for the
+        rest of this pass, as work queued on that worker (`held`): otherwise every request
+        behind it would see the same short backlog, all would wait for the one fast worker,
+        and slower workers that would finish them sooner would stay idle.
+        """
+        if not self._queue:
+            return
+        served = []
+        held: list[tuple[Worker, float]] = []
+        try:
+            for entry in heapq.nsmallest(DISPATCH_DEPTH, self._queue):
+                waiter = entry[2]
+                worker, wait_for = self._place(waiter.accept, waiter.exclude, waiter.cost)
+                if worker is not None:
+                    waiter.lease = self.lease_worker(worker, waiter.cost)
+                    waiter.event.set()
+                    served.append(entry)
+                elif wait_for is not None:
+                    wait_for.outstanding_cost += waiter.cost
+                    held.append((wait_for, waiter.cost))
+        finally:
+            for worker, cost in held:
+                worker.outstanding_cost -= cost
+        if served:
+            self._queue = [e for e in self._queue if e not in served]
+            heapq.heapify(self._queue)
+
+    async def recheck(self) -> None:
+        """Dispatch again now and then although nothing happened.
+
+        A request held back for a busy worker that predicted to finish it first must not
+        wait on that worker forever: as the worker overruns its prediction, another one
+        becomes the better choice, and only the passing of time says so.
+        """
+        while True:
+            await trio.sleep(QUEUE_RECHECK_S)
+            if self._queue:
+                self.dispatch_queue()
+
+    def _release(self, lease: Lease) -> None:
+        worker = lease.worker
+        worker.in_flight -= 1
+        worker.outstanding_cost = max(0.0, worker.outstanding_cost - lease.cost)
+        worker.work_started_at = self._clock()
+        assert worker.in_flight >= 0, "lease released twice"
+        if lease.trial:
+            self._breaker.end_trial(worker)
+        self._released(worker)
+        self._notify()
+
+    def _leave_queue(self, entry: tuple[int, int, _Waiter]) -> None:
+        self._queue.remove(entry)
+        heapq.heapify(self._queue)
+
+    def _candidates(
+        self, accept: Callable[[Worker], bool] | None, excluded: frozenset[int], *, limit: bool
+    ) -> list[Worker]:
+        if limit and self._paused:
+            return []
+        cap = self.routing.max_inflight_per_worker if limit else 0
+        workers = self._routable(accept)
+        if not excluded and not cap:
+            return workers
+        return [w for w in workers if id(w) not in excluded and (not cap or w.in_flight < cap)]
+
+    def _place(
+        self, accept: Callable[[Worker], bool] | None, excluded: frozenset[int], cost: float
+    ) -> tuple[Worker | None, Worker | None]:
+        """The worker a request should start on now, or (None, the busy worker it waits
+        for, if it waits for a particular one): it waits in the queue.
+
+        With a per-worker limit, a predictive policy (least-work) chooses among all suitable
+        workers, busy ones included, and the request waits if the best one is full: a big job
+        is better off waiting a second for a fast GPU than starting at once on one four
+        times slower, and a later, smaller request may take the free worker meanwhile. Other
+        policies, and pools too large to compare every worker, take the best free worker.
+        """
+        if self._paused:
+            return None, None
+        cap = self.routing.max_inflight_per_worker
+        if cap and self.policy.predictive:
+            candidates = self._candidates(accept, excluded, limit=False)
+            if candidates and len(candidates) <= SAMPLE_ABOVE:
+                best = self._choose(candidates, cost)
+                return (best, None) if best.in_flight < cap else (None, best)
+        free = self._candidates(accept, excluded, limit=True)
+        return (self._choose(free, cost) if free else None), None
+
+    def _choose(self, candidates: list[Worker], cost: float) -> Worker:
+        if self._spu_cache is None:
+            self._spu_cache = pool_median(
+                [w.speed for w in self._workers.values()], self.default_spu
+            )
+        return self.policy.choose(candidates, cost, self._spu_cache, self._clock())
