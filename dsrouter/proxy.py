@@ -359,7 +359,8 @@ class Proxy:
         Suitable: able to produce the route's output and, when the request names a `model`
         (a JSON field or a multipart text field the router could read), serving that model.
         Workers do not check `model` themselves, so this is the only place that does; a model
-        no registered worker serves gets the 404 a worker's `/v1/models/{model}` gives.
+        no registered worker serves gets the 404 a worker's `/v1/models/{model}` gives, one
+        whose workers cannot produce the route's output the 400 such a worker gives.
         """
         body = exchange.body
         route = exchange.route
@@ -375,6 +376,12 @@ class Proxy:
             await exchange.respond_json(404, model_not_found(model))
             return
         accept = self._accept(route.output, model)
+        if model is not None and route.output and accept and not any(map(accept, workers)):
+            # What the model's own workers answer for an output their pipeline lacks.
+            await exchange.respond_error(
+                400, f"Model {model!r} does not support {route.output} output"
+            )
+            return
         priority = _int_header(headers.get(b"x-dsrouter-priority"))
         tried: list[Worker] = []
         last_error: UpstreamFailed | None = None

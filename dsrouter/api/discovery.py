@@ -30,14 +30,21 @@ async def list_models() -> Any:
 
 @bp.get("/v1/models/<path:model>")
 async def get_model(model: str) -> Any:
-    """One card of the merged list, found by the names a request's `model` may use (its id,
-    the served name, first; else its root, the model path); else the worker's 404."""
+    """One card of the merged list, found by any name a request's `model` may use: its id
+    (the served name), else the card of a worker known by that name (its model path, see
+    `health.probe_capabilities`); else the 404 a worker gives."""
     cards = await _merged_cards()
     if not isinstance(cards, list):
         return cards
-    for key in ("id", "root"):
+    ids = [model]
+    ids += [
+        w.capabilities.model_id
+        for w in ctx().registry.workers()
+        if model in w.capabilities.model_names
+    ]
+    for wanted in ids:
         for card in cards:
-            if card.get(key) == model:
+            if card.get("id") == wanted:
                 return card
     return model_not_found(model), 404
 
