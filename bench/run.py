@@ -8,13 +8,15 @@
 request over 4 zero-latency workers, (c) streaming speed and memory for big answers,
 (d) a heterogeneous workload per policy against an offline earliest-finish-time oracle,
 (e) a pool of 1,000 workers: probe-loop CPU and per-request routing cost,
-(f) the job map: cost of one insert when empty and at capacity.
+(f) the job map: cost of one insert when empty and at capacity,
+(g) scenarios that try to fool least-work (issue 14), each against the oracle on its trace.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import random
 import shutil
@@ -24,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+import attrs
 import httpx
 import trio
 
@@ -280,6 +283,242 @@ async def _replay(url: str, trace: list[dict[str, object]]) -> tuple[list[float]
         return latencies, trio.current_time() - start
 
 
+@attrs.frozen
+class Scenario:
+    """A workload built to mislead a scheduler, and what the oracle knows about it."""
+
+    name: str
+    speeds: tuple[float, ...] = SPEEDS
+    models: tuple[str, ...] = ()
+    """Per worker: the model it serves (empty: all serve one model)."""
+    joins_at_half: int | None = None
+    """Index of a worker registered only halfway through the trace."""
+    slows_at_half: int | None = None
+    """Index of a worker that becomes `SLOWDOWN` x slower halfway through."""
+    warmup: int = 0
+    """Tiny requests (16x16, one step) sent one by one before the trace."""
+    poisoned_share: float = 0.0
+    """Share of requests whose cost fields lie (`true` sides beside a 4096x4096 size)."""
+
+
+SLOWDOWN = 4.0
+SCENARIOS = (
+    Scenario("tiny-warmup", warmup=8),
+    Scenario("slows-down", slows_at_half=3),
+    Scenario("joins", joins_at_half=3),
+    Scenario(
+        "two-models", speeds=(1.0, 4.0, 1.0, 2.0), models=("sim/A", "sim/A", "sim/B", "sim/B")
+    ),
+    Scenario("adversarial-cost", poisoned_share=0.25),
+)
+SCENARIO_VARIANTS = (
+    ("least-work+queue:1", "least-work", 1),
+    ("least-work", "least-work", 0),
+    ("least-request", "least-request", 0),
+)
+WAIT_EPSILON_S = 0.05
+"""A request counts as waiting once it has not started this long after it was sent (the
+router's and the worker's fixed time is not waiting)."""
+
+
+def _scenario_trace(scenario: Scenario, spu: float, count: int = 160) -> list[dict[str, object]]:
+    """A seeded mix as in (d), at 75% of the capacity present from the start; the request
+    fields are what the client sends, `units` what the worker really runs."""
+    rng = random.Random(14)
+    present = [speed for i, speed in enumerate(scenario.speeds) if i != scenario.joins_at_half]
+    trace = []
+    for _ in range(count):
+        side = rng.choice((256, 512, 768, 1024))
+        steps = rng.choice((8, 16, 32, 50))
+        body: dict[str, object] = {"width": side, "height": side, "num_inference_steps": steps}
+        units = side * side / 1e6 * steps
+        if rng.random() < scenario.poisoned_share:
+            body = {
+                "width": True,
+                "height": True,
+                "size": "4096x4096",
+                "num_inference_steps": steps,
+            }
+            units = 1 / 1e6 * steps
+        elif scenario.poisoned_share:
+            body = {"size": f"{side}x{side}", "num_inference_steps": str(steps)}
+        if scenario.models:
+            capacity = {m: 0.0 for m in scenario.models}
+            for model, speed in zip(scenario.models, scenario.speeds, strict=True):
+                capacity[model] += speed
+            models = sorted(capacity)
+            body["model"] = rng.choices(models, [capacity[m] for m in models])[0]
+        trace.append({"body": body, "units": units})
+    mean_units = statistics.mean(r["units"] for r in trace)
+    rate = 0.75 * sum(present) / (mean_units * spu)
+    t = 0.0
+    for request in trace:
+        t += rng.expovariate(rate)
+        request["at"] = t
+    return trace
+
+
+def _scenario_oracle(scenario: Scenario, trace: list[dict[str, object]], spu: float) -> list[float]:
+    """Earliest finish with exact service times, knowing when a worker joins or slows."""
+    half = trace[-1]["at"] / 2
+    free = [half if i == scenario.joins_at_half else 0.0 for i in range(len(scenario.speeds))]
+    latencies = []
+    for request in trace:
+        best, best_finish = -1, math.inf
+        for i, speed in enumerate(scenario.speeds):
+            if scenario.models and scenario.models[i] != request["body"]["model"]:
+                continue
+            start = max(request["at"], free[i])
+            factor = SLOWDOWN if i == scenario.slows_at_half and start >= half else 1.0
+            finish = start + request["units"] * spu / speed * factor
+            if finish < best_finish:
+                best, best_finish = i, finish
+        free[best] = best_finish
+        latencies.append(best_finish - request["at"])
+    return latencies
+
+
+def _longest_idle_while_waiting(
+    scenario: Scenario,
+    trace: list[dict[str, object]],
+    served: list[tuple[float, float, str]],
+    urls: list[str],
+    joined_at: float,
+) -> float:
+    """The longest time a capable worker sat idle while some request it could serve waited.
+
+    Reconstructed from the client's side: a worker runs one request at a time, so a request
+    started when it was sent or when the worker's previous request ended, whichever is later.
+    """
+    starts: list[float] = [0.0] * len(trace)
+    busy: dict[str, list[tuple[float, float]]] = {url: [] for url in urls}
+    by_worker: dict[str, list[int]] = {}
+    for index, (_, _, worker) in enumerate(served):
+        by_worker.setdefault(worker, []).append(index)
+    for worker, indices in by_worker.items():
+        previous = 0.0
+        for index in sorted(indices, key=lambda i: served[i][1]):
+            sent, done, _ = served[index]
+            starts[index] = max(sent, previous)
+            previous = done
+            busy[worker].append((starts[index], done))
+    step = 0.02
+    end = max(done for _, done, _ in served)
+    longest = 0.0
+    for w, url in enumerate(urls):
+        since = None
+        spans = sorted(busy[url])
+        t = joined_at if w == scenario.joins_at_half else 0.0
+        while t < end:
+            idle = not any(a <= t < b for a, b in spans)
+            waiting = idle and any(
+                served[i][0] + WAIT_EPSILON_S <= t < starts[i]
+                and (not scenario.models or trace[i]["body"]["model"] == scenario.models[w])
+                for i in range(len(trace))
+            )
+            if waiting:
+                since = t if since is None else since
+                longest = max(longest, t - since + step)
+            else:
+                since = None
+            t += step
+    return longest
+
+
+def section_g() -> None:
+    """Scenarios against least-work (issue 14): mean and p99 vs the oracle, idle gaps."""
+    spu = options.sec_per_unit
+    figures: dict[str, object] = {"sec_per_unit": spu}
+    for scenario in SCENARIOS:
+        trace = _scenario_trace(scenario, spu)
+        oracle = _scenario_oracle(scenario, trace, spu)
+        result: dict[str, object] = {
+            "requests": len(trace),
+            "oracle": {"mean_s": statistics.mean(oracle), "p99_s": percentile(oracle, 99)},
+        }
+        specs = []
+        for i, speed in enumerate(scenario.speeds):
+            spec = ["--task-type", "T2I", "--sec-per-mpx-step", str(spu), "--speed", str(speed)]
+            if scenario.models:
+                spec += ["--model-path", scenario.models[i]]
+            specs.append(spec)
+        for name, policy, cap in SCENARIO_VARIANTS:
+            config = BASE + (
+                f'[routing]\nalgorithm = "{policy}"\nmax_inflight_per_worker = {cap}\n'
+                f"[cost]\ndefault_seconds_per_unit = {spu}\n"
+            )
+            with simworkers(*specs) as urls:
+                initial = [u for i, u in enumerate(urls) if i != scenario.joins_at_half]
+                with router(config, initial) as (url, _):
+                    served, joined_at = trio.run(_replay_scenario, url, urls, scenario, trace)
+            latencies = [done - sent for sent, done, _ in served]
+            summary = {
+                "mean_s": statistics.mean(latencies),
+                "p99_s": percentile(latencies, 99),
+                "mean_vs_oracle": statistics.mean(latencies) / statistics.mean(oracle),
+                "p99_vs_oracle": percentile(latencies, 99) / percentile(oracle, 99),
+                "longest_idle_while_waiting_s": _longest_idle_while_waiting(
+                    scenario, trace, served, urls, joined_at
+                ),
+                "requests_per_worker": [sum(1 for s in served if s[2] == u) for u in urls],
+            }
+            result[name] = summary
+            print(f"    {scenario.name} {name}: {json.dumps(summary)}", flush=True)
+        figures[scenario.name] = result
+    results["g"] = figures
+
+
+async def _replay_scenario(
+    url: str, worker_urls: list[str], scenario: Scenario, trace: list[dict[str, object]]
+) -> tuple[list[tuple[float, float, str]], float]:
+    """Replay `trace`; returns (sent, done, worker url) per request (times from the trace's
+    start) and when the joining worker was registered."""
+    served: list[tuple[float, float, str]] = [(0.0, 0.0, "")] * len(trace)
+    by_display: dict[str, str] = {}
+    joined_at = math.inf
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=None)) as c:
+        for _ in range(scenario.warmup):
+            tiny = {"prompt": "warm", "size": "16x16", "num_inference_steps": 1}
+            (await c.post(f"{url}/v1/images/generations", json=tiny)).raise_for_status()
+        for worker in (await c.get(f"{url}/workers")).json()["workers"]:
+            by_display[worker["display_id"]] = worker["url"]
+        start = trio.current_time()
+        half = trace[-1]["at"] / 2
+
+        async def one(index: int, request: dict[str, object]) -> None:
+            await trio.sleep_until(start + request["at"])
+            sent = trio.current_time() - start
+            answer = await c.post(
+                f"{url}/v1/images/generations",
+                json={"prompt": "bench", "response_format": "url", **request["body"]},
+            )
+            answer.raise_for_status()
+            display = answer.headers["x-dsrouter-worker"]
+            if display not in by_display:
+                for worker in (await c.get(f"{url}/workers")).json()["workers"]:
+                    by_display[worker["display_id"]] = worker["url"]
+            served[index] = (sent, trio.current_time() - start, by_display[display])
+
+        async def halfway() -> None:
+            nonlocal joined_at
+            await trio.sleep_until(start + half)
+            if scenario.slows_at_half is not None:
+                target = worker_urls[scenario.slows_at_half]
+                answer = await c.post(f"{target}/_sim/faults", json={"slowdown": SLOWDOWN})
+                answer.raise_for_status()
+            if scenario.joins_at_half is not None:
+                target = worker_urls[scenario.joins_at_half]
+                answer = await c.post(f"{url}/workers", json={"url": target})
+                answer.raise_for_status()
+                joined_at = trio.current_time() - start
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(halfway)
+            for index, request in enumerate(trace):
+                nursery.start_soon(one, index, request)
+    return served, joined_at
+
+
 def section_e() -> None:
     """1,000 registered workers: probe-loop CPU share and per-request routing cost."""
     from dsrouter.config import HealthConfig, RoutingConfig
@@ -347,12 +586,13 @@ SECTIONS = {
     "d": section_d,
     "e": section_e,
     "f": section_f,
+    "g": section_g,
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="abcdef", help="sections, e.g. a,d")
+    parser.add_argument("--only", default="abcdefg", help="sections, e.g. a,d")
     parser.add_argument("--write", action="store_true", help="rewrite bench/RESULTS.md")
     parser.add_argument(
         "--sec-per-unit",

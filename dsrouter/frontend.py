@@ -62,7 +62,8 @@ class Frontend:
     """
 
     OPEN_ADMIN_PATHS = frozenset({"/v1/models"})
-    """Served by Quart but guarded like inference (API keys), not by the admin token."""
+    """Served by Quart but guarded like inference (API keys), not by the admin token; so is
+    every `/v1/models/{model}`."""
 
     def __init__(
         self,
@@ -96,7 +97,7 @@ class Frontend:
     def _allowed(self, path: str, admin: bool, authorization: bytes | None) -> bool:
         if path in PUBLIC_PATHS or (path == "/metrics" and not self.auth.protect_metrics):
             return True
-        if admin and path not in self.OPEN_ADMIN_PATHS:
+        if admin and path not in self.OPEN_ADMIN_PATHS and not path.startswith("/v1/models/"):
             return self.auth.admin_allowed(authorization)
         return self.auth.inference_allowed(authorization)
 

@@ -23,17 +23,17 @@ log = logging.getLogger("dsrouter.health")
 async def probe_capabilities(
     workers: WorkerHTTP, url: str, api_key: str, timeout_s: float
 ) -> Capabilities | None:
-    """Read task and output types from `/model_info`, falling back to `/v1/models`.
+    """Read task and output types from `/model_info`, falling back to `/v1/models`, and
+    the names a request's `model` may use for the worker from both.
 
     `/model_info` is never held during warm-up and carries `output_types`; `/v1/models` is
     what the routers we succeed used. None means "no answer": keep what we knew.
     """
     info = await _get_json(workers, url, "/model_info", api_key, timeout_s)
     models = await _get_json(workers, url, "/v1/models", api_key, timeout_s)
-    card: dict[str, Any] = {}
-    if isinstance(models, dict) and isinstance(models.get("data"), list) and models["data"]:
-        first = models["data"][0]
-        card = first if isinstance(first, dict) else {}
+    cards = models.get("data") if isinstance(models, dict) else None
+    cards = [c for c in cards if isinstance(c, dict)] if isinstance(cards, list) else []
+    card: dict[str, Any] = cards[0] if cards else {}
     if not isinstance(info, dict):
         info = {}
     if not info and not card:
@@ -47,12 +47,14 @@ async def probe_capabilities(
     task_types = tuple(str(t) for t in tasks)
     output_types = tuple(str(o) for o in outputs)
     model_id = card.get("id") or info.get("model_path")
+    names = {info.get("model_path"), *(c.get("id") for c in cards), *(c.get("root") for c in cards)}
     return Capabilities(
         model_id=model_id if isinstance(model_id, str) else None,
         task_types=task_types,
         output_types=output_types,
         video_support=video_support_from(task_types, output_types),
         model_info=info or None,
+        model_names=frozenset(n for n in names if isinstance(n, str) and n),
     )
 
 

@@ -204,10 +204,6 @@ def _inference() -> dict[str, Any]:
         **_job_routes("meshes", "mesh"),
         "/generate": _passthrough("Miles alias of /v1/images/generations", "create"),
         "/generate_video": _passthrough("Miles alias of /v1/videos", "create"),
-        "/v1/models/{model}": {
-            "parameters": [_path_param("model", "a model id (may contain `/`)")],
-            **_passthrough("one model card", "pool", "get"),
-        },
         "/v1/model_info": _passthrough("the worker's model path", "pool", "get"),
         "/model_info": _passthrough("the worker's model and task types", "pool", "get"),
         "/server_info": _passthrough("the worker's server settings", "pool", "get"),
@@ -292,6 +288,15 @@ def build_openapi() -> dict[str, Any]:
                 "summary": "models of the pool, merged",
                 "responses": _answers({"type": "object"}, 502, 503),
             }
+        },
+        "/v1/models/{model}": {
+            "parameters": [
+                _path_param("model", "a served model name or model path (may contain `/`)")
+            ],
+            "get": {
+                "summary": "one card of the merged model list",
+                "responses": _answers({"type": "object"}, 404, 502, 503),
+            },
         },
         "/metrics": {
             "get": {

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from dsrouter.registry import Worker
+    from dsrouter.speed import Prior
 
 
 SAMPLE_ABOVE = 64
@@ -39,28 +40,41 @@ class Policy(Protocol):
     """Predicts finish times, so a queued request may wait for a busy worker that would
     still finish it first (see `registry.dispatch.Dispatcher._place`)."""
 
-    def choose(
-        self, candidates: Sequence[Worker], cost: float, default_spu: float, now: float
-    ) -> Worker:
+    def choose(self, candidates: Sequence[Worker], cost: float, prior: Prior, now: float) -> Worker:
         """Return one of `candidates` (never empty).
 
-        `cost` is the request's estimated work; `default_spu` the seconds per cost unit to
-        assume for a worker that has not been measured yet; `now` the registry's clock.
+        `cost` is the request's estimated work; `prior` the pool's service-time figures
+        (what a worker that has not been measured yet is assumed to do, see `speed.py`);
+        `now` the registry's clock.
         """
         ...
 
 
+EXPLORE_IDLE_S = 2.0
+"""An idle worker gets a request that would otherwise wait elsewhere once it has been idle
+this long, if it would finish it within `EXPLORE_SLACK` x the best prediction."""
+EXPLORE_SLACK = 2.0
+
+
 class LeastWork:
-    """Earliest predicted finish: the worker's remaining backlog + this request's work.
+    """Earliest predicted finish: the worker's remaining backlog + this request's time.
 
     Unlike least-request it knows that a 4K video is not a thumbnail and that a worker twice
-    as fast should take twice the work. The backlog shrinks while the worker runs: a worker
-    halfway through a long job is closer to free than one that just took it (the worker
-    runs its requests one at a time, and `work_started_at` is when the current one began).
-    Once a worker overruns its prediction the backlog grows again with the overrun: a hung
-    or suddenly slow worker must not look free. Ties go to the worker with fewer requests
-    in flight, then rotate. Above `SAMPLE_ABOVE` candidates it compares a random sample
-    (see `_sample`).
+    as fast should take twice the work. A request's time is the worker's overhead plus its
+    per-unit time x the cost (`speed.SpeedEstimate.effective`). The backlog shrinks while
+    the worker runs: a worker halfway through a long job is closer to free than one that just
+    took it (the worker runs its requests one at a time, and `work_started_at` is when the
+    current one began). Once a worker overruns its prediction the backlog grows again with
+    the overrun: a hung or suddenly slow worker must not look free. Ties go to the worker
+    with fewer requests in flight, then rotate. Above `SAMPLE_ABOVE` candidates it compares
+    a random sample (see `_sample`).
+
+    Exploration: predictions are only as good as the evidence, and a worker nobody sends
+    work to never corrects a wrong one. So when the best choice is busy (the request would
+    wait), an idle worker goes first if its estimate is unsure (few or old samples), or if
+    it has been idle `EXPLORE_IDLE_S` and would finish within `EXPLORE_SLACK` x the best.
+    Both are bounded: only idle workers are tried, an unsure one becomes sure after a few
+    requests, and an idle one stops being idle.
     """
 
     name = "least-work"
@@ -70,16 +84,18 @@ class LeastWork:
         self._turn = 0
         self._rng = rng or random.Random()
 
-    def choose(
-        self, candidates: Sequence[Worker], cost: float, default_spu: float, now: float
-    ) -> Worker:
+    def choose(self, candidates: Sequence[Worker], cost: float, prior: Prior, now: float) -> Worker:
         best: list[Worker] = []
         best_finish, best_in_flight = math.inf, 0
+        idle: list[tuple[Worker, float]] = []
         for worker in _sample(candidates, self._rng):
-            spu = worker.speed.seconds_per_unit or default_spu
-            finish = cost * spu
+            spu, overhead = worker.speed.effective(prior, now)
+            finish = overhead + cost * spu
             if worker.in_flight:
-                finish += abs(worker.outstanding_cost * spu - (now - worker.work_started_at))
+                backlog = worker.in_flight * overhead + worker.outstanding_cost * spu
+                finish += abs(backlog - (now - worker.work_started_at))
+            else:
+                idle.append((worker, finish))
             if abs(finish - best_finish) <= 1e-9 * finish:
                 if worker.in_flight < best_in_flight:
                     best, best_in_flight = [worker], worker.in_flight
@@ -88,7 +104,15 @@ class LeastWork:
             elif finish < best_finish:
                 best, best_finish, best_in_flight = [worker], finish, worker.in_flight
         self._turn += 1
-        return best[self._turn % len(best)]
+        chosen = best[self._turn % len(best)]
+        if chosen.in_flight:
+            for worker, finish in sorted(idle, key=lambda pair: pair[0].work_started_at):
+                if worker.speed.unsure(now) or (
+                    now - worker.work_started_at >= EXPLORE_IDLE_S
+                    and finish <= EXPLORE_SLACK * best_finish
+                ):
+                    return worker
+        return chosen
 
 
 class LeastRequest:
@@ -101,9 +125,7 @@ class LeastRequest:
         self._turn = 0
         self._rng = rng or random.Random()
 
-    def choose(
-        self, candidates: Sequence[Worker], cost: float, default_spu: float, now: float
-    ) -> Worker:
+    def choose(self, candidates: Sequence[Worker], cost: float, prior: Prior, now: float) -> Worker:
         candidates = _sample(candidates, self._rng)
         lowest = min(w.in_flight for w in candidates)
         tied = [w for w in candidates if w.in_flight == lowest]
@@ -118,9 +140,7 @@ class RoundRobin:
     def __init__(self) -> None:
         self._turn = -1
 
-    def choose(
-        self, candidates: Sequence[Worker], cost: float, default_spu: float, now: float
-    ) -> Worker:
+    def choose(self, candidates: Sequence[Worker], cost: float, prior: Prior, now: float) -> Worker:
         self._turn += 1
         return candidates[self._turn % len(candidates)]
 
@@ -132,9 +152,7 @@ class Random:
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
 
-    def choose(
-        self, candidates: Sequence[Worker], cost: float, default_spu: float, now: float
-    ) -> Worker:
+    def choose(self, candidates: Sequence[Worker], cost: float, prior: Prior, now: float) -> Worker:
         return self._rng.choice(candidates)
 
 

@@ -38,7 +38,7 @@ from dsrouter.body import (
 )
 from dsrouter.config import Config
 from dsrouter.context import RouterContext
-from dsrouter.cost import CostModel
+from dsrouter.cost import CostModel, read_fields
 from dsrouter.jobs import JobAffinity
 from dsrouter.registry import (
     ASLEEP_RETRY_AFTER_S,
@@ -78,6 +78,8 @@ ASLEEP_RETRY_AFTER = [(b"retry-after", str(ASLEEP_RETRY_AFTER_S).encode())]
 CLOSE = [(b"connection", b"close")]
 """On answers given before the request body was read: the rest of it is still on the
 connection, so hypercorn closes it, and the client must know not to reuse it."""
+MAX_MODEL_FILTERS = 64
+"""Worker filters kept per (output, model); see `Proxy._accept`."""
 GATEWAY_FAILURES = frozenset({502, 503, 504})
 """Worker answers that count against it (passive health): it could not do the work."""
 
@@ -186,6 +188,7 @@ class Proxy:
         self.active = 0
         self.buffers = BufferBudget(lambda: self.config.server.max_buffered_mb * MiB)
         self._rng = random.Random()
+        self._accepts: dict[tuple[str | None, str], Callable[[Worker], bool]] = {}
 
     @property
     def config(self) -> Config:
@@ -325,18 +328,60 @@ class Proxy:
         elif route.kind == routes.LIST:
             await self._merged_list(exchange)
         else:
-            await self._with_failover(exchange, accept_for(route.output))
+            await self._with_failover(exchange)
 
-    async def _with_failover(
-        self, exchange: Exchange, accept: Callable[[Worker], bool] | None
-    ) -> None:
-        """Try suitable workers one after another until one answers (not 503)."""
+    def _accept(self, output: str | None, model: str | None) -> Callable[[Worker], bool] | None:
+        """Which workers may serve a request for `output` naming `model` (None: any model).
+
+        One long-lived function per (output, model), like `accept_for`, so the registry can
+        cache the matching workers; the map is emptied when it grows past the few models a
+        pool serves (only models some worker serves get here).
+        """
+        by_output = accept_for(output)
+        if model is None:
+            return by_output
+        accept = self._accepts.get((output, model))
+        if accept is None:
+            if len(self._accepts) >= MAX_MODEL_FILTERS:
+                self._accepts.clear()
+
+            def accept(worker: Worker) -> bool:
+                return worker.capabilities.serves(model) and (
+                    by_output is None or by_output(worker)
+                )
+
+            self._accepts[(output, model)] = accept
+        return accept
+
+    async def _with_failover(self, exchange: Exchange) -> None:
+        """Try suitable workers one after another until one answers (not 503).
+
+        Suitable: able to produce the route's output and, when the request names a `model`
+        (a JSON field or a multipart text field the router could read), serving that model.
+        Workers do not check `model` themselves, so this is the only place that does; a model
+        no registered worker serves gets the 404 a worker's `/v1/models/{model}` gives, one
+        whose workers cannot produce the route's output the 400 such a worker gives.
+        """
         body = exchange.body
         route = exchange.route
         headers = exchange.headers
-        cost = CostModel(self.config.cost).estimate(
-            route.path, body.buffered, headers.get(b"content-type", b"").decode("latin-1")
+        fields = read_fields(body.buffered, headers.get(b"content-type", b"").decode("latin-1"))
+        cost = CostModel(self.config.cost).from_params(
+            fields, video=route.path.startswith("/v1/videos")
         )
+        model = fields.get("model") if isinstance(fields.get("model"), str) else None
+        model = model or None
+        workers = self.registry.workers()
+        if model is not None and workers and not any(w.capabilities.serves(model) for w in workers):
+            await exchange.respond_json(404, model_not_found(model))
+            return
+        accept = self._accept(route.output, model)
+        if model is not None and route.output and accept and not any(map(accept, workers)):
+            # What the model's own workers answer for an output their pipeline lacks.
+            await exchange.respond_error(
+                400, f"Model {model!r} does not support {route.output} output"
+            )
+            return
         priority = _int_header(headers.get(b"x-dsrouter-priority"))
         tried: list[Worker] = []
         last_error: UpstreamFailed | None = None
@@ -576,6 +621,18 @@ async def _read_up_to(chunks: AsyncIterator[bytes], limit: int, idle_s: float) -
             break
         buffer += chunk
     return bytes(buffer)
+
+
+def model_not_found(model: str) -> dict[str, Any]:
+    """The body a worker gives for a model it does not serve (OpenAI's shape)."""
+    return {
+        "error": {
+            "message": f"The model '{model}' does not exist",
+            "type": "invalid_request_error",
+            "param": "model",
+            "code": "model_not_found",
+        }
+    }
 
 
 def _int_header(value: bytes | None) -> int:

@@ -1,4 +1,5 @@
-"""`GET /v1/models`: the pool's models, merged from every routable worker.
+"""`GET /v1/models` and `GET /v1/models/{model}`: the pool's models, merged from every
+routable worker (a request's `model` is routed by the same names, see `proxy.Proxy._accept`).
 
 While the pool sleeps it answers like inference does (503 "pool is asleep" with
 Retry-After), so a client can tell "come back later" from "the pool is broken".
@@ -12,6 +13,7 @@ from quart import Blueprint
 
 from dsrouter.api.errors import error
 from dsrouter.api.workers import ctx
+from dsrouter.proxy import model_not_found
 from dsrouter.registry import ASLEEP_RETRY_AFTER_S, Worker
 from dsrouter.workers_http import fan_out
 
@@ -20,6 +22,35 @@ bp = Blueprint("discovery", __name__)
 
 @bp.get("/v1/models")
 async def list_models() -> Any:
+    cards = await _merged_cards()
+    if not isinstance(cards, list):
+        return cards
+    return {"object": "list", "data": cards}
+
+
+@bp.get("/v1/models/<path:model>")
+async def get_model(model: str) -> Any:
+    """One card of the merged list, found by any name a request's `model` may use: its id
+    (the served name), else the card of a worker known by that name (its model path, see
+    `health.probe_capabilities`); else the 404 a worker gives."""
+    cards = await _merged_cards()
+    if not isinstance(cards, list):
+        return cards
+    ids = [model]
+    ids += [
+        w.capabilities.model_id
+        for w in ctx().registry.workers()
+        if model in w.capabilities.model_names
+    ]
+    for wanted in ids:
+        for card in cards:
+            if card.get("id") == wanted:
+                return card
+    return model_not_found(model), 404
+
+
+async def _merged_cards() -> list[dict[str, Any]] | tuple[Any, int]:
+    """Every routable worker's `/v1/models` cards, one per id; or the error answer."""
     context = ctx()
     workers = context.registry.routable()
     if not workers:
@@ -60,4 +91,4 @@ async def list_models() -> Any:
         for card in data if isinstance(data, list) else []:
             if isinstance(card, dict) and card.get("id") not in seen:
                 seen[card.get("id")] = card
-    return {"object": "list", "data": list(seen.values())}
+    return list(seen.values())

@@ -20,7 +20,7 @@ from dsrouter.policies import SAMPLE_ABOVE, Policy
 from dsrouter.registry.breaker import Breaker
 from dsrouter.registry.weights import PoolWeights
 from dsrouter.registry.worker import Worker
-from dsrouter.speed import pool_median
+from dsrouter.speed import Prior, pool_prior
 
 DISPATCH_DEPTH = 64
 """How far into the router queue one dispatch looks for a request the freed worker suits:
@@ -126,7 +126,8 @@ class Dispatcher:
         self._notify = notify
         self._released = released
         """Called after a lease on the worker ended (and before the queue is served)."""
-        self._spu_cache: float | None = None
+        self._prior: Prior | None = None
+        """The pool's service-time figures, recomputed after a speed changes."""
         self._queue: list[tuple[int, int, _Waiter]] = []
         self._seq = itertools.count()
         self._paused = 0
@@ -135,7 +136,7 @@ class Dispatcher:
         self.routing = routing
         self.policy = policy
         self.default_spu = default_spu
-        self._spu_cache = None
+        self._prior = None
 
     @property
     def queued(self) -> int:
@@ -206,8 +207,8 @@ class Dispatcher:
         """
         begin = max(started, worker.last_completion_at)
         worker.last_completion_at = finished
-        worker.speed.observe(cost, finished - begin)
-        self._spu_cache = None
+        worker.speed.observe(cost, finished - begin, self.prior(), finished)
+        self._prior = None
 
     def pause(self) -> _Pause:
         """Stop dispatching (requests wait in the queue) for the duration of a `with`."""
@@ -312,9 +313,12 @@ class Dispatcher:
         free = self._candidates(accept, excluded, limit=True)
         return (self._choose(free, cost) if free else None), None
 
+    def prior(self) -> Prior:
+        """The pool's figures (medians of the learnt ones): the starting point of a worker
+        with no samples and the centre its estimate is bounded around (see `speed.py`)."""
+        if self._prior is None:
+            self._prior = pool_prior([w.speed for w in self._workers.values()], self.default_spu)
+        return self._prior
+
     def _choose(self, candidates: list[Worker], cost: float) -> Worker:
-        if self._spu_cache is None:
-            self._spu_cache = pool_median(
-                [w.speed for w in self._workers.values()], self.default_spu
-            )
-        return self.policy.choose(candidates, cost, self._spu_cache, self._clock())
+        return self.policy.choose(candidates, cost, self.prior(), self._clock())

@@ -37,6 +37,12 @@ class Capabilities:
     output_types: tuple[str, ...] = ()
     video_support: bool | None = None
     model_info: dict[str, Any] | None = None
+    model_names: frozenset[str] = frozenset()
+    """Every name a request's `model` may use for this worker: its `/v1/models` ids (the
+    served model name) and roots, and its model path. Empty: not known (serves any)."""
+
+    def serves(self, model: str) -> bool:
+        return not self.model_names or model in self.model_names
 
 
 def video_support_from(task_types: Sequence[str], output_types: Sequence[str]) -> bool | None:
@@ -161,6 +167,7 @@ class Worker:
             "requests_total": self.requests_total,
             "outstanding_cost": round(self.outstanding_cost, 3),
             "seconds_per_unit": self.speed.seconds_per_unit,
+            "overhead_s": self.speed.overhead_s,
             "quarantined_by_operator": self.quarantined_by_operator,
             "source": self.source,
             "managed": self.managed is not None,

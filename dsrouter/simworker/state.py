@@ -9,6 +9,7 @@ semantics: `/health` stays 200 while asleep and generations fail.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import time
 import uuid
@@ -33,6 +34,7 @@ FAULT_FIELDS = {
     "backend_failed": str,
     "refit_fails": bool,
     "corrupt_weights": bool,
+    "slowdown": float,
 }
 
 
@@ -67,6 +69,8 @@ class LiveFaults:
     backend_failed: str | None = None
     refit_fails: bool = False
     corrupt_weights: bool = False
+    slowdown: float = 1.0
+    """Service times are multiplied by this: a GPU that throttles or is shared mid-run."""
 
     def update(self, changes: dict[str, Any]) -> list[str]:
         """Apply `changes`; returns the problems instead when any field is wrong."""
@@ -79,12 +83,16 @@ class LiveFaults:
                 problems.append(f"{key}: expected {kind.__name__} or null, got {value!r}")
             elif key.endswith("_rate") and value is not None and not 0 <= value <= 1:
                 problems.append(f"{key}: expected a fraction between 0 and 1")
+            elif key == "slowdown" and value is not None and not 0 < value < math.inf:
+                problems.append(f"{key}: expected a factor > 0")
         if not problems:
             for key, value in changes.items():
                 if (key.endswith("_rate") or key == "slow_body_bps") and value is None:
                     value = 0
                 if key in ("refit_fails", "corrupt_weights") and value is None:
                     value = False
+                if key == "slowdown" and value is None:
+                    value = 1.0
                 setattr(self, key, value)
         return problems
 
@@ -145,7 +153,7 @@ class SimWorker:
         return f"{self.model_path}#{self.weight_updates}"
 
     def service_seconds(self, units: float) -> float:
-        return self.options.sec_per_mpx_step * units / self.options.speed
+        return self.options.sec_per_mpx_step * units / self.options.speed * self.faults.slowdown
 
     @asynccontextmanager
     async def scheduled(self) -> AsyncIterator[None]:

@@ -25,7 +25,7 @@ async def test_openai_images_and_videos_through_the_router(
 
             def images() -> tuple[bytes, bytes]:
                 generated = client.images.generate(
-                    model="sim",
+                    model="sim/Wan-Sim",
                     prompt="a lighthouse",
                     size="256x256",
                     response_format="b64_json",
@@ -33,7 +33,7 @@ async def test_openai_images_and_videos_through_the_router(
                 )
                 first = base64.b64decode(generated.data[0].b64_json)
                 edited = client.images.edit(
-                    model="sim",
+                    model="sim/Wan-Sim",
                     prompt="at night",
                     image=("in.jpg", first, "image/jpeg"),
                     extra_body={"size": "128x128"},
@@ -48,7 +48,7 @@ async def test_openai_images_and_videos_through_the_router(
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", DeprecationWarning)
                     video = client.videos.create(
-                        model="sim", prompt="waves", seconds="4", size="720x1280"
+                        model="sim/Wan-Sim", prompt="waves", seconds="4", size="720x1280"
                     )
                     final = client.videos.poll(video.id, poll_interval_ms=50)
                     content = client.videos.download_content(video.id)

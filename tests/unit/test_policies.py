@@ -6,6 +6,7 @@ import pytest
 from dsrouter.config import HealthConfig
 from dsrouter.policies import POLICIES, LeastRequest, Policy, Random, RoundRobin, make_policy
 from dsrouter.registry import NoWorkerAvailable, ProbeOutcome, Registry
+from dsrouter.speed import Prior
 
 
 def pool(n: int, policy: Policy | str = "least-request") -> Registry:
@@ -87,6 +88,6 @@ def test_large_pools_compare_a_sample_and_still_avoid_loaded_workers() -> None:
             registry.lease_worker(worker, 5.0)
     idle = {id(w) for w in workers[1::2]}
     for policy in (LeastRequest(random.Random(3)), LeastWork(random.Random(3))):
-        chosen = [policy.choose(workers, 1.0, 0.01, 0.0) for _ in range(300)]
+        chosen = [policy.choose(workers, 1.0, Prior(0.01), 0.0) for _ in range(300)]
         assert all(id(w) in idle for w in chosen)
         assert len({id(w) for w in chosen}) > 50, "the sample moves across the pool"

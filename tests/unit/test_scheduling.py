@@ -15,7 +15,7 @@ from dsrouter.registry import (
     Registry,
     Worker,
 )
-from dsrouter.speed import SpeedEstimate, pool_median
+from dsrouter.speed import Prior, SpeedEstimate, pool_prior
 
 
 class Clock:
@@ -41,12 +41,19 @@ def pool(n: int, clock: Clock | None = None, **routing: object) -> Registry:
     return registry
 
 
+def learn(worker: Worker, spu: float, overhead: float = 0.0, times: int = 12) -> None:
+    """Teach `worker` a per-unit time (with `overhead`) from consistent samples."""
+    for _ in range(times):
+        for cost in (1.0, 10.0):
+            worker.speed.observe(cost, overhead + spu * cost, Prior(spu, 0.05), now=0.0)
+
+
 def fast_and_slow(clock: Clock, slow_spu: float) -> tuple[Registry, Worker, Worker]:
     """Two workers with learned speeds (1 s per unit, `slow_spu`), one request each at most."""
     registry = pool(2, clock, max_inflight_per_worker=1)
     fast, slow = registry.workers()
-    fast.speed.observe(1, 1.0)
-    slow.speed.observe(1, slow_spu)
+    learn(fast, 1.0)
+    learn(slow, slow_spu)
     return registry, fast, slow
 
 
@@ -81,23 +88,24 @@ def test_cost_falls_back_to_defaults_and_per_model_overrides() -> None:
 
 def test_speed_estimate_resists_outliers_and_tracks_slowdowns() -> None:
     speed = SpeedEstimate()
+    prior = Prior(0.1, 0.0)
     for _ in range(20):
-        speed.observe(10, 1.0)
-    assert speed.seconds_per_unit == pytest.approx(0.1)
-    speed.observe(10, 1000.0)
+        speed.observe(10, 1.0, prior, now=0.0)
+    assert speed.seconds_per_unit == pytest.approx(0.1, rel=0.05)
+    speed.observe(10, 1000.0, prior, now=0.0)
     assert speed.seconds_per_unit < 0.2
     for _ in range(20):
-        speed.observe(10, 3.0)
+        speed.observe(10, 3.0, prior, now=0.0)
     assert speed.seconds_per_unit == pytest.approx(0.3, rel=0.05)
-    assert pool_median([SpeedEstimate(), speed], 1.0) == speed.seconds_per_unit
-    assert pool_median([SpeedEstimate()], 1.0) == 1.0
+    assert pool_prior([SpeedEstimate(), speed], 1.0).seconds_per_unit == speed.seconds_per_unit
+    assert pool_prior([SpeedEstimate()], 1.0).seconds_per_unit == 1.0
 
 
 async def test_least_work_prefers_the_faster_worker_until_its_backlog_outweighs_it() -> None:
     registry = pool(2, Clock())
     fast, slow = registry.workers()
-    fast.speed.observe(1, 1.0)
-    slow.speed.observe(1, 4.5)
+    learn(fast, 1.0)
+    learn(slow, 4.5)
     picks = [(await registry.acquire(cost=1.0)).worker for _ in range(5)]
     assert picks[:4] == [fast] * 4
     assert picks[4] is slow
@@ -108,7 +116,7 @@ async def test_least_work_counts_the_progress_of_the_running_job() -> None:
     registry = pool(2, clock)
     a, b = registry.workers()
     for worker in (a, b):
-        worker.speed.observe(1, 1.0)
+        learn(worker, 1.0)
     registry.lease_worker(a, 10.0)
     clock.now = 8.0
     registry.lease_worker(b, 10.0)
@@ -121,11 +129,13 @@ async def test_least_work_counts_the_progress_of_the_running_job() -> None:
 
 
 def test_observe_discounts_time_spent_behind_the_previous_request() -> None:
-    registry = pool(1)
-    worker = registry.workers()[0]
-    registry.observe(worker, 1.0, started=0.0, finished=2.0)
-    registry.observe(worker, 1.0, started=0.0, finished=4.0)
-    assert worker.speed.seconds_per_unit == pytest.approx(2.0)
+    one, other = pool(1), pool(1)
+    queued, alone = one.workers()[0], other.workers()[0]
+    one.observe(queued, 1.0, started=0.0, finished=2.0)
+    one.observe(queued, 1.0, started=0.0, finished=4.0)
+    other.observe(alone, 1.0, started=0.0, finished=2.0)
+    other.observe(alone, 1.0, started=2.0, finished=4.0)
+    assert queued.speed == alone.speed
 
 
 async def test_queue_binds_late_to_the_first_worker_that_frees() -> None:
