@@ -46,7 +46,7 @@ ShellArgs = NewType("ShellArgs", list[str])
 Command = NewType("Command", list[str])
 
 RoutingAlgorithm = Literal["least-work", "least-request", "round-robin", "random"]
-LogLevel = Literal["debug", "info", "warning", "error"]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 LogFormat = Literal["text", "json"]
 RestartPolicy = Literal["never", "on-failure", "always"]
 
@@ -559,7 +559,7 @@ FLAGS = (
         "least-work | least-request | round-robin | random",
     ),
     Flag("launcher_config", None, Path, "sglang-d-router launcher YAML (launcher: ...)"),
-    Flag("log_level", ("logging", "level"), None, "debug | info | warning | error"),
+    Flag("log_level", ("logging", "level"), None, "debug | info | warning | error | critical"),
 )
 
 
