@@ -402,7 +402,9 @@ async def test_seed_004_launcher_yaml_is_accepted(tmp_path: Path) -> None:
                 **os.environ,
                 **_env(tmp_path),
                 "CUDA_VISIBLE_DEVICES": "",
-                "PATH": str(Path(sys.executable).parent),
+                # nothing on PATH, not even this virtualenv's bin (which holds `sglang`
+                # when the worker extra is installed)
+                "PATH": str(tmp_path),
             },
         )
     assert ran.returncode != 0
