@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def sglang_d_router(argv: list[str] | None = None) -> int:
+    """The `sglang-d-router` command: `dsrouter run` under the predecessor's name, so its
+    start commands (same flags, same defaults where MIGRATING.md says so) keep working."""
+    return main(["run", *(sys.argv[1:] if argv is None else argv)])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ctl.COMMANDS:

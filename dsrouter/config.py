@@ -46,7 +46,7 @@ ShellArgs = NewType("ShellArgs", list[str])
 Command = NewType("Command", list[str])
 
 RoutingAlgorithm = Literal["least-work", "least-request", "round-robin", "random"]
-LogLevel = Literal["debug", "info", "warning", "error"]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 LogFormat = Literal["text", "json"]
 RestartPolicy = Literal["never", "on-failure", "always"]
 
@@ -156,7 +156,11 @@ class LauncherConfig:
     port_stride: PortStride = PortStride(2)
     master_port_base: Port = Port(30005)
     scheduler_port_base: Port = Port(5555)
-    internal_port_stride: PositiveInt = PositiveInt(1)
+    internal_port_stride: PositiveInt = PositiveInt(1000)
+    """sglang-d-router's default: room for `--dp-size` replicas, one scheduler port each."""
+    scan_ports: bool = False
+    """Move a busy planned port to the next free one (sglang-d-router did, always) instead
+    of refusing to start."""
     extra_args: ShellArgs = attrs.field(factory=lambda: ShellArgs([]), metadata=ARGV)
     env: dict[str, str] = attrs.field(factory=dict, metadata=SECRET)
     command: Command = attrs.field(factory=lambda: Command(["sglang", "serve"]), metadata=ARGV)
@@ -169,6 +173,8 @@ class LauncherConfig:
     stop_timeout_s: PositiveFloat = PositiveFloat(30.0)
     log_dir: str = ""
     log_max_mb: PositiveInt = PositiveInt(64)
+    log_prefix: str = ""
+    """Put before every worker output line in the router's log (not in `log_dir` files)."""
 
 
 @attrs.frozen
@@ -481,7 +487,12 @@ _YAML_LAUNCHER_KEYS = {
     "master_port_base": "master_port_base",
     "scheduler_port_base": "scheduler_port_base",
     "internal_port_stride": "internal_port_stride",
+    "log_prefix": "log_prefix",
 }
+YAML_DEFAULTS = {"num_workers": 1}
+"""sglang-d-router's defaults where they differ from `[launcher]`'s: its YAML launches one
+worker when `num_workers` is left out (its minimal example relies on that), while a
+router.toml without `[launcher]` launches none."""
 
 
 def read_launcher_yaml(path: Path) -> dict[str, Any]:
@@ -503,7 +514,8 @@ def read_launcher_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError([f"{path}: invalid YAML: {exc}"]) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("launcher"), dict):
         raise ConfigError([f"{path}: launcher: expected a mapping under the key 'launcher'"])
-    return {_YAML_LAUNCHER_KEYS.get(key, key): value for key, value in doc["launcher"].items()}
+    mapped = {_YAML_LAUNCHER_KEYS.get(key, key): value for key, value in doc["launcher"].items()}
+    return {**YAML_DEFAULTS, **mapped}
 
 
 @attrs.frozen(init=False)
@@ -559,7 +571,7 @@ FLAGS = (
         "least-work | least-request | round-robin | random",
     ),
     Flag("launcher_config", None, Path, "sglang-d-router launcher YAML (launcher: ...)"),
-    Flag("log_level", ("logging", "level"), None, "debug | info | warning | error"),
+    Flag("log_level", ("logging", "level"), None, "debug | info | warning | error | critical"),
 )
 
 

@@ -42,6 +42,9 @@ WEIGHT_ROUTES = frozenset(
         "/v1/unmerge_lora_weights",
     }
 )
+TARGET_HEADER = "x-dsrouter-target-workers"
+"""Names the workers a weight change or read goes to (URLs or worker ids, comma-separated);
+without it, the whole active pool."""
 REPLAYABLE = frozenset(WEIGHT_ROUTES - {"/update_weights_from_tensor"})
 """Tensor payloads are CUDA IPC handles of a co-located trainer: they cannot be replayed."""
 CHECKSUM_BODY = b"{}"
@@ -67,6 +70,17 @@ class Step:
 
 def active(worker: Worker) -> bool:
     return worker.health is not Health.DEAD and not worker.sleeping and not worker.draining
+
+
+def no_active_workers(workers: list[Worker]) -> ControlError:
+    """The 503 for a control call nobody can take. With every live worker asleep it says so:
+    the predecessors answered 200 with empty results and loaded nothing, so a trainer
+    refitting a sleeping pool believed its weights were served (MIGRATING.md)."""
+    if any(w.sleeping for w in workers) and all(
+        w.sleeping or w.health is Health.DEAD for w in workers
+    ):
+        return ControlError(503, "All workers are asleep: POST /resume_memory_occupation first")
+    return ControlError(503, "No healthy workers available in the pool")
 
 
 class PoolControl:
@@ -111,12 +125,7 @@ class PoolControl:
         results = [
             call
             if call is not None
-            else {
-                "worker_url": worker.url,
-                "status_code": None,
-                "body": None,
-                "error": f"Worker request timed out after {timeout:g}s",
-            }
+            else _unanswered(worker, f"Worker request timed out after {timeout:g}s")
             for worker, call in zip(workers, calls, strict=True)
         ]
         ok = all(r["status_code"] == 200 for r in results)
@@ -131,7 +140,6 @@ class PoolControl:
         body: bytes | None,
         request_id: str | None = None,
     ) -> dict[str, Any]:
-        entry: dict[str, Any] = {"worker_url": worker.url, "status_code": None, "body": None}
         headers = [(b"x-request-id", (request_id or new_request_id()).encode())]
         with self.registry.lease_worker(worker):
             answer = await self.workers.call(
@@ -144,19 +152,48 @@ class PoolControl:
                 timeout_s=self.config.timeouts.control_s,
             )
         if answer.status is None:
-            entry["error"] = answer.error
-            return entry
-        entry["status_code"] = answer.status
+            return _unanswered(worker, answer.error or "no answer")
         try:
-            entry["body"] = answer.json()
-        except ValueError:
-            entry["body"] = answer.body.decode(errors="replace")
-        return entry
+            body = answer.json()
+        except ValueError:  # the predecessors' shape for a plain-text answer (SEEDS.md)
+            body = {"raw": answer.body.decode(errors="replace")}
+        return {"worker_url": worker.url, "status_code": answer.status, "body": body}
+
+    def resolve_targets(self, names: str | None) -> list[Worker] | None:
+        """The workers `TARGET_HEADER` names, or None when it is absent (the whole pool).
+
+        A name no worker has is a 400; a named worker that cannot take the call (dead,
+        asleep, draining) a 503 naming it: the caller asked for that worker, so going on
+        without it would hide the miss. Call with the control lock held.
+        """
+        if names is None:
+            return None
+        wanted = [name.strip() for name in names.split(",") if name.strip()]
+        if not wanted:
+            raise ControlError(400, f"{TARGET_HEADER} names no worker")
+        found: list[Worker] = []
+        unknown = []
+        for name in wanted:
+            worker = self.registry.by_id(name)
+            if worker is None:
+                unknown.append(name)
+            elif worker not in found:
+                found.append(worker)
+        if unknown:
+            raise ControlError(400, f"{TARGET_HEADER}: unknown worker(s): {', '.join(unknown)}")
+        idle = [w.url for w in found if not active(w)]
+        if idle:
+            raise ControlError(503, f"target worker(s) dead, asleep or draining: {', '.join(idle)}")
+        return found
 
     # ---- refit ---------------------------------------------------------------------------
 
     async def change_weights(
-        self, path: str, raw: bytes, request_id: str | None = None
+        self,
+        path: str,
+        raw: bytes,
+        request_id: str | None = None,
+        target_names: str | None = None,
     ) -> tuple[int, dict[str, Any]]:
         """A weight change (disk, tensor, LoRA) applied to the pool as one transaction.
 
@@ -183,9 +220,12 @@ class PoolControl:
             ).encode()
         version = version or _derive_version(path, forwarded, self.registry.target_version)
         async with self.registry.control_lock:
+            named = self.resolve_targets(target_names)
+            if named is not None:
+                return await self._change_some(path, forwarded, named, options, request_id)
             targets = [w for w in self.registry.workers() if active(w)]
             if not targets:
-                raise ControlError(503, "No healthy workers available in the pool")
+                raise no_active_workers(self.registry.workers())
             with self.registry.pause() if mode == "drain" else contextlib.nullcontext():
                 if mode == "drain":
                     await self._drain(targets, options.get("drain_timeout_s"))
@@ -222,6 +262,44 @@ class PoolControl:
             self.registry.target_version,
             len(confirmed),
             len(targets),
+            request_id,
+        )
+        return status, answer
+
+    async def _change_some(
+        self,
+        path: str,
+        body: bytes,
+        workers: list[Worker],
+        options: dict[str, Any],
+        request_id: str,
+    ) -> tuple[int, dict[str, Any]]:
+        """A weight change for the named workers only, as the predecessors sent these routes
+        to one worker: a co-located trainer's tensor update reaches only the workers on its
+        host (CUDA IPC handles do not cross hosts).
+
+        Sent at once (no drain: the rest of the pool keeps serving), and the pool's version,
+        recipe and stale marks are left alone: the other workers were not asked, so nothing
+        says they are behind, and the router cannot know which of the two weights the pool
+        should hold. Keeping the pool consistent is the caller's part.
+        """
+        results = await self.broadcast(workers, "POST", path, body, request_id)
+        success = all(_succeeded(r) for r in results)
+        answer = {
+            "results": results,
+            "success": success,
+            "version": self.registry.target_version,
+            "stale_workers": [w.url for w in self.registry.workers() if w.stale],
+            "target_workers": [w.url for w in workers],
+        }
+        status = 200
+        if options.get("strict") and not success:
+            status = 207 if any(_succeeded(r) for r in results) else 500
+        log.info(
+            "%s on %d named worker(s): %d confirmed [%s]",
+            path,
+            len(workers),
+            sum(_succeeded(r) for r in results),
             request_id,
         )
         return status, answer
@@ -304,8 +382,13 @@ class PoolControl:
             workers = self.registry.workers()
             targets = [w for w in workers if active(w)]
             if not targets:
-                if any(w.sleeping for w in workers):
-                    return {"results": [], "message": "All workers are already sleeping"}
+                asleep = sum(w.sleeping for w in workers)
+                if asleep:
+                    return {
+                        "results": [],
+                        "message": "All workers are already sleeping",
+                        "sleeping_workers": asleep,
+                    }
                 raise ControlError(503, "No healthy workers available in the pool")
             with self.registry.pause():
                 await self._drain(targets)
@@ -322,10 +405,15 @@ class PoolControl:
 
     async def resume(self, raw: bytes, request_id: str | None = None) -> dict[str, Any]:
         async with self.registry.control_lock:
-            targets = [w for w in self.registry.workers() if w.sleeping]
+            workers = self.registry.workers()
+            targets = [w for w in workers if w.sleeping]
             if not targets:
                 self.registry.set_pool_sleeping(False)
-                return {"results": [], "message": "No sleeping workers to resume"}
+                return {
+                    "results": [],
+                    "message": "All workers are already active",
+                    "active_workers": sum(w.health is not Health.DEAD for w in workers),
+                }
             results = await self.broadcast(
                 targets, "POST", "/resume_memory_occupation", raw or b"{}", request_id
             )
@@ -430,6 +518,18 @@ class PoolControl:
                 return
         self.registry.confirm_weights(worker, version)
         log.info("worker %s caught up to %s [%s]", worker.display_id, version, request_id)
+
+
+def _unanswered(worker: Worker, error: str) -> dict[str, Any]:
+    """The entry of a worker that gave no answer, in the predecessors' shape (a 502 with the
+    error inside `body`, which their clients parse); `error` at the top says it was not the
+    worker's own 502."""
+    return {
+        "worker_url": worker.url,
+        "status_code": 502,
+        "body": {"error": error},
+        "error": error,
+    }
 
 
 def _canonical(body: Any) -> str:

@@ -30,6 +30,7 @@ A second signal cancels the root scope at once.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import signal
@@ -83,10 +84,14 @@ async def run_router(
     config: Config,
     loader: Callable[[], LoadedConfig] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+    *,
+    handle_signals: bool = True,
 ) -> None:
     """Run the router until SIGINT/SIGTERM (or cancellation); reports bound addresses.
 
-    `loader` re-reads the configuration for SIGHUP and `POST /admin/reload`.
+    `loader` re-reads the configuration for SIGHUP and `POST /admin/reload`. An embedded
+    router (`embed.py`) leaves the signals to its host (`handle_signals=False`): they belong
+    to the host program, and only the main thread may receive them.
     """
     wire.install()
     shutdown = trio.Event()
@@ -107,7 +112,10 @@ async def run_router(
     notifier = Notifier()
     # Received for the whole run, read only while the reload watcher runs: a SIGHUP while
     # the workers stop then waits here instead of killing the router (its default action).
-    with trio.open_signal_receiver(signal.SIGHUP) as hangups:
+    receiver = (
+        trio.open_signal_receiver(signal.SIGHUP) if handle_signals else contextlib.nullcontext()
+    )
+    with receiver as hangups:
         async with trio.open_nursery() as root:
             async with trio.open_nursery() as services:
                 health = HealthChecker(registry, workers, config.health)
@@ -137,16 +145,17 @@ async def run_router(
                 )
                 app.config["DSROUTER_RELOAD"] = reloader
                 _warn_if_exposed(config, auth)
-                root.start_soon(
-                    _watch_signals,
-                    shutdown,
-                    serving,
-                    frontend,
-                    notifier,
-                    config.server.drain_timeout_s,
-                    root.cancel_scope,
-                )
-                services.start_soon(_watch_reload_signal, hangups, reloader)
+                if hangups is not None:
+                    root.start_soon(
+                        _watch_signals,
+                        shutdown,
+                        serving,
+                        frontend,
+                        notifier,
+                        config.server.drain_timeout_s,
+                        root.cancel_scope,
+                    )
+                    services.start_soon(_watch_reload_signal, hangups, reloader)
                 await services.start(registry.run, health.capabilities, control.catch_up)
                 services.start_soon(workers.run)
                 for worker in config.workers:

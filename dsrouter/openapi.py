@@ -274,6 +274,13 @@ def build_openapi() -> dict[str, Any]:
                 "responses": _answers({"type": "object"}, 400, 401),
             }
         },
+        "/remove_worker": {
+            "post": {
+                "summary": "Miles alias of DELETE /workers/{worker_id} (URL as for /add_worker)",
+                "parameters": [{"name": "url", "in": "query", "schema": {"type": "string"}}],
+                "responses": _answers({"type": "object"}, 400, 401, 404),
+            }
+        },
         "/list_workers": {
             "get": {"summary": "Miles: worker URLs", "responses": _answers({"type": "object"}, 401)}
         },

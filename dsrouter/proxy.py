@@ -42,6 +42,7 @@ from dsrouter.cost import CostModel, read_fields
 from dsrouter.jobs import JobAffinity
 from dsrouter.registry import (
     ASLEEP_RETRY_AFTER_S,
+    Health,
     NoWorkerAvailable,
     PoolAsleep,
     QueueFull,
@@ -317,11 +318,10 @@ class Proxy:
         route = exchange.route
         if route.kind == routes.STICKY:
             await self._sticky(exchange)
-        elif route.output in _JOB_OUTPUTS and not any(
-            map(accept_for(route.output), self.registry.workers())
-        ):
+        elif route.output is not None and self._nobody_makes(route.output):
             # SEEDS.md: no video-capable worker at all is the client's problem (400), not a
-            # pool outage (503); meshes and job lists follow the same rule.
+            # pool outage (503); meshes, job lists and images follow the same rule (an
+            # image request to video-only workers got their final 400 from sglang-d-router).
             await exchange.respond_error(
                 400, f"No {route.output.lower()}-capable workers available"
             )
@@ -329,6 +329,14 @@ class Proxy:
             await self._merged_list(exchange)
         else:
             await self._with_failover(exchange)
+
+    def _nobody_makes(self, output: str) -> bool:
+        """No registered worker, whatever its state, can make `output`. With no worker at
+        all, a job route is still 400 (SEEDS.md) but an image route a 503, as before."""
+        workers = self.registry.workers()
+        if output not in _JOB_OUTPUTS and not workers:
+            return False
+        return not any(map(accept_for(output), workers))
 
     def _accept(self, output: str | None, model: str | None) -> Callable[[Worker], bool] | None:
         """Which workers may serve a request for `output` naming `model` (None: any model).
@@ -437,6 +445,10 @@ class Proxy:
             noun = {"videos": "Video", "meshes": "Mesh", "images": "Image"}[route.job_kind or ""]
             await exchange.respond_error(404, f"{noun} not found: {route.job_id}")
             return
+        if worker.health is Health.DEAD:
+            # sglang-d-router's answer: only that worker has the job, and it is out.
+            await exchange.respond_error(503, "Mapped worker is unavailable")
+            return
         with self.registry.lease_worker(worker):
             status = await self._attempt(
                 exchange, worker, learn=False, watch_status=not route.path.endswith("/content")
@@ -539,7 +551,7 @@ class Proxy:
         if exchange.route.path != scope["path"]:
             target = exchange.route.path.encode()
         query = scope["query_string"]
-        if query and not exchange.route.drop_query:
+        if query:
             target = target + b"?" + query
         return (
             exchange.method,

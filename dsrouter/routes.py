@@ -33,8 +33,6 @@ class Route:
     """The output type a worker must produce (IMAGE, VIDEO, MESH), if any."""
     job_kind: str | None = None
     job_id: str | None = None
-    drop_query: bool = False
-    """`GET /v1/videos?video_id=X` polls job X: sent as `GET /v1/videos/X` without the query."""
 
 
 def classify(method: str, path: str, query_string: bytes) -> Route:
@@ -48,9 +46,9 @@ def classify(method: str, path: str, query_string: bytes) -> Route:
         if method == "GET":
             job_id = _id_from_query(query_string)
             if job_id is not None:
-                return Route(
-                    STICKY, f"{path}/{job_id}", _KIND_OUTPUT[kind], kind, job_id, drop_query=True
-                )
+                # sglang-d-router sent this, query and all, to the job's worker, which
+                # answers with its own job list: the shape its clients parse (MIGRATING.md).
+                return Route(STICKY, path, _KIND_OUTPUT[kind], kind, job_id)
             return Route(LIST, path, _KIND_OUTPUT[kind], kind)
     match = _JOB_PATH.match(path)
     if match:

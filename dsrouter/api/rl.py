@@ -5,6 +5,8 @@ fields (`success`, `version`, `stale_workers`); the status stays 200 unless a re
 for `strict` semantics. An empty body is sent to workers as `{}`: they answer an empty body
 on the weight routes with a plain-text 500 (WORKER_API.md §9). Every call of a broadcast
 carries the request's `x-request-id`, so the workers' logs can be matched to the router's.
+Weight changes and reads go to every active worker, or only to those `x-dsrouter-target-workers`
+names (`PoolControl.resolve_targets`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,14 @@ from quart import Blueprint, Response, current_app, request
 
 from dsrouter.access import new_request_id
 from dsrouter.api.errors import error
-from dsrouter.control import WEIGHT_ROUTES, ControlError, PoolControl, active
+from dsrouter.control import (
+    TARGET_HEADER,
+    WEIGHT_ROUTES,
+    ControlError,
+    PoolControl,
+    active,
+    no_active_workers,
+)
 
 bp = Blueprint("rl", __name__)
 
@@ -38,7 +47,7 @@ async def _control_error(exc: ControlError) -> tuple[Response, int]:
 def _weight_route(path: str) -> None:
     async def handler() -> Any:
         status, answer = await control().change_weights(
-            path, await request.get_data(), request_id()
+            path, await request.get_data(), request_id(), request.headers.get(TARGET_HEADER)
         )
         return answer, status
 
@@ -50,9 +59,11 @@ def _read_route(path: str, method: str) -> None:
     async def handler() -> Any:
         pool = control()
         async with pool.registry.control_lock:
-            workers = [w for w in pool.registry.workers() if active(w)]
+            workers = pool.resolve_targets(request.headers.get(TARGET_HEADER))
+            if workers is None:
+                workers = [w for w in pool.registry.workers() if active(w)]
             if not workers:
-                raise ControlError(503, "No healthy workers available in the pool")
+                raise no_active_workers(pool.registry.workers())
             body = (await request.get_data() or b"{}") if method == "POST" else None
             results = await pool.broadcast(workers, method, path, body, request_id())
         answer: dict[str, Any] = {"results": results}

@@ -49,7 +49,9 @@ async def _json_body(*, required: bool) -> Any:
         raise BadRequest(f"invalid JSON body: {exc}") from None
 
 
-async def _url_from_request() -> str:
+async def _url_from_request(*, check_allowlist_: bool = True) -> str:
+    """The worker URL of an add or remove (`?url=`, `?worker_url=`, JSON), normalised; for
+    an add also checked against `security.allowed_worker_networks`."""
     url = request.args.get("url") or request.args.get("worker_url")
     if url is None:
         body = await _json_body(required=False)
@@ -63,7 +65,8 @@ async def _url_from_request() -> str:
         raise BadRequest("worker url must be a string")
     try:
         normalized = normalize_worker_url(url)
-        await check_allowlist(normalized, ctx().config.security.allowed_worker_networks)
+        if check_allowlist_:
+            await check_allowlist(normalized, ctx().config.security.allowed_worker_networks)
     except InvalidWorkerURL as exc:
         raise BadRequest(str(exc)) from None
     return normalized
@@ -96,6 +99,17 @@ async def add_worker() -> Any:
 async def miles_add_worker() -> Any:
     await _register()
     return {"status": "success", "worker_urls": [w.url for w in ctx().registry.workers()]}
+
+
+@bp.post("/remove_worker")
+async def miles_remove_worker() -> Any:
+    """The Miles LLM router's remove, answered in the shape of its `/add_worker`. Removing
+    forgets the worker's jobs, as `DELETE /workers/{id}` does."""
+    url = await _url_from_request(check_allowlist_=False)
+    registry = ctx().registry
+    if registry.remove(url) is None:
+        raise _NotFound(f"worker not found: {url}")
+    return {"status": "success", "worker_urls": [w.url for w in registry.workers()]}
 
 
 def managed_workers() -> list[dict[str, Any]]:

@@ -46,7 +46,7 @@ from dsrouter.config import LauncherConfig, mask_argv
 from dsrouter.launcher.errors import LaunchError
 from dsrouter.launcher.logs import WorkerOutput
 from dsrouter.launcher.pidfile import TOKEN_VAR, PidFile, clean_stale, open_pidfile, runtime_dir
-from dsrouter.launcher.plan import WorkerPlan, plan_pool
+from dsrouter.launcher.plan import WorkerPlan, plan_pool, with_free_ports
 from dsrouter.launcher.ports import check_ports_free
 from dsrouter.launcher.process import Child, describe_exit, spawn
 from dsrouter.launcher.progress import Progress
@@ -475,9 +475,13 @@ async def run_pool(
     plans = await plan_pool(cfg, os.environ)
     directory = runtime_dir()
     await clean_stale(directory)
+    if cfg.scan_ports:
+        plans = with_free_ports(cfg, plans)
     check_ports_free([plan.ports for plan in plans], cfg.worker_host)
     log_dir = Path(cfg.log_dir) if cfg.log_dir else None
-    outputs = [WorkerOutput(plan.index, log_dir, cfg.log_max_mb * MiB) for plan in plans]
+    outputs = [
+        WorkerOutput(plan.index, log_dir, cfg.log_max_mb * MiB, cfg.log_prefix) for plan in plans
+    ]
     progress = Progress(len(plans))
     pidfile = open_pidfile(directory)
     failures: list[str] = []

@@ -51,8 +51,9 @@ class RotatingFile:
 class WorkerOutput:
     """The sink of one worker's output across all of its runs."""
 
-    def __init__(self, index: int, log_dir: Path | None, max_bytes: int) -> None:
+    def __init__(self, index: int, log_dir: Path | None, max_bytes: int, prefix: str = "") -> None:
         self.index = index
+        self._prefix = f"{prefix} " if prefix else ""
         self.path = None if log_dir is None else log_dir / f"worker-{index}.log"
         self._max_bytes = max_bytes
         self._file: RotatingFile | None = None
@@ -74,7 +75,7 @@ class WorkerOutput:
         if self._file is not None:
             self._file.write(text.encode() + b"\n")
         else:
-            self._log.info("%s", text)
+            self._log.info("%s%s", self._prefix, text)
 
     async def pump(self, stream: trio.abc.ReceiveStream) -> None:
         """Copy `stream` line by line until EOF (every writer closed the pipe)."""

@@ -16,7 +16,7 @@ import attrs
 from dsrouter.config import LauncherConfig
 from dsrouter.launcher.errors import LaunchError
 from dsrouter.launcher.gpus import assign_gpus, discover_gpus, needs_discovery
-from dsrouter.launcher.ports import WorkerPorts, plan_ports
+from dsrouter.launcher.ports import WorkerPorts, plan_ports, scan_free_ports
 from dsrouter.urls import InvalidWorkerURL, normalize_worker_url
 
 T = TypeVar("T")
@@ -67,6 +67,21 @@ async def plan_pool(cfg: LauncherConfig, environ: Mapping[str, str]) -> list[Wor
             WorkerPlan(index, url, ports[index], gpus[index], worker_argv(cfg, ports[index]), env)
         )
     return plans
+
+
+def with_free_ports(cfg: LauncherConfig, plans: list[WorkerPlan]) -> list[WorkerPlan]:
+    """The plans with every busy port moved to a free one (`launcher.scan_ports`)."""
+    ports = scan_free_ports([plan.ports for plan in plans], cfg.worker_host)
+    url_host = _reachable_host(cfg.worker_host)
+    return [
+        attrs.evolve(
+            plan,
+            ports=moved,
+            url=normalize_worker_url(f"http://{url_host}:{moved.http}"),
+            argv=worker_argv(cfg, moved),
+        )
+        for plan, moved in zip(plans, ports, strict=True)
+    ]
 
 
 def _collect(problems: list[str], decide: Callable[..., T], *args: Any) -> T | None:

@@ -27,6 +27,8 @@ class WorkerPorts:
     http: int
     master: int
     scheduler: int
+    replicas: int = 1
+    """`--dp-size`: each replica binds its own scheduler port, from `scheduler` upwards."""
 
     @property
     def broker(self) -> int:
@@ -34,12 +36,31 @@ class WorkerPorts:
         return self.http + 1
 
     def labelled(self) -> list[tuple[str, int]]:
+        schedulers = [("scheduler port", self.scheduler)] + [
+            (f"scheduler port of dp replica {i}", self.scheduler + i)
+            for i in range(1, self.replicas)
+        ]
         return [
             ("HTTP port", self.http),
             ("broker port (HTTP port + 1)", self.broker),
             ("master port", self.master),
-            ("scheduler port", self.scheduler),
+            *schedulers,
         ]
+
+
+DP_FLAGS = ("--dp-size", "--data-parallel-size", "--dp")
+
+
+def dp_size(args: list[str]) -> int:
+    """The worker's `--dp-size` (or its aliases) in `extra_args`; 1 when not given."""
+    size = "1"
+    for i, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        if name in DP_FLAGS:
+            size = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+    if not size.isdigit() or int(size) < 1:
+        raise LaunchError(f"launcher.extra_args: --dp-size must be a number >= 1, got {size!r}")
+    return int(size)
 
 
 def plan_ports(cfg: LauncherConfig) -> list[WorkerPorts]:
@@ -55,11 +76,13 @@ def plan_ports(cfg: LauncherConfig) -> list[WorkerPorts]:
             f"launcher.port_stride is {cfg.port_stride}, it must be at least 2: every worker "
             "also binds its HTTP port + 1 (the offline broker)"
         )
+    replicas = dp_size(cfg.extra_args)
     plan = [
         WorkerPorts(
             http=cfg.worker_base_port + i * cfg.port_stride,
             master=cfg.master_port_base + i * cfg.internal_port_stride,
             scheduler=cfg.scheduler_port_base + i * cfg.internal_port_stride,
+            replicas=replicas,
         )
         for i in range(cfg.num_workers)
     ]
@@ -82,7 +105,8 @@ def plan_ports(cfg: LauncherConfig) -> list[WorkerPorts]:
     if problems:
         raise LaunchError(
             "the launcher's port plan overlaps itself; change worker_base_port, "
-            "master_port_base, scheduler_port_base or the strides:\n  " + "\n  ".join(problems)
+            "master_port_base, scheduler_port_base or the strides (a worker with --dp-size N "
+            "takes N consecutive scheduler ports):\n  " + "\n  ".join(problems)
         )
     return plan
 
@@ -108,9 +132,43 @@ def check_ports_free(plan: list[WorkerPorts], worker_host: str) -> None:
                 busy.append(f"worker {index} {label} {host}:{port}: {problem}")
     if busy:
         raise LaunchError(
-            "cannot reserve the launcher's ports (stop what holds them or change "
-            "worker_base_port / master_port_base / scheduler_port_base):\n  " + "\n  ".join(busy)
+            "cannot reserve the launcher's ports (stop what holds them, change "
+            "worker_base_port / master_port_base / scheduler_port_base, or set "
+            "launcher.scan_ports = true to take the next free ones):\n  " + "\n  ".join(busy)
         )
+
+
+def scan_free_ports(plan: list[WorkerPorts], worker_host: str) -> list[WorkerPorts]:
+    """sglang-d-router's way with a busy port (`launcher.scan_ports`): each planned port
+    that cannot be bound moves up to the next one that can, never to a port the plan gives
+    anyone else. An HTTP port moves with its broker port (+ 1), a scheduler port with its
+    replicas' ports. Raises `LaunchError` when the scan runs past 65535."""
+    taken = {port for ports in plan for _, port in ports.labelled()}
+    moved: set[int] = set()
+
+    def settle(preferred: int, width: int, host: str) -> int:
+        port = preferred
+        while port + width - 1 <= 65535:
+            block = range(port, port + width)
+            mine = preferred == port
+            if all(
+                (mine or p not in taken) and p not in moved and _try_bind(host, p) is None
+                for p in block
+            ):
+                moved.update(block)
+                return port
+            port += 1
+        raise LaunchError(f"no free port from {preferred} up to 65535 ({host})")
+
+    return [
+        attrs.evolve(
+            ports,
+            http=settle(ports.http, 2, bind_host(worker_host)),
+            master=settle(ports.master, 1, LOOPBACK),
+            scheduler=settle(ports.scheduler, ports.replicas, LOOPBACK),
+        )
+        for ports in plan
+    ]
 
 
 def _try_bind(host: str, port: int) -> str | None:

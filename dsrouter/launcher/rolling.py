@@ -74,8 +74,10 @@ RESTART_ONLY = (
     "master_port_base",
     "scheduler_port_base",
     "internal_port_stride",
+    "scan_ports",
     "log_dir",
     "log_max_mb",
+    "log_prefix",
 )
 
 

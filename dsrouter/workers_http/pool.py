@@ -350,14 +350,18 @@ class Upstream:
 
         Without this, connections the workers closed after their keep-alive timeout stay
         open on our side (CLOSE_WAIT) until the next request to that worker, which for a
-        removed or quiet worker may be never.
+        removed or quiet worker may be never. Cancelled (the router stops, or an embedded
+        router's block ends), it closes the idle connections: nothing will reuse them.
         """
         task_status.started()
-        while True:
-            await trio.sleep(self.idle_expiry_s / 2)
-            now = trio.current_time()
-            for pool in self._pools.values():
-                pool.sweep(now)
+        try:
+            while True:
+                await trio.sleep(self.idle_expiry_s / 2)
+                now = trio.current_time()
+                for pool in self._pools.values():
+                    pool.sweep(now)
+        finally:
+            self.close_idle()
 
     def close_idle(self) -> None:
         for pool in self._pools.values():

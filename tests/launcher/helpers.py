@@ -54,6 +54,7 @@ def launcher_settings(
         "worker_base_port": base,
         "master_port_base": base + 2 * num_workers,
         "scheduler_port_base": base + 3 * num_workers,
+        "internal_port_stride": 1,
         "backoff_initial_s": 0.1,
         "backoff_max_s": 0.5,
         "wait_timeout_s": 30.0,

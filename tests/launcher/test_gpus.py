@@ -141,3 +141,19 @@ async def test_every_problem_before_start_is_reported_at_once(tmp_path: Path) ->
     assert lines[1] == "launcher.model is empty: the workers need --model-path"
     assert lines[2].startswith("launcher.port_stride is 1")
     assert lines[3].startswith("not enough GPUs: 8 workers x 1 GPU(s) each need 8, found 0")
+
+
+async def test_no_gpu_is_refused_not_a_silent_cpu_pool_and_the_error_names_the_cpu_setting(
+    tmp_path: Path,
+) -> None:
+    """Kept (MIGRATING.md): sglang-d-router fell back to CPU workers when it found no GPU.
+    Here that is an error naming `num_gpus_per_worker = 0`, and that setting plans the
+    pool sglang-d-router would have started: no CUDA_VISIBLE_DEVICES of ours."""
+    environ = {"CUDA_VISIBLE_DEVICES": "", "PATH": str(Path(sys.executable).parent)}
+    cfg = _config(command=[sys.executable])
+    with pytest.raises(LaunchError) as caught:
+        await plan_pool(cfg, environ)
+    assert "found 0" in str(caught.value) and "num_gpus_per_worker = 0" in str(caught.value)
+    plans = await plan_pool(_config(command=[sys.executable], num_gpus_per_worker=0), environ)
+    assert [plan.gpus for plan in plans] == [(), ()]
+    assert all("CUDA_VISIBLE_DEVICES" not in plan.env for plan in plans)

@@ -67,3 +67,12 @@ async def test_the_tail_keeps_the_last_lines_of_the_current_run_only() -> None:
     await _feed(output, [b"".join(f"line {i}\n".encode() for i in range(50))])
     assert list(output.tail) == [f"line {i}" for i in range(50 - TAIL_LINES, 50)]
     assert output.describe_tail().startswith("last lines of its output (the router's log):")
+
+
+def test_log_prefix_marks_worker_lines_in_the_routers_log(caplog: pytest.LogCaptureFixture) -> None:
+    """sglang-d-router's YAML key `log_prefix`, applied where its lines went: the router's
+    own output."""
+    output = WorkerOutput(2, None, max_bytes=1, prefix="[local-launcher]")
+    with caplog.at_level(logging.INFO, logger="dsrouter.worker.2"):
+        output.line("model loaded")
+    assert [r.getMessage() for r in caplog.records] == ["[local-launcher] model loaded"]

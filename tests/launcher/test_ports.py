@@ -10,12 +10,14 @@ import pytest
 
 from dsrouter.config import LauncherConfig
 from dsrouter.launcher.errors import LaunchError
-from dsrouter.launcher.ports import WorkerPorts, check_ports_free, plan_ports
+from dsrouter.launcher.ports import WorkerPorts, check_ports_free, plan_ports, scan_free_ports
 from tests.launcher.helpers import free_port_block
 
 
 def _config(**changes: object) -> LauncherConfig:
-    return LauncherConfig(**{"model": "m", "num_workers": 3, **changes})  # type: ignore[arg-type]
+    return LauncherConfig(  # type: ignore[arg-type]
+        **{"model": "m", "num_workers": 3, "internal_port_stride": 1, **changes}
+    )
 
 
 @contextmanager
@@ -108,3 +110,55 @@ def test_a_host_this_machine_does_not_have_is_refused() -> None:
     plan = plan_ports(_config(num_workers=1, worker_base_port=free_port_block(4)))
     with pytest.raises(LaunchError, match=r"HTTP port 192\.0\.2\.1:"):
         check_ports_free(plan, "192.0.2.1")
+
+
+def test_internal_ports_default_to_sglang_d_routers_stride_of_1000() -> None:
+    plan = plan_ports(LauncherConfig(model="m", num_workers=2))  # type: ignore[arg-type]
+    assert [(p.master, p.scheduler) for p in plan] == [(30005, 5555), (31005, 6555)]
+
+
+def test_dp_replicas_take_consecutive_scheduler_ports_and_a_short_stride_is_refused() -> None:
+    """`--dp-size 4` binds four scheduler ports per worker: with the stride below that, two
+    workers would collide under --strict-ports, so the plan refuses before anything runs."""
+    roomy = plan_ports(_config(num_workers=2, internal_port_stride=4, extra_args=["--dp-size=4"]))
+    assert [port for label, port in roomy[1].labelled() if "scheduler" in label] == [
+        5559,
+        5560,
+        5561,
+        5562,
+    ]
+    with pytest.raises(LaunchError) as caught:
+        plan_ports(_config(num_workers=2, internal_port_stride=2, extra_args=["--dp-size", "4"]))
+    message = str(caught.value)
+    assert "worker 1 scheduler port 5557 is also worker 0 scheduler port of dp replica 2" in message
+    assert "--dp-size N takes N consecutive scheduler ports" in message
+
+
+def test_a_busy_planned_port_is_named_and_the_scan_option_offered() -> None:
+    base = free_port_block(12)
+    plan = plan_ports(
+        _config(worker_base_port=base, master_port_base=base + 6, scheduler_port_base=base + 9)
+    )
+    with _listening(base + 2), pytest.raises(LaunchError) as caught:
+        check_ports_free(plan, "127.0.0.1")
+    assert f"worker 1 HTTP port 127.0.0.1:{base + 2}: already in use" in str(caught.value)
+    assert "launcher.scan_ports = true" in str(caught.value)
+
+
+def test_scanning_moves_a_busy_http_port_past_every_planned_port_as_sglang_d_router_did() -> None:
+    """Worker 0's HTTP port is busy: it moves to the next free pair that no other worker
+    was given (worker 1 keeps its planned ports), and the whole plan can then be bound."""
+    base = free_port_block(16)
+    plan = plan_ports(
+        _config(
+            num_workers=2,
+            worker_base_port=base,
+            master_port_base=base + 8,
+            scheduler_port_base=base + 10,
+        )
+    )
+    with _listening(base):
+        moved = scan_free_ports(plan, "127.0.0.1")
+        check_ports_free(moved, "127.0.0.1")
+    assert moved[0].http == base + 4  # base + 1 is its own broker, + 2 and + 3 are worker 1's
+    assert moved[1:] == plan[1:] and moved[0].master == plan[0].master

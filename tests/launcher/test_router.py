@@ -425,6 +425,7 @@ async def test_seed_004_yaml_launches_its_pool_given_gpus_and_a_worker_command(
     config = (
         f"[launcher]\ncommand = {json.dumps(FAKE_WORKER)}\n"
         f"master_port_base = {base + 16}\nscheduler_port_base = {base + 24}\n"
+        "internal_port_stride = 1\n"
     )
     with trio.fail_after(TEST_TIMEOUT_S):
         async with router_process(
@@ -449,7 +450,7 @@ async def test_demo_runs_simulated_workers_through_the_launcher(
     base = free_port_block(8)
     config = (
         f"[launcher]\nworker_base_port = {base}\nmaster_port_base = {base + 4}\n"
-        f"scheduler_port_base = {base + 6}\n"
+        f"scheduler_port_base = {base + 6}\ninternal_port_stride = 1\n"
     )
     with trio.fail_after(TEST_TIMEOUT_S):
         async with router_process(

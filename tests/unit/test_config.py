@@ -330,3 +330,14 @@ worker_api_key = "pool-secret"
     assert printed["launcher"]["env"] == {"HF_TOKEN": "***", "CUDA_HOME": "/usr/local/cuda"}
     config = load_config(path)
     assert config.security.admin_token == "env-secret", "only the printout is masked"
+
+
+def test_launcher_yaml_defaults_to_one_worker_and_takes_log_prefix(tmp_path: Path) -> None:
+    """sglang-d-router's minimal YAML names no `num_workers` (its default is 1) and may set
+    `log_prefix`; a router.toml without `[launcher]` still launches nothing."""
+    yaml_path = write(
+        tmp_path, "launcher:\n  model: Qwen/Qwen-Image\n  log_prefix: '[w]'\n", "l.yaml"
+    )
+    launcher = load_config(None, Overrides(launcher_config=yaml_path)).launcher
+    assert (launcher.num_workers, launcher.log_prefix) == (1, "[w]")
+    assert load_config(None).launcher.num_workers == 0

@@ -108,5 +108,5 @@ async def test_a_broadcast_to_a_host_that_cannot_be_encoded_reports_that_worker(
     [result] = await PoolControl(context).broadcast(
         [worker], "POST", "/release_memory_occupation", b"{}"
     )
-    assert result["status_code"] is None and "IDNA" in result["error"]
+    assert result["status_code"] == 502 and "IDNA" in result["body"]["error"]
     assert any("cannot be IDNA-encoded" in line for line in errors(caplog))
