@@ -343,6 +343,7 @@ class Proxy:
         max_attempts = self.config.routing.max_attempts
         learn = route.kind == routes.CREATE
         while True:
+            asked_at = trio.current_time()
             try:
                 lease = await self.registry.acquire(accept, tried, cost, priority)
             except NoWorkerAvailable:
@@ -350,6 +351,7 @@ class Proxy:
                     raise
                 raise last_error from None
             worker = lease.worker
+            exchange.record.waited.append((worker.display_id, trio.current_time() - asked_at))
             with lease:
                 may_retry = (
                     body.replayable
@@ -372,6 +374,7 @@ class Proxy:
                         raise
                     last_error = exc
             tried.append(worker)
+            exchange.record.retried_from.append(worker.display_id)
             log.info(
                 "attempt %d on %s failed (%s); trying another worker [%s]",
                 exchange.attempts,
