@@ -227,7 +227,9 @@ async def run_router(
                     context.starting = False
                 started.set()
                 await _first_probes(registry, config)
-                notifier.ready(_describe(context))
+                status = _describe(context)
+                notifier.ready(status)
+                announce(f"dsrouter ready: {status}")
                 root.start_soon(notifier.run_watchdog)
                 task_status.started(binds)
             # Drained, and nothing sends to the workers any more. Close the idle connections

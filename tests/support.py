@@ -58,8 +58,13 @@ async def router_process(
     config: str | None = None,
     tmp_path: Path | None = None,
     env: dict[str, str] | None = None,
+    wait_ready: bool = True,
 ) -> AsyncIterator[RouterProcess]:
-    """Run `dsrouter run ARGS` on 127.0.0.1 with an ephemeral port; stop it afterwards."""
+    """Run `dsrouter run ARGS` on 127.0.0.1 with an ephemeral port; stop it afterwards.
+
+    Yields once the router says `dsrouter ready` (its launched workers are up), or with
+    `wait_ready=False` as soon as it listens (the launcher may still be starting workers).
+    """
     argv = [sys.executable, "-m", "dsrouter", "run", "--host", "127.0.0.1", "--port", "0", *args]
     if config is not None:
         assert tmp_path is not None
@@ -74,8 +79,9 @@ async def router_process(
     )
     lines: list[str] = []
     ready = trio.Event()
+    marker = "dsrouter ready: " if wait_ready else "dsrouter listening on "
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_pump, process.stdout, lines, ready, "dsrouter listening on ")
+        nursery.start_soon(_pump, process.stdout, lines, ready, marker)
         router = RouterProcess(process, "", lines)
         try:
             with trio.fail_after(START_TIMEOUT_S):

@@ -120,7 +120,7 @@ async def test_workers_are_registered_healthy_with_their_supervisor_info() -> No
 async def test_a_killed_worker_is_restarted_and_registered_again_while_others_stay() -> None:
     registry = _registry()
     cfg = _config()
-    counted: list[None] = []
+    counted: list[str] = []
     with trio.fail_after(TEST_TIMEOUT_S):
         async with _pool(cfg, registry, on_restart=counted.append):
             victim = _managed(registry, 0)
