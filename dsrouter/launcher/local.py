@@ -479,7 +479,10 @@ async def run_pool(
     check_ports_free([plan.ports for plan in plans], cfg.worker_host)
     log_dir = Path(cfg.log_dir) if cfg.log_dir else None
     outputs = [WorkerOutput(plan.index, log_dir, cfg.log_max_mb * MiB) for plan in plans]
-    progress = Progress(len(plans))
+    progress = Progress(
+        len(plans),
+        last_output=lambda index: outputs[index].tail[-1] if outputs[index].tail else None,
+    )
     pidfile = open_pidfile(directory)
     failures: list[str] = []
     log.info("launching %d worker(s): %s", len(plans), shlex.join(mask_argv(plans[0].argv)))

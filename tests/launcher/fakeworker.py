@@ -1,9 +1,10 @@
 """A stdlib stand-in for a worker, for launcher tests that need precise misbehaviour.
 
 Accepts the launcher's sglang flags (and ignores any it does not know), optionally waits
-before binding like a loading model (a while, or until a file exists), answers `/health`, and can misbehave on request: exit
-at start (every worker, or the one on a given port), report itself failed after
-`POST /_fail`, ignore SIGTERM, or leave a grandchild in its process group.
+before binding like a loading model (a while, or until a file exists), answers `/health`,
+and can misbehave on request: exit at start (every worker, or the one on a given port),
+report itself failed after `POST /_fail`, ignore SIGTERM, or leave a grandchild in its
+process group.
 """
 
 from __future__ import annotations
