@@ -59,6 +59,7 @@ from dsrouter.policies import make_policy
 from dsrouter.proxy import Proxy
 from dsrouter.registry import Registry
 from dsrouter.reload import Reloader
+from dsrouter.traced import traced
 from dsrouter.units import KiB
 from dsrouter.workers_http import WorkerHTTP
 
@@ -143,7 +144,7 @@ async def run_router(
     )
     registry = Registry(
         config.health,
-        make_policy(config.routing.algorithm),
+        traced(make_policy(config.routing.algorithm)),
         routing=config.routing,
         max_jobs=config.routing.max_jobs,
         default_spu=config.cost.default_seconds_per_unit,

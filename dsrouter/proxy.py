@@ -423,6 +423,14 @@ class Proxy:
         """
         exchange.record.attempts += 1
         exchange.record.worker = worker.display_id
+        log.debug(
+            "%s %s: attempt %d on %s [%s]",
+            exchange.method,
+            exchange.scope["path"],
+            exchange.attempts,
+            worker.display_id,
+            exchange.request_id,
+        )
         timeout = self._timeout(exchange.route)
         response: UpstreamResponse | None = None
         with trio.move_on_after(timeout) as deadline:
