@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections.abc import Iterator
@@ -15,12 +16,14 @@ from dsrouter.logs import setup_logging
 
 
 @pytest.fixture
-def json_logs() -> Iterator[None]:
-    """JSON logging to the stderr of the moment (request `capsys` first to capture it)."""
+def json_logs() -> Iterator[io.StringIO]:
+    """What the router would write to stderr with `logging.format = "json"`."""
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     setup_logging(LoggingConfig(format="json"))
-    yield
+    stderr = io.StringIO()
+    root.handlers[0].setStream(stderr)  # type: ignore[attr-defined]
+    yield stderr
     root.handlers[:], level = saved
     root.setLevel(level)
 
@@ -34,21 +37,21 @@ def _run(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> int:
 
 
 def test_an_unexpected_error_is_one_json_line_with_its_traceback(
-    capsys: pytest.CaptureFixture[str], json_logs: None, monkeypatch: pytest.MonkeyPatch
+    json_logs: io.StringIO, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert _run(monkeypatch, RuntimeError("boom")) == 1
-    (line,) = capsys.readouterr().err.splitlines()
+    (line,) = json_logs.getvalue().splitlines()
     record = json.loads(line)
     assert record["level"] == "critical"
     assert "Traceback" in record["exc"] and "RuntimeError: boom" in record["exc"]
 
 
 def test_every_line_of_a_launch_error_is_prefixed(
-    capsys: pytest.CaptureFixture[str], json_logs: None, monkeypatch: pytest.MonkeyPatch
+    json_logs: io.StringIO, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     error = BaseExceptionGroup("pool", [LaunchError("worker 0 exited\n    its last line")])
     assert _run(monkeypatch, error) == 1
-    messages = [json.loads(line)["msg"] for line in capsys.readouterr().err.splitlines()]
+    messages = [json.loads(line)["msg"] for line in json_logs.getvalue().splitlines()]
     assert messages == [
         "cannot launch the workers: worker 0 exited",
         "cannot launch the workers:     its last line",
