@@ -1,10 +1,15 @@
 """The root nursery: every long-lived task of the router, and the order they stop in.
 
+Before any task starts, `bind` binds and listens on `server.port` (and
+`server.metrics_port`): a port that is taken or a host that does not resolve ends the run
+in one line before a worker is launched.
+
     root                 outlives every connection to the workers
       signal watcher     SIGINT/SIGTERM: drain, then stop (below)
       launcher           supervised local workers (when `[launcher]` asks for any), and the
                          rolling restart a reload hands to it (`reloader.pool`)
-      notifier           systemd WATCHDOG pings and STATUS lines after READY=1 (notify.py)
+      notifier           systemd STATUS lines from the moment the port serves (launch
+                         progress, then the pool), WATCHDOG pings after READY=1 (notify.py)
       services           everything that talks to the workers over HTTP
         reload watcher   SIGHUP
         registry task    capability probes and catch-ups the registry asks for
@@ -12,6 +17,12 @@
         health checker   probe rounds every `health.interval_s`
         HTTP frontend    hypercorn serving Quart (admin) + the streaming proxy
         metrics port     hypercorn serving `/metrics` alone (`server.metrics_port`)
+
+Start-up order: services (health checks, the registry task), then the HTTP frontend on the
+bound sockets, then the launcher. While the launcher brings the workers up (minutes with
+real models) the frontend answers `/livez`, `/health` and `/readyz` (503 "starting"),
+`/workers` (`managed_workers` from `RouterContext.launch`) and `dsrouter status`. READY=1
+and `dsrouter ready: ...` on stdout follow once the workers are up and probed.
 
 Shutdown, on the first SIGINT/SIGTERM:
 1. `frontend.draining` is set: the port stays open, `/health` answers 503
