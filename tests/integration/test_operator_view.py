@@ -128,3 +128,11 @@ async def test_json_logs_are_json_on_every_line_and_debug_shows_decisions_and_pr
         for logger, level, msg in messages
     )
     assert not any(msg.startswith("Running on") for _, _, msg in messages)
+
+
+async def test_a_router_without_workers_says_how_to_add_one(tmp_path: Path) -> None:
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with router_process([], tmp_path=tmp_path) as router:
+            hint = next(line for line in router.output if "no workers configured" in line)
+    assert "WARNING" in hint
+    assert "--worker-urls" in hint and "--demo" in hint and "dsrouter workers add" in hint
