@@ -393,7 +393,7 @@ class Supervisor:
 
             race.start_soon(watch_exit)
             with trio.move_on_after(self.cfg.wait_timeout_s) as timeout:
-                await self._poll_health()
+                problem = await self._poll_health()
             if timeout.cancelled_caught:
                 problem = (
                     f"was not ready within wait_timeout_s = {self.cfg.wait_timeout_s:g} s "
@@ -402,16 +402,22 @@ class Supervisor:
             race.cancel_scope.cancel()
         return problem
 
-    async def _poll_health(self) -> None:
-        """Return when `GET /health` answers 200; keep the progress detail current."""
+    async def _poll_health(self) -> str | None:
+        """Return None when `GET /health` answers 200, or the worker's own error when it
+        reports itself failed; keep the progress detail current meanwhile.
+
+        A failed worker (503 `{"status": "unhealthy", ...}`, e.g. its scheduler died while
+        warming up) never becomes ready nor exits by itself (WORKER_API.md section 2), so
+        waiting for it would only delay the verdict by `wait_timeout_s`.
+        """
         port = self.plan.ports.http
         while True:
             reading = await self._probe()
             if reading.outcome is ProbeOutcome.OK:
-                return
+                return None
             if reading.reported_error is not None:
-                self.progress.set_detail(self.index, f"reports {reading.reported_error}")
-            elif reading.outcome is ProbeOutcome.REFUSED:
+                return f"reported itself failed during start-up: {reading.reported_error}"
+            if reading.outcome is ProbeOutcome.REFUSED:
                 self.progress.set_detail(self.index, f"waiting for port {port}")
             elif reading.outcome is ProbeOutcome.WARMING:
                 self.progress.set_detail(self.index, "warming up")

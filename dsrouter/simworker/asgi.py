@@ -23,6 +23,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 MAX_JSON_BODY = 256 * 1024 * 1024
+SLEEPING = "Server is sleeping. Call resume_memory_occupation first."
+"""The scheduler's refusal of a generation while the worker's memory is released."""
 
 
 class ClientGone(Exception):
@@ -125,8 +127,23 @@ def json_response(
 
 
 def plain_500() -> Response:
-    """What an uncaught exception in a FastAPI handler looks like to the client."""
-    return Response(500, b"Internal Server Error", "text/plain; charset=utf-8")
+    """What an uncaught exception in a FastAPI handler looks like to the client.
+
+    uvicorn answers a plain-text 500 and then closes the connection, without saying so in
+    a header (a client that reuses the connection gets a reset). hypercorn closes it here
+    because of the `connection: close` header; the effect on a client is the same.
+    """
+    return Response(
+        500, b"Internal Server Error", "text/plain; charset=utf-8", [("connection", "close")]
+    )
+
+
+class Uncaught(HTTPError):
+    """An exception the real worker does not catch: the plain-text 500 of `plain_500`."""
+
+    def __init__(self) -> None:
+        Exception.__init__(self, 500)
+        self.response = plain_500()
 
 
 def missing_field(field: str, given: Any, where: str = "body") -> HTTPError:
@@ -146,7 +163,7 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     try:
         value = json.loads(raw) if raw else None
     except RecursionError:  # nesting past Python's limit: uncaught in FastAPI too
-        raise HTTPError(500, "Internal Server Error", content_type="text/plain") from None
+        raise Uncaught from None
     except ValueError as exc:
         raise HTTPError(
             422,

@@ -17,14 +17,18 @@ import json
 from typing import Any
 
 from dsrouter.simworker.asgi import (
-    HTTPError,
     Request,
     Response,
+    Uncaught,
     json_response,
     missing_field,
     parse_json_object,
 )
 from dsrouter.simworker.state import SimWorker
+
+REFIT_ASLEEP = (
+    "Cannot update weights while the server is sleeping. Call resume_memory_occupation first."
+)
 
 
 async def _weights_body(request: Request) -> dict[str, Any]:
@@ -33,11 +37,9 @@ async def _weights_body(request: Request) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except ValueError:
-        raise HTTPError(
-            500, "Internal Server Error", content_type="text/plain; charset=utf-8"
-        ) from None
+        raise Uncaught from None
     if not isinstance(body, dict):
-        raise HTTPError(500, "Internal Server Error", content_type="text/plain; charset=utf-8")
+        raise Uncaught
     return body
 
 
@@ -59,7 +61,7 @@ async def update_weights_from_disk(worker: SimWorker, request: Request) -> Respo
         return _failed(400, "model_path is required")
     async with worker.scheduled():
         if worker.sleeping:
-            return _failed(500, "Cannot update weights while the server is sleeping")
+            return _failed(500, REFIT_ASLEEP)
         if worker.faults.refit_fails or "missing" in path:
             return _failed(400, f"Failed to load weights from {path}: no such checkpoint")
         worker.model_path = path
@@ -81,7 +83,7 @@ async def update_weights_from_tensor(worker: SimWorker, request: Request) -> Res
         return _failed(400, "serialized_named_tensors must be a non-empty list")
     async with worker.scheduled():
         if worker.sleeping:
-            return _failed(500, "Cannot update weights while the server is sleeping")
+            return _failed(500, REFIT_ASLEEP)
         if worker.faults.refit_fails:
             return _failed(400, "Failed to apply the tensor update")
         worker.weight_updates += 1

@@ -3,7 +3,9 @@
 Uploads through the router can be hundreds of MB, so the simulator parses them as they
 arrive and keeps only text fields and the first bytes of each file (enough to read an
 image's dimensions). The parser is werkzeug's sans-IO decoder, which Quart already
-installs; a malformed body is the 400 Starlette would give.
+installs. A malformed or truncated body is not an error of its own: like Starlette's parser
+on a real worker, it yields the fields read so far, and the route then reports what is
+missing (a 422 for the prompt of an image edit).
 """
 
 from __future__ import annotations
@@ -82,15 +84,19 @@ async def read_form(request: Request, boundary: bytes) -> Form:
                     if not event.more_data:
                         form.fields.setdefault(name, []).append(text.decode(errors="replace"))
 
-    try:
-        finished = False
-        async for chunk in request.chunks():
+    broken = False
+    async for chunk in request.chunks():
+        if broken:
+            continue  # read the rest, so the connection stays usable
+        try:
             decoder.receive_data(chunk)
-            finished = consume() or finished
-        decoder.receive_data(None)
-        finished = consume() or finished
-    except ValueError:
-        raise HTTPError(400, {"detail": "There was an error parsing the body"}) from None
-    if not finished:
-        raise HTTPError(400, {"detail": "There was an error parsing the body"})
+            consume()
+        except ValueError:
+            broken = True
+    if not broken:
+        try:
+            decoder.receive_data(None)
+            consume()
+        except ValueError:
+            pass
     return form

@@ -23,6 +23,7 @@ from dsrouter.simworker.asgi import (
     HTTPError,
     Request,
     Response,
+    Uncaught,
     json_response,
     missing_field,
     parse_json_object,
@@ -30,7 +31,7 @@ from dsrouter.simworker.asgi import (
 )
 from dsrouter.simworker.forms import Form, boundary_of, read_form
 from dsrouter.simworker.options import IMAGE_INPUT_ACCEPTED, IMAGE_INPUT_REQUIRED, TASK_OUTPUTS
-from dsrouter.simworker.state import Asleep, Job, SimWorker, now
+from dsrouter.simworker.state import Asleep, GenerationFailed, Job, SimWorker, now
 
 _SIZE = re.compile(r"^(\d+)[xX](\d+)$")
 MAX_SIDE = 4096
@@ -38,6 +39,24 @@ DEFAULT_VIDEO_BYTES = 1 << 20
 VIDEO_SIZE = (832, 480)
 FORMATS = ("png", "jpeg", "jpg", "webp")
 THREAD_PIXELS = 256 * 256
+FAIL_MARKER = "DSROUTER_FAIL"
+"""A prompt containing this fails its generation, as with the real worker's test plugin
+(`sglang/dsrouter_sglang_testplugin`), so one test drives both implementations."""
+
+
+def _model_error(request_id: str) -> str:
+    """The scheduler's error text for a failed generation (the test plugin's own words)."""
+    return (
+        f"Error executing request {request_id}: prompt contains {FAIL_MARKER}: "
+        "generation failed on purpose"
+    )
+
+
+def _fails(payload: dict[str, Any], request_id: str) -> str | None:
+    """The model's error for this request, or None when it succeeds."""
+    if FAIL_MARKER in str(payload.get("prompt", "")):
+        return _model_error(request_id)
+    return None
 
 
 def _task(worker: SimWorker, output: str, requested: Any, has_image: bool | None) -> str:
@@ -161,15 +180,14 @@ async def _render(width: int, height: int, fmt: str, seeds: list[int]) -> list[b
     return images
 
 
-async def _generate(worker: SimWorker, units: float) -> float:
+async def _generate(worker: SimWorker, units: float, fails: str | None = None) -> float:
+    """Run a generation; a failure is the real worker's uncaught exception (plain 500)."""
     if worker.roll(worker.faults.fail_rate):
-        raise HTTPError(500, "Internal Server Error", content_type="text/plain; charset=utf-8")
+        raise Uncaught
     try:
-        return await worker.generate(units)
-    except Asleep:
-        raise HTTPError(
-            500, "Internal Server Error", content_type="text/plain; charset=utf-8"
-        ) from None
+        return await worker.generate(units, fails=fails)
+    except GenerationFailed:
+        raise Uncaught from None
 
 
 # ---- images -------------------------------------------------------------------------------
@@ -201,7 +219,8 @@ async def _image_answer(
     (width, height), n = options["size"], options["n"]
     steps = options["steps"] or worker.options.default_steps
     frames = _positive_int(payload, "num_frames") or 1
-    seconds = await _generate(worker, width * height / 1e6 * steps * frames * n)
+    units = width * height / 1e6 * steps * frames * n
+    seconds = await _generate(worker, units, _fails(payload, worker.new_id()))
     seeds = [_seed(payload, i) for i in range(n)]
     images = await _render(width, height, options["format"], seeds)
     image_id = worker.new_id()
@@ -350,7 +369,8 @@ async def videos_create(worker: SimWorker, request: Request) -> Response:
     size = worker.options.video_bytes
     job = worker.add_job(worker.videos, record, DEFAULT_VIDEO_BYTES if size is None else size, n)
     units = width * height / 1e6 * steps * frames * n
-    worker.nursery.start_soon(_run_job, worker, job, units, steps, True)
+    fails = _fails(payload, video_id)
+    worker.nursery.start_soon(_run_job, worker, job, units, steps, True, fails)
     return json_response(200, dict(record))
 
 
@@ -394,7 +414,12 @@ async def meshes_create(worker: SimWorker, request: Request) -> Response:
 
 
 async def _run_job(
-    worker: SimWorker, job: Job, units: float, steps: int, reports_progress: bool
+    worker: SimWorker,
+    job: Job,
+    units: float,
+    steps: int,
+    reports_progress: bool,
+    fails: str | None = None,
 ) -> None:
     """A background job: queued until the scheduler takes it, then progress, then done."""
     record = job.record
@@ -402,6 +427,8 @@ async def _run_job(
         async with worker.scheduled():
             if worker.sleeping:
                 raise Asleep
+            if fails is not None:
+                raise GenerationFailed(fails)
             if reports_progress:
                 record["status"] = "in_progress"
             seconds = worker.service_seconds(units)
@@ -410,10 +437,10 @@ async def _run_job(
                 await trio.sleep(seconds / updates)
                 if reports_progress:
                     record["progress"] = max(record["progress"], (step + 1) * 99 // updates)
-    except Asleep:
+    except GenerationFailed as failure:
         record.update(
             status="failed",
-            error={"message": "server is sleeping"},
+            error={"message": f"Model generation failed. Error from scheduler: {failure}"},
             url=None,
             urls=None,
             file_path=None,
@@ -471,9 +498,9 @@ async def list_jobs(store: dict[str, Job], request: Request) -> Response:
                 ]
             },
         )
-    jobs = sorted(
-        store.values(), key=lambda j: (j.record["created_at"], j.seq), reverse=order == "desc"
-    )
+    # By `created_at` (whole seconds) alone, as the real worker sorts: a stable sort, so
+    # jobs of the same second stay in creation order, in both directions.
+    jobs = sorted(store.values(), key=lambda j: j.record["created_at"], reverse=order == "desc")
     if after is not None:
         ids = [j.record["id"] for j in jobs]
         jobs = jobs[ids.index(after) + 1 :] if after in ids else []
@@ -560,6 +587,9 @@ def _slice(size: int, seed: int, start: int, stop: int) -> Any:
 
 
 async def rollout(worker: SimWorker, request: Request) -> Response:
+    """Samples as the real route builds them: one map per output, all carrying the
+    request's id and seed; `generated_output` is the decoded output (`[3, H, W]`, or
+    `[3, T, H, W]` on a video worker), the trajectory fields are per sample."""
     payload = parse_json_object(await request.read())
     if "prompt" not in payload:
         raise missing_field("prompt", payload)
@@ -570,27 +600,30 @@ async def rollout(worker: SimWorker, request: Request) -> Response:
     steps = _positive_int(payload, "num_inference_steps") or worker.options.default_steps
     frames = _positive_int(payload, "num_frames") or 1
     n = _outputs(payload)
+    request_id = worker.new_id()
     if worker.roll(worker.faults.fail_rate):
         return json_response(500, {"detail": "Generation failed: injected fault"})
     try:
-        seconds = await worker.generate(width * height / 1e6 * steps * frames * n)
-    except Asleep:
-        return json_response(500, {"detail": "Server is sleeping, resume memory first"})
+        seconds = await worker.generate(
+            width * height / 1e6 * steps * frames * n, fails=_fails(payload, request_id)
+        )
+    except GenerationFailed as failure:
+        return json_response(500, {"detail": str(failure)})
     seed = payload.get("seed")
     if not isinstance(seed, int) or isinstance(seed, bool):
-        return plain_500()
+        return plain_500()  # the response model requires an int seed
     full = payload.get("rollout", True)
-    latent = [1, 4, max(height // 8, 1), max(width // 8, 1)]
-    count = latent[2] * latent[3] * 4
+    video = "VIDEO" in worker.options.output_types and "IMAGE" not in worker.options.output_types
+    shape = [3, frames, height, width] if video else [3, height, width]
     samples = []
     for index in range(n):
         base = (seed + index) % 1000 / 1000
         samples.append(
             {
-                "request_id": worker.new_id(),
+                "request_id": request_id,
                 "prompt": payload["prompt"],
-                "seed": seed + index,
-                "generated_output": media.tensor([base] * count, latent),
+                "seed": seed,
+                "generated_output": media.constant_tensor(base, shape),
                 "rollout_log_probs": media.tensor(
                     [-base - s / steps for s in range(steps)], [steps]
                 )
@@ -598,12 +631,25 @@ async def rollout(worker: SimWorker, request: Request) -> Response:
                 else None,
                 "rollout_debug_tensors": None,
                 "denoising_env": (
-                    {"timesteps": media.tensor([1 - s / steps for s in range(steps)], [steps])}
+                    {
+                        "image_kwargs": None,
+                        "pos_cond_kwargs": None,
+                        "neg_cond_kwargs": None,
+                        "guidance": media.tensor([1.0] * steps, [steps]),
+                    }
                     if full and payload.get("rollout_return_denoising_env")
                     else None
                 ),
                 "dit_trajectory": (
-                    media.tensor([base] * steps * 4, [steps, 4])
+                    {
+                        "latents": media.tensor([base] * (steps + 1) * 4, [steps + 1, 4]),
+                        "timesteps": media.tensor(
+                            [1000 * (1 - s / steps) for s in range(steps)], [steps]
+                        ),
+                        "sigmas": media.tensor(
+                            [1 - s / steps for s in range(steps + 1)], [steps + 1]
+                        ),
+                    }
                     if full and payload.get("rollout_return_dit_trajectory")
                     else None
                 ),

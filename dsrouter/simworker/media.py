@@ -215,7 +215,19 @@ def glb_bytes(seed: int) -> bytes:
 
 def tensor(values: list[float], shape: list[int]) -> dict[str, object]:
     """One tensor as the rollout API encodes it: a safetensors file holding tensor "t"."""
-    data = struct.pack(f"<{len(values)}f", *values)
+    return _encoded(struct.pack(f"<{len(values)}f", *values), shape)
+
+
+def constant_tensor(value: float, shape: list[int]) -> dict[str, object]:
+    """A tensor of `shape` filled with `value`, built without a list of its elements (a
+    decoded output is `[3, H, W]` floats)."""
+    count = 1
+    for side in shape:
+        count *= side
+    return _encoded(struct.pack("<f", value) * count, shape)
+
+
+def _encoded(data: bytes, shape: list[int]) -> dict[str, object]:
     header = json.dumps(
         {"t": {"dtype": "F32", "shape": shape, "data_offsets": [0, len(data)]}}
     ).encode()

@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 import trio
 
+from dsrouter.simworker.asgi import SLEEPING
 from dsrouter.simworker.options import SimOptions
 
 MAX_IMAGES = 512
@@ -43,8 +44,15 @@ def _valid(kind: type, value: Any) -> bool:
     return isinstance(value, int | float) if kind is float else isinstance(value, kind)
 
 
-class Asleep(Exception):
+class GenerationFailed(Exception):
+    """The scheduler failed a generation; the message is its error text."""
+
+
+class Asleep(GenerationFailed):
     """Generation refused: the worker released its GPU memory."""
+
+    def __init__(self) -> None:
+        super().__init__(SLEEPING)
 
 
 @attrs.define
@@ -157,11 +165,16 @@ class SimWorker:
             if waiting:
                 self.queued -= 1
 
-    async def generate(self, units: float) -> float:
-        """Run one generation of `units` megapixel-steps; returns its inference time."""
+    async def generate(self, units: float, fails: str | None = None) -> float:
+        """Run one generation of `units` megapixel-steps; returns its inference time.
+
+        `fails`: the model's error, raised as `GenerationFailed` once the generation has
+        its turn in the queue (where a real model would raise)."""
         async with self.scheduled():
             if self.sleeping:
                 raise Asleep
+            if fails is not None:
+                raise GenerationFailed(fails)
             seconds = self.service_seconds(units)
             await trio.sleep(seconds)
             return seconds

@@ -113,12 +113,12 @@ async def test_blocking_client_generates_images_and_decodes_rollouts(tmp_path: P
             assert image.id
             assert image.worker in {f"127.0.0.1:{w.port}" for w in workers}
 
-            assert [s["seed"] for s in samples] == [7, 8]
+            assert [s["seed"] for s in samples] == [7, 7]
             assert all(s["prompt"] == "a red fox" for s in samples)
             output = samples[0]["generated_output"]
-            assert output["__tensor__"] is True and output["shape"] == [1, 4, 8, 8]
-            assert isinstance(output["data"], bytes) and len(output["data"]) > 4 * 8 * 8 * 4
-            assert samples[0]["denoising_env"]["timesteps"]["__tensor__"] is True
+            assert output["__tensor__"] is True and output["shape"] == [3, 64, 64]
+            assert isinstance(output["data"], bytes) and len(output["data"]) > 3 * 64 * 64 * 4
+            assert samples[0]["denoising_env"]["guidance"]["__tensor__"] is True
 
             async with AsyncClient(router.url, admin_token="", api_key="") as client:
                 by_url = await client.generate_images("a cat", size="16x16", response_format="url")

@@ -79,6 +79,11 @@ def main() -> None:
         default=None,
         help="exit with status 4 at start when --port is this one",
     )
+    parser.add_argument(
+        "--failed-at-start",
+        action="store_true",
+        help="report itself failed from the first /health on (a scheduler lost at warm-up)",
+    )
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--grandchild", action="store_true")
     parser.add_argument("--log-requests", action="store_true")
@@ -89,6 +94,7 @@ def main() -> None:
     if args.exit_at_start is not None:
         print("fakeworker: cannot load the model (simulated)", flush=True)
         sys.exit(args.exit_at_start)
+    Handler.failed = args.failed_at_start
     if args.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if args.grandchild:

@@ -400,7 +400,9 @@ async def test_check_config_and_run_reject_a_pool_that_cannot_start_the_same_way
         **os.environ,
         **_env(tmp_path),
         "CUDA_VISIBLE_DEVICES": "",
-        "PATH": str(Path(sys.executable).parent),
+        # nothing on PATH, not even this virtualenv's bin (which holds `sglang` when the
+        # worker extra is installed)
+        "PATH": str(tmp_path),
     }
     outcomes = []
     with trio.fail_after(TEST_TIMEOUT_S):

@@ -291,6 +291,20 @@ async def test_a_worker_not_ready_within_wait_timeout_fails_the_launch_and_is_ki
     assert pids_running(f"--port {cfg.worker_base_port} ") == []
 
 
+async def test_a_worker_reporting_itself_failed_while_starting_fails_the_launch_at_once() -> None:
+    """503 `{"status": "unhealthy"}` is final (unlike an empty 503 while warming up): the
+    launch fails with the worker's own error, long before `wait_timeout_s`."""
+    registry = _registry()
+    cfg = _config(num_workers=1, wait_timeout_s=60.0, extra_args=["--failed-at-start"])
+    with trio.fail_after(TEST_TIMEOUT_S), pytest.raises(LaunchError) as caught:
+        await run_pool(cfg, registry)
+    assert (
+        "reported itself failed during start-up: Scheduler worker exited; restart the server."
+    ) in str(caught.value)
+    assert pids_running(f"--port {cfg.worker_base_port} ") == []
+    assert registry.workers() == []
+
+
 async def test_a_missing_command_fails_before_anything_starts() -> None:
     cfg = _config(command=["dsrouter-no-such-worker-binary", "serve"])
     with pytest.raises(LaunchError, match="'dsrouter-no-such-worker-binary' not found"):
