@@ -61,6 +61,10 @@ class RequestRecord:
     bytes_out: int = 0
     worker: str = "-"
     attempts: int = 0
+    retried_from: list[str] = attrs.Factory(list)
+    """The workers whose attempts failed and moved on (`dsrouter_retries_total{worker}`)."""
+    waited: list[tuple[str, float]] = attrs.Factory(list)
+    """(worker, seconds) for each lease: how long it took to get that worker."""
     finished: bool = False
     """The last body message was sent: a disconnect after this is not an abort."""
 
@@ -149,8 +153,12 @@ class AccessLog:
         histograms[0].observe(elapsed)
         if record.first_byte_at is not None:
             histograms[1].observe(record.first_byte_at - record.started_at)
-        if record.attempts > 1:
-            metrics.retries.inc(record.attempts - 1)
+        for worker in record.retried_from:
+            metrics.retries.labels(worker).inc()
+        for worker, seconds in record.waited:
+            metrics.queue_wait.labels(worker).observe(seconds)
+        if record.worker != "-":
+            metrics.worker_requests.labels(record.worker, status).inc()
         self._bytes_in.inc(record.bytes_in)
         self._bytes_out.inc(record.bytes_out)
         config = self._config()

@@ -21,7 +21,7 @@ from quart_trio import QuartTrio
 from quart_trio.wrappers import TrioRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
-from dsrouter.api import discovery, ops, rl, workers
+from dsrouter.api import discovery, ops, probes, rl, workers
 from dsrouter.api.errors import error
 from dsrouter.context import RouterContext
 from dsrouter.control import PoolControl
@@ -49,6 +49,7 @@ def create_app(context: RouterContext, control: PoolControl) -> QuartTrio:
     app.register_blueprint(discovery.bp)
     app.register_blueprint(rl.bp)
     app.register_blueprint(ops.bp)
+    app.register_blueprint(probes.bp)
     control_paths = frozenset(
         rule.rule for rule in app.url_map.iter_rules() if rule.endpoint.startswith(f"{rl.bp.name}.")
     )

@@ -11,8 +11,9 @@ import hmac
 
 from dsrouter.config import SecurityConfig
 
-PUBLIC_PATHS = frozenset({"/health", "/openapi.json"})
-"""Reachable without credentials: load balancers and orchestrators probe /health."""
+PUBLIC_PATHS = frozenset({"/", "/health", "/livez", "/readyz", "/openapi.json"})
+"""Reachable without credentials: load balancers and orchestrators probe /health, /livez
+and /readyz; `/` says what this is and where its docs are."""
 
 
 class Auth:

@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 
 import attrs
+import trio
 
-from dsrouter import ctl
+from dsrouter import __version__, ctl, preflight
 from dsrouter.config import FLAGS, ConfigError, LoadedConfig, Overrides, dump_config, load
 
 
@@ -43,8 +44,20 @@ def _load(args: argparse.Namespace) -> LoadedConfig:
     return loaded
 
 
+def _worker_count(text: str) -> int:
+    """`--demo-workers`: a demo of no workers (or fewer) serves nothing; say so up front."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"the demo needs at least 1 worker, got {count}")
+    return count
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsrouter", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"dsrouter {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the router")
     _add_overrides(run)
@@ -53,12 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--demo-workers",
-        type=int,
+        type=_worker_count,
         default=2,
         metavar="N",
         help="number of simulated workers with --demo (default 2)",
     )
-    check = commands.add_parser("check-config", help="validate and print the effective config")
+    check = commands.add_parser(
+        "check-config",
+        help="validate (as `run` does, without binding or launching) and print the config",
+    )
     _add_overrides(check)
     ctl.add_parsers(commands)
     return parser
@@ -75,11 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ctl.COMMANDS:
         return ctl.main(args)
     try:
-        config = _load(args).config
+        loaded = _load(args)
+        problems = trio.run(preflight.check, loaded.config, loaded.source)
     except ConfigError as exc:
-        for problem in exc.problems:
+        problems = exc.problems
+    if problems:
+        for problem in problems:
             print(f"config error: {problem}", file=sys.stderr)
         return 2
+    config = loaded.config
     if args.command == "check-config":
         print(json.dumps(dump_config(config), indent=2))
         return 0

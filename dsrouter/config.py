@@ -568,7 +568,8 @@ FLAGS = (
         "routing_algorithm",
         ("routing", "algorithm"),
         None,
-        "least-work | least-request | round-robin | random",
+        " | ".join(get_args(RoutingAlgorithm))
+        + f" (default {attrs.fields(RoutingConfig).algorithm.default})",
     ),
     Flag("launcher_config", None, Path, "sglang-d-router launcher YAML (launcher: ...)"),
     Flag("log_level", ("logging", "level"), None, "debug | info | warning | error | critical"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import attrs
 
 from dsrouter.config import Config
@@ -9,6 +11,9 @@ from dsrouter.health import HealthChecker
 from dsrouter.metrics import Metrics
 from dsrouter.registry import Registry
 from dsrouter.workers_http import WorkerHTTP
+
+if TYPE_CHECKING:
+    from dsrouter.launcher import Pool
 
 
 @attrs.define
@@ -19,3 +24,16 @@ class RouterContext:
     workers: WorkerHTTP
     """Every request to a worker goes through it (see `workers_http`)."""
     metrics: Metrics
+    starting: bool = False
+    """True while the launcher brings the pool up for the first time: the port already
+    answers (`/health` 503 "starting", `/workers`, `/livez`), nothing is routable yet."""
+    launch: Pool | None = None
+    """The launched workers from their first start on (`run_pool` hands the pool over
+    before its workers are ready), for `/workers` and the start-up STATUS line."""
+
+    def show_launch(self, pool: Pool) -> None:
+        self.launch = pool
+
+    def managed_workers(self) -> list[dict[str, Any]]:
+        """Every launcher slot, whatever its state; [] without a launcher."""
+        return [] if self.launch is None else self.launch.managed_workers()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from dsrouter.client import (
@@ -49,9 +49,15 @@ Command = Callable[[Client, argparse.Namespace], int]
 # ---- status formatting (pure, unit-tested) -----------------------------------------------
 
 
+LAUNCH_WEIGHTS = "as-launched"
+"""A worker's weights before any refit: what its `--model-path` loaded."""
+SLOT_STATES = (("starting", "starting"), ("backoff", "restarting"), ("failed", "failed"))
+"""Launcher slot states counted in the header, and the word shown for each."""
+
+
 def pool_version(workers: list[WorkerInfo]) -> str:
     """The weights the routable pool serves, read from the workers that are not stale."""
-    versions = sorted({w.weight_version or "launch" for w in workers if not w.is_stale})
+    versions = sorted({w.weight_version or LAUNCH_WEIGHTS for w in workers if not w.is_stale})
     if not versions:
         return "unknown"
     return versions[0] if len(versions) == 1 else "mixed (" + ", ".join(versions) + ")"
@@ -67,9 +73,20 @@ def _sleep_state(health: PoolHealth) -> str:
     return "awake"
 
 
-def format_header(url: str, health: PoolHealth, workers: list[WorkerInfo]) -> str:
-    parts = [f"{health.healthy_workers}/{health.total_workers} workers routable"]
+def format_header(
+    url: str, health: PoolHealth, workers: list[WorkerInfo], slots: Sequence[Mapping[str, Any]] = ()
+) -> str:
+    """One line. Launched workers that are not registered (starting, restarting, failed,
+    stopped: the registry holds one only while it is ready) count in the pool's total."""
+    unregistered = [slot for slot in slots if not slot.get("registered")]
+    total = health.total_workers + len(unregistered)
+    parts = [f"{health.healthy_workers}/{total} workers routable"]
+    slot_counts = [
+        (sum(slot.get("state") == state for slot in unregistered), word)
+        for state, word in SLOT_STATES
+    ]
     for count, word in (
+        *slot_counts,
         (health.dead_workers, "dead"),
         (health.draining_workers, "draining"),
         (health.stale_workers, "stale"),
@@ -86,16 +103,23 @@ def format_header(url: str, health: PoolHealth, workers: list[WorkerInfo]) -> st
 
 
 def _speed(seconds_per_unit: float | None) -> str:
-    return "-" if seconds_per_unit is None else f"{seconds_per_unit:.3g}s/u"
+    return "-" if seconds_per_unit is None else f"{seconds_per_unit:.3g}"
 
 
 def _video(support: bool | None) -> str:
     return "?" if support is None else "yes" if support else "no"
 
 
+SPEED_NOTE = (
+    "S/MPX-STEP: seconds the worker takes per megapixel per denoising step, learned from "
+    "its answers (- until measured); WEIGHTS: the version of its last refit, "
+    f"'{LAUNCH_WEIGHTS}' before any"
+)
+
+
 def format_table(workers: list[WorkerInfo]) -> str:
     """One row per worker, columns padded to the widest cell; numbers right-aligned."""
-    header = ("WORKER", "STATE", "IN-FLIGHT", "FAILURES", "SPEED", "VERSION", "VIDEO")
+    header = ("WORKER", "STATE", "IN-FLIGHT", "FAILURES", "S/MPX-STEP", "WEIGHTS", "VIDEO")
     rows = [
         (
             w.url,
@@ -103,13 +127,13 @@ def format_table(workers: list[WorkerInfo]) -> str:
             str(w.active_requests),
             str(w.consecutive_failures),
             _speed(w.seconds_per_unit),
-            w.weight_version or "launch",
+            w.weight_version or LAUNCH_WEIGHTS,
             _video(w.video_support),
         )
         for w in workers
     ]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    right = {2, 3}
+    right = {2, 3, 4}
 
     def line(cells: tuple[str, ...]) -> str:
         return "  ".join(
@@ -120,9 +144,11 @@ def format_table(workers: list[WorkerInfo]) -> str:
     return "\n".join(line(cells).rstrip() for cells in [header, *rows])
 
 
-def format_status(url: str, health: PoolHealth, workers: list[WorkerInfo]) -> str:
-    lines = [format_header(url, health, workers)]
-    lines.append(format_table(workers) if workers else "no workers registered")
+def format_status(
+    url: str, health: PoolHealth, workers: list[WorkerInfo], slots: Sequence[Mapping[str, Any]] = ()
+) -> str:
+    lines = [format_header(url, health, workers, slots)]
+    lines += [format_table(workers), SPEED_NOTE] if workers else ["no workers registered"]
     problems = [
         f"  {w.url}: {w.last_error}" for w in workers if w.last_error and w.state != "healthy"
     ]
@@ -165,11 +191,11 @@ def format_broadcast(result: BroadcastResult, done: str) -> str:
 
 
 def _status(client: Client, args: argparse.Namespace) -> int:
-    health, workers = client.health(), client.workers()
-    print(format_status(client.base_url, health, workers))
-    slots = format_slots(client.managed_workers())
-    if slots:
-        print(f"\n{slots}")
+    health, workers, slots = client.health(), client.workers(), client.managed_workers()
+    print(format_status(client.base_url, health, workers, slots))
+    not_serving = format_slots(slots)
+    if not_serving:
+        print(f"\n{not_serving}")
     return OK
 
 

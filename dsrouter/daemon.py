@@ -1,10 +1,15 @@
 """The root nursery: every long-lived task of the router, and the order they stop in.
 
+Before any task starts, `bind` binds and listens on `server.port` (and
+`server.metrics_port`): a port that is taken or a host that does not resolve ends the run
+in one line before a worker is launched.
+
     root                 outlives every connection to the workers
       signal watcher     SIGINT/SIGTERM: drain, then stop (below)
       launcher           supervised local workers (when `[launcher]` asks for any), and the
                          rolling restart a reload hands to it (`reloader.pool`)
-      notifier           systemd WATCHDOG pings and STATUS lines after READY=1 (notify.py)
+      notifier           systemd STATUS lines from the moment the port serves (launch
+                         progress, then the pool), WATCHDOG pings after READY=1 (notify.py)
       services           everything that talks to the workers over HTTP
         reload watcher   SIGHUP
         registry task    capability probes and catch-ups the registry asks for
@@ -12,6 +17,12 @@
         health checker   probe rounds every `health.interval_s`
         HTTP frontend    hypercorn serving Quart (admin) + the streaming proxy
         metrics port     hypercorn serving `/metrics` alone (`server.metrics_port`)
+
+Start-up order: services (health checks, the registry task), then the HTTP frontend on the
+bound sockets, then the launcher. While the launcher brings the workers up (minutes with
+real models) the frontend answers `/livez`, `/health` and `/readyz` (503 "starting"),
+`/workers` (`managed_workers` from `RouterContext.launch`) and `dsrouter status`. READY=1
+and `dsrouter ready: ...` on stdout follow once the workers are up and probed.
 
 Shutdown, on the first SIGINT/SIGTERM:
 1. `frontend.draining` is set: the port stays open, `/health` answers 503
@@ -34,12 +45,14 @@ import contextlib
 import ipaddress
 import logging
 import signal
-import sys
 from collections.abc import AsyncIterator, Callable
 
+import attrs
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
+from hypercorn.config import Sockets
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import ASGIWrapper
 
 from dsrouter import wire
 from dsrouter.access import AccessLog
@@ -51,12 +64,14 @@ from dsrouter.control import PoolControl
 from dsrouter.frontend import Frontend, MetricsOnly
 from dsrouter.health import HealthChecker
 from dsrouter.launcher import LaunchError, run_pool
+from dsrouter.logs import HTTP_LOGGER, announce
 from dsrouter.metrics import Metrics
 from dsrouter.notify import Notifier, describe_pool
 from dsrouter.policies import make_policy
 from dsrouter.proxy import Proxy
 from dsrouter.registry import Registry
 from dsrouter.reload import Reloader
+from dsrouter.traced import traced
 from dsrouter.units import KiB
 from dsrouter.workers_http import WorkerHTTP
 
@@ -68,15 +83,56 @@ only needs to cover sending the last answers and closing idle keep-alive connect
 request still running after `server.drain_timeout_s` is cut this much later."""
 
 
-def _hypercorn_config(config: Config) -> HypercornConfig:
+class BindError(Exception):
+    """The router cannot listen where it is told to; the message is one line for the operator."""
+
+
+@attrs.frozen
+class BoundSockets:
+    main: Sockets
+    metrics: Sockets | None
+    """`server.metrics_port`, when one is set."""
+
+
+def bind(config: Config) -> BoundSockets:
+    """Bind and listen on `server.port` (and `server.metrics_port`), or raise `BindError`.
+
+    Done before anything else starts, so a busy port or an unresolvable `server.host` is
+    reported in one line before a worker has loaded a model, and the port answers
+    (`/health` 503 "starting", `/workers`, `dsrouter status`) while the launcher waits.
+    """
+    ports = [("server.port", config.server.port)]
+    if config.server.metrics_port:
+        ports.append(("server.metrics_port", config.server.metrics_port))
+    bound: list[Sockets] = []
+    for key, port in ports:
+        hc = _hypercorn_config(config, port)
+        try:
+            sockets = hc.create_sockets()
+        except OSError as exc:
+            for done in bound:
+                for sock in done.insecure_sockets:
+                    sock.close()
+            reason = exc.strerror or str(exc)
+            raise BindError(
+                f"cannot listen on {hc.bind[0]} (server.host, {key}): {reason}"
+            ) from None
+        for sock in sockets.insecure_sockets:
+            sock.listen(hc.backlog)
+        bound.append(sockets)
+    return BoundSockets(bound[0], bound[1] if len(bound) > 1 else None)
+
+
+def _hypercorn_config(config: Config, port: int | None = None) -> HypercornConfig:
     hc = HypercornConfig()
     host = config.server.host
-    hc.bind = [f"[{host}]:{config.server.port}" if ":" in host else f"{host}:{config.server.port}"]
+    port = config.server.port if port is None else port
+    hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     hc.graceful_timeout = CLOSE_GRACE_S
     hc.keep_alive_timeout = config.server.keep_alive_timeout_s
     hc.h11_max_incomplete_size = config.server.max_header_kb * KiB
     hc.accesslog = None
-    hc.errorlog = logging.getLogger("hypercorn.error")
+    hc.errorlog = logging.getLogger(HTTP_LOGGER)
     return hc
 
 
@@ -95,7 +151,7 @@ async def run_router(
     """
     wire.install()
     shutdown = trio.Event()
-    serving = trio.Event()
+    started = trio.Event()
     # Reads the context's configuration at each call (the context is built below), so a
     # reload's worker credentials apply at once.
     workers = WorkerHTTP(
@@ -104,12 +160,15 @@ async def run_router(
     )
     registry = Registry(
         config.health,
-        make_policy(config.routing.algorithm),
+        traced(make_policy(config.routing.algorithm)),
         routing=config.routing,
         max_jobs=config.routing.max_jobs,
         default_spu=config.cost.default_seconds_per_unit,
     )
     notifier = Notifier()
+    # Bound before anything else starts: a busy port or a host that does not resolve fails
+    # here, in one line, before a single worker loads a model.
+    sockets = bind(config)
     # Received for the whole run, read only while the reload watcher runs: a SIGHUP while
     # the workers stop then waits here instead of killing the router (its default action).
     receiver = (
@@ -145,11 +204,12 @@ async def run_router(
                 )
                 app.config["DSROUTER_RELOAD"] = reloader
                 _warn_if_exposed(config, auth)
+                _hint_if_no_workers(config)
                 if hangups is not None:
                     root.start_soon(
                         _watch_signals,
                         shutdown,
-                        serving,
+                        started,
                         frontend,
                         notifier,
                         config.server.drain_timeout_s,
@@ -161,30 +221,35 @@ async def run_router(
                 for worker in config.workers:
                     registry.add(worker.url, api_key=worker.api_key, source="config")
                 await services.start(health.run)
+                binds = await services.start(
+                    _serve, frontend, config, sockets.main, shutdown, services.cancel_scope
+                )
+                if sockets.metrics is not None:
+                    metrics_binds = await services.start(
+                        _serve_metrics, frontend, context, config, sockets.metrics, shutdown
+                    )
+                    for bind_ in metrics_binds:
+                        announce(f"dsrouter metrics on {bind_}/metrics")
+                for bind_ in binds:
+                    announce(f"dsrouter listening on {bind_}")
+                root.start_soon(notifier.run_status, lambda: _describe(context))
                 if config.launcher.num_workers:
+                    context.starting = True
                     reloader.pool = await root.start(
                         run_pool,
                         config.launcher,
                         registry,
-                        context.metrics.restarts.inc,
+                        context.metrics.count_restart,
                         workers,
+                        context.show_launch,
                     )
-                binds = await services.start(
-                    _serve, frontend, config, shutdown, services.cancel_scope
-                )
-                if config.server.metrics_port:
-                    metrics_binds = await services.start(
-                        _serve_metrics, frontend, context, config, shutdown
-                    )
-                    for bind in metrics_binds:
-                        print(f"dsrouter metrics on {bind}/metrics", flush=True)
-                serving.set()
-                for bind in binds:
-                    print(f"dsrouter listening on {bind}", flush=True)
+                    context.starting = False
+                started.set()
                 await _first_probes(registry, config)
-                notifier.ready(describe_pool(registry.summary()))
+                status = _describe(context)
+                notifier.ready(status)
+                announce(f"dsrouter ready: {status}")
                 root.start_soon(notifier.run_watchdog)
-                root.start_soon(notifier.run_status, lambda: describe_pool(registry.summary()))
                 task_status.started(binds)
             # Drained, and nothing sends to the workers any more. Close the idle connections
             # before the workers are stopped, so none of them waits for one of ours.
@@ -194,20 +259,25 @@ async def run_router(
             root.cancel_scope.cancel()
 
 
+def _describe(context: RouterContext) -> str:
+    """The systemd STATUS line: launch progress while starting, then the pool."""
+    if context.starting and context.launch is not None:
+        return f"starting: {context.launch.progress_line()}"
+    return describe_pool(context.registry.summary())
+
+
 async def _serve_metrics(
     frontend: Frontend,
     context: RouterContext,
     config: Config,
+    sockets: Sockets,
     shutdown: trio.Event,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    hc = _hypercorn_config(config)
-    host = config.server.host
-    port = config.server.metrics_port
-    hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-    await serve(
-        MetricsOnly(context.metrics.render, frontend),
-        hc,
+    await worker_serve(
+        ASGIWrapper(MetricsOnly(context.metrics.render, frontend)),
+        _hypercorn_config(config),
+        sockets=sockets,
         shutdown_trigger=shutdown.wait,
         task_status=task_status,
     )
@@ -216,6 +286,7 @@ async def _serve_metrics(
 async def _serve(
     frontend: Frontend,
     config: Config,
+    sockets: Sockets,
     shutdown: trio.Event,
     services: trio.CancelScope,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
@@ -225,8 +296,12 @@ async def _serve(
     hypercorn must be stopped through its `shutdown_trigger`, not by cancellation, which
     would reset open connections and skip Quart's `after_serving`.
     """
-    await serve(
-        frontend, _hypercorn_config(config), shutdown_trigger=shutdown.wait, task_status=task_status
+    await worker_serve(
+        ASGIWrapper(frontend),
+        _hypercorn_config(config),
+        sockets=sockets,
+        shutdown_trigger=shutdown.wait,
+        task_status=task_status,
     )
     log.info("frontend closed")
     services.cancel()
@@ -243,7 +318,7 @@ async def _first_probes(registry: Registry, config: Config) -> None:
 
 async def _watch_signals(
     shutdown: trio.Event,
-    serving: trio.Event,
+    started: trio.Event,
     frontend: Frontend,
     notifier: Notifier,
     drain_timeout_s: float,
@@ -251,14 +326,15 @@ async def _watch_signals(
 ) -> None:
     """The first signal starts the drain; the next one stops everything at once.
 
-    Before the frontend serves there is nothing to drain: a signal during start-up (say,
-    while the launcher waits minutes for models to load) stops everything at once too.
+    Before start-up is over there is nothing to drain (the frontend answers only health,
+    status and worker lists while the launcher waits minutes for models to load): a signal
+    then stops everything at once too.
     """
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             async for signum in signals:
                 name = signal.Signals(signum).name
-                if not serving.is_set():
+                if not started.is_set():
                     log.info("%s during start-up: stopping", name)
                     notifier.stopping()
                     root.cancel()
@@ -332,6 +408,18 @@ def _warn_if_exposed(config: Config, auth: Auth) -> None:
     )
 
 
+def _hint_if_no_workers(config: Config) -> None:
+    """A bare `dsrouter run` serves an empty pool; say how to give it workers."""
+    if config.workers or config.launcher.num_workers:
+        return
+    log.warning(
+        "no workers configured: inference requests get 503 until one is added. Add one with "
+        '`[[workers]] url = "http://HOST:PORT"` in router.toml or `--worker-urls URL`, launch '
+        "some with `[launcher]` (or `--demo` for simulated ones), or register one while the "
+        "router runs: `dsrouter workers add URL`"
+    )
+
+
 def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
     leaves: list[BaseException] = []
     for error in group.exceptions:
@@ -340,18 +428,28 @@ def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
 
 
 def main_run(config: Config, loader: Callable[[], LoadedConfig]) -> int:
+    """Run the router to the end; every outcome is logged (JSON with `logging.format =
+    "json"`), including an unexpected error's traceback, and becomes the exit status."""
     try:
         trio.run(run_router, config, loader)
     except KeyboardInterrupt:
         return 130
+    except BindError as exc:
+        log.error("%s", exc)
+        return 1
     except BaseExceptionGroup as group:
         launch, rest = group.split(LaunchError)
         if launch is None:
-            raise
+            log.critical("the router stopped on an unexpected error", exc_info=group)
+            return 1
         if rest is not None:
             log.error("other errors while the pool failed to start", exc_info=rest)
         for error in _leaves(launch):
-            print(f"dsrouter: cannot launch the workers: {error}", file=sys.stderr, flush=True)
+            for line in str(error).splitlines():
+                log.error("cannot launch the workers: %s", line)
         return 1
-    print("dsrouter stopped", file=sys.stderr, flush=True)
+    except Exception:
+        log.critical("the router stopped on an unexpected error", exc_info=True)
+        return 1
+    log.info("dsrouter stopped")
     return 0

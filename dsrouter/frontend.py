@@ -159,9 +159,11 @@ class Frontend:
                 )
                 await send_json(send, status, {"error": message}, headers)
                 return
-            if self.draining:
+            if self.draining and path != "/livez":
                 if path == "/health":
                     await send_json(send, 503, {"status": "draining"})
+                elif path == "/readyz":
+                    await send_json(send, 503, {"status": "not ready", "reason": "draining"})
                 else:
                     await send_json(send, 503, DRAINING, [(b"retry-after", b"5")])
                 return

@@ -98,6 +98,13 @@ class HealthChecker:
         except Exception as exc:
             log.exception("health probe of %s raised; counted as a failed probe", url)
             reading = HealthReading(ProbeOutcome.FAILED, f"probe error: {exc!r}")
+        log.debug(
+            "probe %s: %s%s%s",
+            url,
+            reading.outcome.value,
+            f" ({reading.detail})" if reading.detail else "",
+            "" if reading.latency_s is None else f" in {reading.latency_s * 1000:.0f} ms",
+        )
         self.registry.apply_probe(url, reading.outcome, reading.detail, reading.latency_s)
 
     async def capabilities(self, url: str) -> Capabilities | None:

@@ -1,4 +1,9 @@
-"""Logging set-up: readable text on a terminal, JSON lines for services."""
+"""Logging set-up: readable text on a terminal, JSON lines for services.
+
+With `logging.format = "json"` every line the router writes is one JSON object: log records
+(tracebacks in `exc`), Python warnings, hypercorn's own messages (logger `dsrouter.http`),
+and the start-up announcements on stdout (`announce`).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,12 @@ import sys
 import time
 
 from dsrouter.config import LoggingConfig
+
+HTTP_LOGGER = "dsrouter.http"
+"""hypercorn's error log: its messages are the router's own HTTP server speaking."""
+ANNOUNCE_LOGGER = "dsrouter.announce"
+"""Start-up lines on stdout that scripts and tests wait for (`dsrouter listening on URL`)."""
+TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
 class JsonFormatter(logging.Formatter):
@@ -30,14 +41,33 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class _NotRunningOn(logging.Filter):
+    """hypercorn's "Running on ... (CTRL + C to quit)": the announcement says it already."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Running on ")
+
+
+def announce(message: str) -> None:
+    """Write a start-up line to stdout (as JSON in JSON mode) and nowhere else."""
+    logging.getLogger(ANNOUNCE_LOGGER).info(message)
+
+
 def setup_logging(config: LoggingConfig) -> None:
+    json_lines = config.format == "json"
     handler = logging.StreamHandler(sys.stderr)
-    if config.format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.level.upper())
+    stdout = logging.StreamHandler(sys.stdout)
+    stdout.setFormatter(JsonFormatter() if json_lines else logging.Formatter("%(message)s"))
+    announcements = logging.getLogger(ANNOUNCE_LOGGER)
+    announcements.handlers[:] = [stdout]
+    announcements.propagate = False
+    announcements.setLevel(logging.INFO)
+    http = logging.getLogger(HTTP_LOGGER)
+    http.filters[:] = [_NotRunningOn()]
+    logging.captureWarnings(True)
     for noisy in ("httpx", "httpcore", "hypercorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

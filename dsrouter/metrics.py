@@ -1,20 +1,38 @@
-"""Prometheus metrics (`/metrics`), all prefixed `dsrouter_`.
+"""Prometheus metrics (`/metrics`), prefixed `dsrouter_` (plus the `process_` and
+`python_` series of prometheus_client's own collectors).
 
-Event counters and latency histograms are updated where the event happens (the proxy, the
-health checker, broadcasts, the launcher). Per-worker state is not pushed on the hot path:
-a collector reads the registry at scrape time. Each router owns its own
+Event counters and latency histograms are updated where the event happens (the access
+record, the launcher). Per-worker state is not pushed on the hot path: a collector reads the
+registry at scrape time. Every per-worker series carries a `worker` label (the worker's
+`display_id`, `host:port`), so an alert can name the worker. Each router owns its own
 `CollectorRegistry`, so several routers in one test process never share counters.
+
+No `_created` series: they double the output and no alert uses them.
 """
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    GC_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from dsrouter import __version__
 from dsrouter.registry import Registry
+
+disable_created_metrics()
 
 LATENCY_BUCKETS = (
     0.001,
@@ -80,10 +98,17 @@ class _WorkerCollector(Collector):
             "dsrouter_in_flight", "Requests being served by workers", value=summary["in_flight"]
         )
         probes = CounterMetricFamily(
-            "dsrouter_probes", "Health probes by outcome", labels=["outcome"]
+            "dsrouter_probes", "Health probes by worker and outcome", labels=["worker", "outcome"]
         )
-        for outcome, count in sorted(self.registry.probe_counts.items()):
-            probes.add_metric([outcome], count)
+        for (worker_id, outcome), count in sorted(self.registry.probe_counts.items()):
+            probes.add_metric([worker_id, outcome], count)
+        failures_total = CounterMetricFamily(
+            "dsrouter_worker_failures",
+            "Failed probes and failed requests counted against the worker",
+            labels=["worker", "source"],
+        )
+        for (worker_id, source), count in sorted(self.registry.failure_counts.items()):
+            failures_total.add_metric([worker_id, source], count)
         transitions = CounterMetricFamily(
             "dsrouter_worker_transitions",
             "Worker health changes (quarantine = breaker open, recovery = closed)",
@@ -91,13 +116,29 @@ class _WorkerCollector(Collector):
         )
         for target, count in sorted(self.registry.transition_counts.items()):
             transitions.add_metric([target], count)
-        yield from (state, in_flight, failures, speed, queued, total, probes, transitions)
+        yield from (
+            state,
+            in_flight,
+            failures,
+            speed,
+            queued,
+            total,
+            probes,
+            failures_total,
+            transitions,
+        )
 
 
 class Metrics:
     def __init__(self, registry: Registry) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        r.register(GC_COLLECTOR)
+        Info("dsrouter_build", "The running dsrouter", registry=r).info(
+            {"version": __version__, "python": platform.python_version()}
+        )
         self.requests = Counter(
             "dsrouter_requests",
             "HTTP requests by route and status",
@@ -118,7 +159,18 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.retries = Counter("dsrouter_retries", "Attempts moved to another worker", registry=r)
+        self.worker_requests = Counter(
+            "dsrouter_worker_requests",
+            "Proxied requests by the worker that answered them last, and status",
+            ["worker", "status"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "dsrouter_retries",
+            "Attempts moved to another worker, by the worker that failed the attempt",
+            ["worker"],
+            registry=r,
+        )
         self.bytes = Counter(
             "dsrouter_bytes_proxied", "Body bytes proxied", ["direction"], registry=r
         )
@@ -128,14 +180,21 @@ class Metrics:
             ["route", "outcome"],
             registry=r,
         )
-        self.restarts = Counter("dsrouter_launcher_restarts", "Managed worker restarts", registry=r)
+        self.restarts = Counter(
+            "dsrouter_launcher_restarts", "Managed worker restarts", ["worker"], registry=r
+        )
         self.queue_wait = Histogram(
             "dsrouter_queue_wait_seconds",
-            "Time requests waited in the router queue",
+            "Time a request waited for a worker (router queue included), by that worker",
+            ["worker"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         r.register(_WorkerCollector(registry))
+
+    def count_restart(self, worker: str) -> None:
+        """The launcher restarted `worker` (its `on_restart`)."""
+        self.restarts.labels(worker).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

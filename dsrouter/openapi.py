@@ -218,8 +218,38 @@ def build_openapi() -> dict[str, Any]:
                 "summary": "router health",
                 "responses": {
                     "200": {"description": "a routable worker exists", **_json({"type": "object"})},
-                    "503": {"description": "none, or draining", **_json({"type": "object"})},
+                    "503": {
+                        "description": "none (status unhealthy), starting or draining",
+                        **_json({"type": "object"}),
+                    },
                 },
+            }
+        },
+        "/livez": {
+            "get": {
+                "summary": "liveness: the process serves (200 also while starting, draining "
+                "or asleep); point liveness probes here",
+                "responses": _answers({"type": "object"}),
+            }
+        },
+        "/readyz": {
+            "get": {
+                "summary": "readiness: a request sent now can be routed; point load "
+                "balancers and readiness probes here",
+                "responses": {
+                    "200": {"description": "ready", **_json({"type": "object"})},
+                    "503": {
+                        "description": "starting, draining, asleep or no routable worker "
+                        "(`reason` says which)",
+                        **_json({"type": "object"}),
+                    },
+                },
+            }
+        },
+        "/": {
+            "get": {
+                "summary": "what this is: name, version, where the docs and probes are",
+                "responses": _answers({"type": "object"}),
             }
         },
         "/workers": {

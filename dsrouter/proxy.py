@@ -396,6 +396,7 @@ class Proxy:
         max_attempts = self.config.routing.max_attempts
         learn = route.kind == routes.CREATE
         while True:
+            asked_at = trio.current_time()
             try:
                 lease = await self.registry.acquire(accept, tried, cost, priority)
             except NoWorkerAvailable:
@@ -403,6 +404,7 @@ class Proxy:
                     raise
                 raise last_error from None
             worker = lease.worker
+            exchange.record.waited.append((worker.display_id, trio.current_time() - asked_at))
             with lease:
                 may_retry = (
                     body.replayable
@@ -425,6 +427,7 @@ class Proxy:
                         raise
                     last_error = exc
             tried.append(worker)
+            exchange.record.retried_from.append(worker.display_id)
             log.info(
                 "attempt %d on %s failed (%s); trying another worker [%s]",
                 exchange.attempts,
@@ -477,6 +480,14 @@ class Proxy:
         """
         exchange.record.attempts += 1
         exchange.record.worker = worker.display_id
+        log.debug(
+            "%s %s: attempt %d on %s [%s]",
+            exchange.method,
+            exchange.scope["path"],
+            exchange.attempts,
+            worker.display_id,
+            exchange.request_id,
+        )
         timeout = self._timeout(exchange.route)
         response: UpstreamResponse | None = None
         with trio.move_on_after(timeout) as deadline:

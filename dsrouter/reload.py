@@ -41,6 +41,7 @@ from dsrouter.frontend import Frontend
 from dsrouter.launcher import LaunchError, Pool, Reconfiguration
 from dsrouter.notify import Notifier, describe_pool
 from dsrouter.policies import make_policy
+from dsrouter.traced import traced
 from dsrouter.workers_http import fan_out
 
 log = logging.getLogger("dsrouter.reload")
@@ -113,7 +114,7 @@ class Reloader:
             new.health,
             new.routing,
             new.cost.default_seconds_per_unit,
-            make_policy(new.routing.algorithm)
+            traced(make_policy(new.routing.algorithm))
             if new.routing.algorithm != old.routing.algorithm
             else None,
         )

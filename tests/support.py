@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -38,7 +39,11 @@ class RouterProcess:
 
 
 async def _pump(
-    stream: trio.abc.ReceiveStream, lines: list[str], ready: trio.Event, marker: str
+    stream: trio.abc.ReceiveStream,
+    lines: list[str],
+    ready: trio.Event,
+    marker: str,
+    eof: trio.Event | None = None,
 ) -> None:
     buffer = b""
     async for chunk in stream:
@@ -49,6 +54,8 @@ async def _pump(
             lines.append(line)
             if marker in line and not ready.is_set():
                 ready.set()
+    if eof is not None:
+        eof.set()
 
 
 @asynccontextmanager
@@ -58,8 +65,13 @@ async def router_process(
     config: str | None = None,
     tmp_path: Path | None = None,
     env: dict[str, str] | None = None,
+    wait_ready: bool = True,
 ) -> AsyncIterator[RouterProcess]:
-    """Run `dsrouter run ARGS` on 127.0.0.1 with an ephemeral port; stop it afterwards."""
+    """Run `dsrouter run ARGS` on 127.0.0.1 with an ephemeral port; stop it afterwards.
+
+    Yields once the router says `dsrouter ready` (its launched workers are up), or with
+    `wait_ready=False` as soon as it listens (the launcher may still be starting workers).
+    """
     argv = [sys.executable, "-m", "dsrouter", "run", "--host", "127.0.0.1", "--port", "0", *args]
     if config is not None:
         assert tmp_path is not None
@@ -74,19 +86,25 @@ async def router_process(
     )
     lines: list[str] = []
     ready = trio.Event()
+    eof = trio.Event()
+    marker = "dsrouter ready: " if wait_ready else "dsrouter listening on "
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_pump, process.stdout, lines, ready, "dsrouter listening on ")
+        nursery.start_soon(_pump, process.stdout, lines, ready, marker, eof)
         router = RouterProcess(process, "", lines)
         try:
             with trio.fail_after(START_TIMEOUT_S):
                 await ready.wait()
             listening = next(line for line in lines if "dsrouter listening on " in line)
+            if listening.startswith("{"):  # logging.format = "json"
+                listening = json.loads(listening)["msg"]
             router.url = listening.split("dsrouter listening on ", 1)[1].strip()
             yield router
         finally:
             with trio.CancelScope(shield=True):
                 if process.returncode is None:
                     await router.stop()
+                with trio.move_on_after(5):  # the last lines, up to the router's exit
+                    await eof.wait()
             nursery.cancel_scope.cancel()
 
 

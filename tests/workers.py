@@ -288,8 +288,9 @@ def start_simworkers(arg_lists: list[list[str]], directory: Path) -> list[Proces
 
 
 def start_router(config: str, directory: Path, env: Mapping[str, str]) -> Process:
-    """`dsrouter run --config` on an ephemeral port of 127.0.0.1; returns once it listens
-    (with a `[launcher]`, that is once every launched worker is ready)."""
+    """`dsrouter run --config` on an ephemeral port of 127.0.0.1; returns once it says
+    `dsrouter ready` (with a `[launcher]`, once every launched worker is ready; it listens
+    before that)."""
     path = directory / "router.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(config)
@@ -300,11 +301,12 @@ def start_router(config: str, directory: Path, env: Mapping[str, str]) -> Proces
     router = spawn([*argv, "--config", str(path)], directory / "router.log", "", env)
     marker = "dsrouter listening on "
     deadline = time.monotonic() + START_TIMEOUT_S
-    while not router.url:
-        for line in router.log.read_text(errors="replace").splitlines():
+    while True:
+        lines = router.log.read_text(errors="replace").splitlines()
+        for line in lines:
             if marker in line:
                 router.url = line.split(marker, 1)[1].strip()
-        if router.url:
+        if router.url and any("dsrouter ready: " in line for line in lines):
             break
         if router.popen.poll() is not None or time.monotonic() > deadline:
             router.stop()

@@ -112,17 +112,6 @@ async def miles_remove_worker() -> Any:
     return {"status": "success", "worker_urls": [w.url for w in registry.workers()]}
 
 
-def managed_workers() -> list[dict[str, Any]]:
-    """Every launcher slot, whatever its state (`Pool.managed_workers`); [] without one.
-
-    Read through the reloader, which the daemon hands the launcher's `Pool` once it is up
-    (before that the frontend does not serve); the registry holds only ready workers.
-    """
-    reloader = current_app.config.get("DSROUTER_RELOAD")
-    pool = None if reloader is None else reloader.pool
-    return [] if pool is None else pool.managed_workers()
-
-
 @bp.get("/workers")
 async def list_workers() -> Any:
     registry = ctx().registry
@@ -131,7 +120,7 @@ async def list_workers() -> Any:
         "queued": registry.summary()["queued"],
         "target_version": registry.target_version,
         "pool_sleeping": registry.pool_sleeping,
-        "managed_workers": managed_workers(),
+        "managed_workers": ctx().managed_workers(),
     }
 
 
@@ -219,11 +208,15 @@ async def delete_worker(_worker_id: str) -> Any:
 
 @bp.get("/health")
 async def health() -> Any:
-    registry = ctx().registry
+    """200 when a worker is routable, else 503: the predecessors' meaning, kept as it was
+    (a sleeping pool is 503 here; see `/livez` and `/readyz` in `api/probes.py`)."""
+    context = ctx()
+    registry = context.registry
     summary = registry.summary()
     ok = summary["healthy_workers"] > 0
+    status = "healthy" if ok else "starting" if context.starting else "unhealthy"
     body = {
-        "status": "healthy" if ok else "unhealthy",
+        "status": status,
         **summary,
         "target_version": registry.target_version,
         "pool_sleeping": registry.pool_sleeping,

@@ -54,7 +54,7 @@ from dsrouter.launcher.restarts import RestartTracker
 from dsrouter.launcher.rolling import Pool
 from dsrouter.registry import Health, ProbeOutcome, Registry
 from dsrouter.units import MiB
-from dsrouter.urls import worker_id_for
+from dsrouter.urls import display_id_for, worker_id_for
 from dsrouter.workers_http import HealthReading, WorkerHTTP
 
 log = logging.getLogger("dsrouter.launcher")
@@ -116,7 +116,7 @@ class Supervisor:
         output: WorkerOutput,
         pidfile: PidFile,
         workers: WorkerHTTP,
-        on_restart: Callable[[], None],
+        on_restart: Callable[[str], None],
     ) -> None:
         self.plan = plan
         self.cfg = cfg
@@ -258,7 +258,7 @@ class Supervisor:
                     if result.failed:
                         log.warning("worker %d: %s", self.index, self.output.describe_tail())
                     return
-                self.on_restart()
+                self.on_restart(display_id_for(self.plan.url))
                 self._set_state(
                     "backoff",
                     f"{result.reason}; restart {self.restarts.total} in {decision.delay_s:g} s",
@@ -449,24 +449,31 @@ def _result(verdict: _Verdict, failed: bool, reason: str) -> RunResult:
     return RunResult(failed, reason)
 
 
-def _no_metrics() -> None:
+def _no_metrics(worker: str) -> None:
     """Nothing counts restarts (tests, or a router without metrics)."""
+
+
+def _not_shown(pool: Pool) -> None:
+    """Nobody shows the pool while it starts (tests)."""
 
 
 async def run_pool(
     cfg: LauncherConfig,
     registry: Registry,
-    on_restart: Callable[[], None] = _no_metrics,
+    on_restart: Callable[[str], None] = _no_metrics,
     workers: WorkerHTTP | None = None,
+    show: Callable[[Pool], None] = _not_shown,
     task_status: trio.TaskStatus[Pool | None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Launch and supervise `cfg.num_workers` workers until cancelled.
 
     Raises `LaunchError` (with every child stopped) if the pool cannot come up; reports
     started once every worker is ready and registered, with the `Pool` a reload changes
-    (None when `num_workers` is 0). `on_restart` is called for every restart (the
-    `dsrouter_launcher_restarts` counter). `workers` is the router's worker-facing layer
-    (its credentials); by default readiness checks go without any.
+    (None when `num_workers` is 0). `show` gets the same `Pool` as soon as its workers
+    are spawned, so their slots can be read while they start (a reload gets the pool only
+    once it has started). `on_restart` is called with the worker's id for every restart
+    (the `dsrouter_launcher_restarts` counter). `workers` is the router's worker-facing
+    layer (its credentials); by default readiness checks go without any.
     """
     workers = workers or WorkerHTTP(connect_timeout_s=PROBE_TIMEOUT_S)
     if not cfg.num_workers:
@@ -482,7 +489,10 @@ async def run_pool(
     outputs = [
         WorkerOutput(plan.index, log_dir, cfg.log_max_mb * MiB, cfg.log_prefix) for plan in plans
     ]
-    progress = Progress(len(plans))
+    progress = Progress(
+        len(plans),
+        last_output=lambda index: outputs[index].tail[-1] if outputs[index].tail else None,
+    )
     pidfile = open_pidfile(directory)
     failures: list[str] = []
     log.info("launching %d worker(s): %s", len(plans), shlex.join(mask_argv(plans[0].argv)))
@@ -493,6 +503,8 @@ async def run_pool(
                 Supervisor(plan, cfg, registry, progress, output, pidfile, workers, on_restart)
                 for plan, output in zip(plans, outputs, strict=True)
             ]
+            handle = Pool(cfg, supervisors, registry, pool)
+            show(handle)
             try:
                 async with trio.open_nursery() as starting:
                     for supervisor in supervisors:
@@ -502,7 +514,7 @@ async def run_pool(
                 pool.cancel_scope.cancel()
             else:
                 log.info("all %d worker(s) ready", len(plans))
-                task_status.started(Pool(cfg, supervisors, registry, pool))
+                task_status.started(handle)
     finally:
         pidfile.remove()
         for output in outputs:

@@ -124,6 +124,10 @@ class Pool:
         """
         return [supervisor.slot() for supervisor in self._supervisors]
 
+    def progress_line(self) -> str:
+        """`1/2 ready · 41 s · worker 1: warming up` (the systemd STATUS during start-up)."""
+        return self._supervisors[0].progress.summary()
+
     async def reconfigure(self, new: LauncherConfig) -> Reconfiguration:
         """Plan `new` against the running pool; nothing changes until `apply`.
 

@@ -38,7 +38,10 @@ class Breaker:
         self._clock = clock
         self._on_transition = on_transition
         """Called with the worker and its previous health after every transition."""
-        self.probe_counts: collections.Counter[str] = collections.Counter()
+        self.probe_counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        """(worker, outcome) -> probes; read by the metrics collector."""
+        self.failure_counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        """(worker, "probe" | "request") -> failures counted against the worker."""
         self.transition_counts: collections.Counter[str] = collections.Counter()
 
     def half_open(self, worker: Worker) -> bool:
@@ -75,7 +78,7 @@ class Breaker:
         which makes it probe-dead.
         """
         worker.last_probe_at = time.time()
-        self.probe_counts[outcome.value] += 1
+        self.probe_counts[worker.display_id, outcome.value] += 1
         if latency_s is not None:
             worker.probe_latency_s = latency_s
         cfg = self.config
@@ -99,6 +102,7 @@ class Breaker:
         worker.consecutive_successes = 0
         worker.consecutive_failures += 1
         worker.last_error = error or outcome.value
+        self.failure_counts[worker.display_id, "probe"] += 1
         if worker.health is Health.STARTING:
             return
         if worker.health is Health.DEAD:
@@ -125,6 +129,7 @@ class Breaker:
         worker.consecutive_successes = 0
         worker.consecutive_failures += 1
         worker.last_error = error
+        self.failure_counts[worker.display_id, "request"] += 1
         if worker.health is Health.DEAD:
             self._open(worker)
         elif (

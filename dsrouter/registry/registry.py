@@ -65,6 +65,7 @@ class Registry:
             released=self._lease_ended,
         )
         self.probe_counts = self._breaker.probe_counts
+        self.failure_counts = self._breaker.failure_counts
         self.transition_counts = self._breaker.transition_counts
         self._refresh_send, self._refresh_receive = trio.open_memory_channel[tuple[str, str]](
             math.inf

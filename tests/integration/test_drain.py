@@ -116,6 +116,10 @@ async def test_sigterm_answers_503_to_new_requests_and_lets_the_one_in_flight_fi
                 health = await on_a_new_connection("GET", f"{router.url}/health")
                 assert health.status_code == 503
                 assert health.json() == {"status": "draining"}
+                live = await on_a_new_connection("GET", f"{router.url}/livez")
+                assert live.status_code == 200  # a liveness probe must not restart a drain
+                ready = await on_a_new_connection("GET", f"{router.url}/readyz")
+                assert (ready.status_code, ready.json()["reason"]) == (503, "draining")
                 refused = await on_a_new_connection(
                     "POST", f"{router.url}/v1/images/generations", json=slow_image(1)
                 )

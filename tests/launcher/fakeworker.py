@@ -1,15 +1,17 @@
 """A stdlib stand-in for a worker, for launcher tests that need precise misbehaviour.
 
 Accepts the launcher's sglang flags (and ignores any it does not know), optionally waits
-before binding like a loading model, answers `/health`, and can misbehave on request: exit
-at start (every worker, or the one on a given port), report itself failed after
-`POST /_fail`, ignore SIGTERM, or leave a grandchild in its process group.
+before binding like a loading model (a while, or until a file exists), answers `/health`,
+and can misbehave on request: exit at start (every worker, or the one on a given port),
+report itself failed after `POST /_fail`, ignore SIGTERM, or leave a grandchild in its
+process group.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -65,6 +67,11 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--load-s", type=float, default=0.0)
+    parser.add_argument(
+        "--wait-for-file",
+        default=None,
+        help="do not bind until this file exists (a model load the test ends when it wants)",
+    )
     parser.add_argument("--exit-at-start", type=int, default=None)
     parser.add_argument(
         "--fail-on-port",
@@ -94,6 +101,8 @@ def main() -> None:
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
         print(f"fakeworker grandchild pid {child.pid}", flush=True)
     time.sleep(args.load_s)
+    while args.wait_for_file and not os.path.exists(args.wait_for_file):
+        time.sleep(0.02)
     server = ThreadingHTTPServer((args.host, args.port), Handler)
     server.log_requests = args.log_requests  # type: ignore[attr-defined]
     print(f"fakeworker listening on http://{args.host}:{args.port}", flush=True)

@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from dsrouter.launcher.progress import Progress
+from dsrouter.launcher.progress import LOG_INTERVAL_S, Progress
 
 
 class FakeTerminal(io.StringIO):
@@ -74,3 +74,39 @@ async def test_no_live_line_when_stderr_is_not_a_terminal(
     with trio.move_on_after(5):
         await progress.run()
     assert stream.getvalue() == ""
+
+
+async def test_without_a_terminal_each_waiting_worker_is_logged_at_a_bounded_rate(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """journald gets a line per waiting worker every LOG_INTERVAL_S, not one per redraw."""
+    caplog.set_level(logging.INFO, logger="dsrouter.launcher")
+    outputs = {0: "Loading safetensors shard 3/8", 1: None}
+    progress = Progress(3, stream=io.StringIO(), last_output=outputs.get)
+    for index in range(3):
+        progress.set_state(index, "starting", f"pid {index}")
+    progress.set_state(2, "ready")
+    progress.set_detail(0, "warming up")
+    caplog.clear()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(progress.run)
+        await trio.sleep(3 * LOG_INTERVAL_S + 1)
+        nursery.cancel_scope.cancel()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 6  # two waiting workers, three intervals
+    assert lines[:2] == [
+        "worker 0: starting for 15 s: warming up; last output: Loading safetensors shard 3/8",
+        "worker 1: starting for 15 s: pid 1",
+    ]
+    assert lines[4].startswith("worker 0: starting for 45 s")
+
+
+async def test_a_worker_that_dies_is_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="dsrouter.launcher")
+    progress = Progress(1, stream=io.StringIO())
+    progress.set_state(0, "ready")
+    progress.set_state(0, "backoff", "killed by SIGKILL; restart 1 in 1 s")
+    assert [(r.levelname, r.getMessage()) for r in caplog.records][-1] == (
+        "WARNING",
+        "worker 0: ready -> backoff (killed by SIGKILL; restart 1 in 1 s)",
+    )

@@ -366,52 +366,62 @@ async def test_router_sigkill_leaves_no_worker_and_the_next_start_cleans_up(
 async def test_seed_004_launcher_yaml_is_accepted(tmp_path: Path) -> None:
     yaml_path = tmp_path / "local_launcher.yaml"
     yaml_path.write_text(SEED_004_YAML)
+    (tmp_path / "router.toml").write_text(f"[launcher]\ncommand = {json.dumps(FAKE_WORKER)}\n")
+    gpus = {**os.environ, "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}
     with trio.fail_after(TEST_TIMEOUT_S):
         checked = await trio.run_process(
-            [sys.executable, "-m", "dsrouter", "check-config", "--launcher-config", str(yaml_path)],
-            capture_stdout=True,
-        )
-        launcher = json.loads(checked.stdout)["launcher"]
-        assert launcher == launcher | {
-            "backend": "local",
-            "model": "Qwen/Qwen-Image",
-            "num_workers": 8,
-            "num_gpus_per_worker": 1,
-            "worker_base_port": 10090,
-            "wait_timeout_s": 600.0,
-        }
-        # On this GPU-less machine the same file must fail before serving, with one message
-        # naming every problem, and start nothing.
-        ran = await trio.run_process(
             [
-                sys.executable,
-                "-m",
-                "dsrouter",
-                "run",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--launcher-config",
-                str(yaml_path),
+                *(sys.executable, "-m", "dsrouter", "check-config"),
+                *("--config", str(tmp_path / "router.toml")),
+                *("--launcher-config", str(yaml_path)),
             ],
             capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-            env={
-                **os.environ,
-                **_env(tmp_path),
-                "CUDA_VISIBLE_DEVICES": "",
-                # nothing on PATH, not even this virtualenv's bin (which holds `sglang`
-                # when the worker extra is installed)
-                "PATH": str(tmp_path),
-            },
+            env=gpus,
         )
-    assert ran.returncode != 0
-    errors = ran.stderr.decode()
+    launcher = json.loads(checked.stdout)["launcher"]
+    assert launcher == launcher | {
+        "backend": "local",
+        "model": "Qwen/Qwen-Image",
+        "num_workers": 8,
+        "num_gpus_per_worker": 1,
+        "worker_base_port": 10090,
+        "wait_timeout_s": 600.0,
+    }
+
+
+async def test_check_config_and_run_reject_a_pool_that_cannot_start_the_same_way(
+    tmp_path: Path,
+) -> None:
+    """On this GPU-less machine, with no sglang on PATH, the seed YAML must fail in both
+    commands with the same lines, naming every problem, before serving or starting anything."""
+    yaml_path = tmp_path / "local_launcher.yaml"
+    yaml_path.write_text(SEED_004_YAML)
+    env = {
+        **os.environ,
+        **_env(tmp_path),
+        "CUDA_VISIBLE_DEVICES": "",
+        # nothing on PATH, not even this virtualenv's bin (which holds `sglang` when the
+        # worker extra is installed)
+        "PATH": str(tmp_path),
+    }
+    outcomes = []
+    with trio.fail_after(TEST_TIMEOUT_S):
+        for command in (["check-config"], ["run", "--host", "127.0.0.1", "--port", "0"]):
+            done = await trio.run_process(
+                [sys.executable, "-m", "dsrouter", *command, "--launcher-config", str(yaml_path)],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+                env=env,
+            )
+            assert done.stdout == b""
+            outcomes.append((done.returncode, done.stderr.decode()))
+    assert outcomes[0] == outcomes[1]
+    code, errors = outcomes[0]
+    assert code == 2
     assert "'sglang' not found on PATH" in errors
     assert "not enough GPUs: 8 workers x 1 GPU(s) each need 8, found 0" in errors
-    assert b"dsrouter listening" not in ran.stdout
+    assert all(line.startswith("config error: ") for line in errors.splitlines())
 
 
 async def test_seed_004_yaml_launches_its_pool_given_gpus_and_a_worker_command(

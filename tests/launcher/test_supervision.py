@@ -65,7 +65,7 @@ async def _no_catch_up(url: str) -> None:
 
 @asynccontextmanager
 async def _pool(
-    cfg: LauncherConfig, registry: Registry, on_restart: Callable[[], None] = lambda: None
+    cfg: LauncherConfig, registry: Registry, on_restart: Callable[[str], None] = lambda worker: None
 ) -> AsyncIterator[Pool]:
     """Run the pool (and the registry task, with nothing to probe or catch up); on exit
     cancel it and check every worker process is gone."""
@@ -120,9 +120,9 @@ async def test_workers_are_registered_healthy_with_their_supervisor_info() -> No
 async def test_a_killed_worker_is_restarted_and_registered_again_while_others_stay() -> None:
     registry = _registry()
     cfg = _config()
-    counted: list[None] = []
+    counted: list[str] = []
     with trio.fail_after(TEST_TIMEOUT_S):
-        async with _pool(cfg, registry, on_restart=lambda: counted.append(None)):
+        async with _pool(cfg, registry, on_restart=counted.append):
             victim = _managed(registry, 0)
             other = _managed(registry, 1)
             assert victim is not None and other is not None

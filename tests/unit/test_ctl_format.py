@@ -76,13 +76,13 @@ def test_table_has_one_aligned_row_per_worker_with_every_column() -> None:
         "STATE",
         "IN-FLIGHT",
         "FAILURES",
-        "SPEED",
-        "VERSION",
+        "S/MPX-STEP",
+        "WEIGHTS",
         "VIDEO",
     ]
     rows = [line.split() for line in lines[1:]]
     assert rows == [
-        ["http://10.0.0.1:30001", "healthy", "12", "0", "0.0123s/u", "step-7", "yes"],
+        ["http://10.0.0.1:30001", "healthy", "12", "0", "0.0123", "step-7", "yes"],
         ["http://10.0.0.2:30002", "draining", "3", "0", "-", "step-7", "no"],
         ["http://10.0.0.3:30003", "stale", "0", "4", "-", "step-6", "?"],
     ]
@@ -123,7 +123,7 @@ def test_header_reports_a_sleeping_pool_and_launch_weights() -> None:
     }
     header = format_status("u", PoolHealth.from_json(asleep), _parse(workers)).splitlines()[0]
     assert header.startswith("router u: unhealthy, 0/2 workers routable,")
-    assert header.endswith("weights launch, asleep")
+    assert header.endswith("weights as-launched, asleep")
 
 
 def test_empty_pool_and_partial_sleep() -> None:
@@ -146,7 +146,24 @@ def test_pool_version_ignores_stale_workers_and_flags_a_mix() -> None:
 def test_miles_shaped_workers_still_format() -> None:
     miles = {"url": "http://h:1", "active_requests": 2, "is_dead": True, "consecutive_failures": 3}
     row = format_table([WorkerInfo.from_json(miles)]).splitlines()[1].split()
-    assert row == ["http://h:1", "dead", "2", "3", "-", "launch", "?"]
+    assert row == ["http://h:1", "dead", "2", "3", "-", "as-launched", "?"]
+
+
+def test_status_counts_launched_workers_that_are_not_registered() -> None:
+    """A pool of 2 launched workers, one restarting: 1/2 routable, not 1/1."""
+    health = PoolHealth.from_json({"status": "healthy", "healthy_workers": 1, "total_workers": 1})
+    slots = [
+        {"index": 0, "state": "ready", "registered": True},
+        {"index": 1, "state": "backoff", "registered": False},
+    ]
+    header = format_status("u", health, _parse({"workers": [_worker(1)]}), slots).splitlines()[0]
+    assert header.startswith("router u: healthy, 1/2 workers routable, 1 restarting,")
+
+
+def test_the_table_explains_its_speed_and_weights_columns() -> None:
+    text = format_status("u", PoolHealth.from_json(HEALTH), _parse(WORKERS))
+    assert "S/MPX-STEP: seconds the worker takes per megapixel per denoising step" in text
+    assert "'as-launched' before any" in text
 
 
 def test_broadcast_lines_name_each_worker_and_why_it_failed() -> None:
