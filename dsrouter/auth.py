@@ -13,6 +13,8 @@ from dsrouter.config import SecurityConfig
 
 PUBLIC_PATHS = frozenset({"/health", "/openapi.json"})
 """Reachable without credentials: load balancers and orchestrators probe /health."""
+METRICS_PATHS = frozenset({"/metrics", "/status"})
+"""What operators look at: open, or behind the admin token with `security.protect_metrics`."""
 
 
 class Auth:

@@ -8,6 +8,7 @@ from dsrouter.config import Config
 from dsrouter.health import HealthChecker
 from dsrouter.metrics import Metrics
 from dsrouter.registry import Registry
+from dsrouter.status import Activity
 from dsrouter.workers_http import WorkerHTTP
 
 
@@ -19,3 +20,5 @@ class RouterContext:
     workers: WorkerHTTP
     """Every request to a worker goes through it (see `workers_http`)."""
     metrics: Metrics
+    activity: Activity = attrs.Factory(Activity)
+    """The last minutes of traffic, for `/status`."""

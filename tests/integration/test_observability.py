@@ -1,5 +1,6 @@
 """What operators look at: the Grafana dashboard and alert rules in `contrib/` refer only to
-series a live router exports, and the rules load in Prometheus' own checker."""
+series a live router exports (and the rules load in Prometheus' own checker); the `/status`
+page shows the live pool, its errors and its traffic, and is guarded like `/metrics`."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.test_proxy import CONFIG, healthy, start_pool
-from tests.support import router_process, wait_until, worker_state
+from tests.support import router_process, start_simworker, wait_until, worker_state
 
 CONTRIB = Path(__file__).resolve().parents[2] / "contrib"
 ALERTS = CONTRIB / "prometheus" / "alerts.yml"
@@ -119,3 +120,75 @@ def test_alert_rules_pass_promtool() -> None:
         ["promtool", "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60
     )
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def row_state(page: str, url: str) -> str | None:
+    """The state the status page shows for the worker at `url` (None: not listed)."""
+    match = re.search(rf'<tr data-worker="{re.escape(url)}" data-state="([a-z]+)">', page)
+    return match and match.group(1)
+
+
+async def test_status_page_shows_the_pool_errors_and_traffic_and_a_worker_dying_and_back(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    async with trio.open_nursery() as nursery:
+        workers = await start_pool(nursery, ("--task-type", "T2I"), ("--task-type", "T2I"))
+        async with router_process(
+            ["--worker-urls", *[w.url for w in workers]], config=CONFIG, tmp_path=tmp_path
+        ) as router:
+            status = f"{router.url}/status"
+            await healthy(http, router.url, 2)
+            page = await http.get(status)
+            assert page.status_code == 200
+            assert page.headers["content-type"].startswith("text/html")
+            assert [row_state(page.text, w.url) for w in workers] == ["healthy", "healthy"]
+            assert '<meta http-equiv="refresh"' in page.text
+            assert "<script" not in page.text and "src=" not in page.text
+            assert "<p>None.</p>" in page.text
+
+            image = {"prompt": "a fox", "size": "64x64"}
+            for _ in range(3):
+                answer = await http.post(f"{router.url}/v1/images/generations", json=image)
+                assert answer.status_code == 200
+            for worker in workers:
+                faults = await http.post(f"{worker.url}/_sim/faults", json={"fail_rate": 1.0})
+                assert faults.status_code == 200
+            failed = await http.post(f"{router.url}/v1/images/generations", json=image)
+            assert failed.status_code == 500
+            page = (await http.get(status)).text
+            errors = page.split('<table id="errors">', 1)[1]
+            assert failed.headers["x-request-id"] in errors
+            assert "<td>500</td>" in errors
+            throughput = re.search(r'id="chart-throughput".*?max ([0-9.e+-]+)', page, re.S)
+            assert throughput and float(throughput.group(1)) > 0
+
+            await workers[1].kill()
+
+            async def shown(state: str) -> bool:
+                return row_state((await http.get(status)).text, workers[1].url) == state
+
+            await wait_until(lambda: shown("dead"))
+            assert row_state((await http.get(status)).text, workers[0].url) == "healthy"
+            await start_simworker(
+                nursery, "--sec-per-mpx-step", "0", "--task-type", "T2I", port=workers[1].port
+            )
+            await wait_until(lambda: shown("healthy"))
+        nursery.cancel_scope.cancel()
+
+
+async def test_status_page_is_guarded_like_metrics(tmp_path: Path, http: httpx.AsyncClient) -> None:
+    admin = {"authorization": "Bearer t0ken"}
+    protected = '[security]\nadmin_token = "t0ken"\nprotect_metrics = true\n'
+    async with router_process([], config=protected, tmp_path=tmp_path) as router:
+        for path in ("/status", "/metrics"):
+            assert (await http.get(f"{router.url}{path}")).status_code == 401
+            assert (await http.get(f"{router.url}{path}", headers=admin)).status_code == 200
+        assert (
+            "No worker is registered"
+            in (await http.get(f"{router.url}/status", headers=admin)).text
+        )
+    (tmp_path / "open").mkdir()
+    open_config = '[security]\nadmin_token = "t0ken"\n'
+    async with router_process([], config=open_config, tmp_path=tmp_path / "open") as router:
+        assert (await http.get(f"{router.url}/status")).status_code == 200
+        assert (await http.get(f"{router.url}/workers")).status_code == 401
