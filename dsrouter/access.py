@@ -21,6 +21,7 @@ import trio
 from dsrouter.asgi import Receive, Scope, Send
 from dsrouter.config import LoggingConfig
 from dsrouter.metrics import Metrics
+from dsrouter.status import Activity
 
 access_log = logging.getLogger("dsrouter.access")
 
@@ -123,10 +124,14 @@ class RequestRecord:
 
 
 class AccessLog:
-    """Turns a finished `RequestRecord` into metrics and (unless excluded) an access line."""
+    """Turns a finished `RequestRecord` into metrics and (unless excluded) an access line
+    and a point of the status page's charts."""
 
-    def __init__(self, metrics: Metrics, config: Callable[[], LoggingConfig]) -> None:
+    def __init__(
+        self, metrics: Metrics, activity: Activity, config: Callable[[], LoggingConfig]
+    ) -> None:
         self.metrics = metrics
+        self.activity = activity
         self._config = config
         """Read at use, so a reload changes logging for the next request."""
         # Labelled children, looked up once: `labels()` takes a lock and builds a key on
@@ -162,7 +167,10 @@ class AccessLog:
         self._bytes_in.inc(record.bytes_in)
         self._bytes_out.inc(record.bytes_out)
         config = self._config()
-        if not config.access_log or record.path in config.access_log_exclude:
+        if record.path in config.access_log_exclude:
+            return
+        self.activity.record(route, status, elapsed, record.worker, record.request_id)
+        if not config.access_log:
             return
         fields = {
             "request_id": record.request_id,

@@ -14,6 +14,8 @@ from dsrouter.config import SecurityConfig
 PUBLIC_PATHS = frozenset({"/", "/health", "/livez", "/readyz", "/openapi.json"})
 """Reachable without credentials: load balancers and orchestrators probe /health, /livez
 and /readyz; `/` says what this is and where its docs are."""
+METRICS_PATHS = frozenset({"/metrics", "/status"})
+"""What operators look at: open, or behind the admin token with `security.protect_metrics`."""
 
 
 class Auth:

@@ -199,8 +199,9 @@ class LoggingConfig:
     level: LogLevel = "info"
     format: LogFormat = "text"
     access_log: bool = True
-    access_log_exclude: list[str] = attrs.Factory(lambda: ["/health", "/metrics"])
-    """Paths polled by load balancers and scrapers: counted in metrics, not logged."""
+    access_log_exclude: list[str] = attrs.Factory(lambda: ["/health", "/metrics", "/status"])
+    """Paths polled by load balancers, scrapers and the status page: counted in metrics, not
+    logged, and left out of the status page's charts."""
 
 
 @attrs.frozen

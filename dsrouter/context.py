@@ -10,6 +10,7 @@ from dsrouter.config import Config
 from dsrouter.health import HealthChecker
 from dsrouter.metrics import Metrics
 from dsrouter.registry import Registry
+from dsrouter.status import Activity
 from dsrouter.workers_http import WorkerHTTP
 
 if TYPE_CHECKING:
@@ -24,6 +25,8 @@ class RouterContext:
     workers: WorkerHTTP
     """Every request to a worker goes through it (see `workers_http`)."""
     metrics: Metrics
+    activity: Activity = attrs.Factory(Activity)
+    """The last minutes of traffic, for `/status`."""
     starting: bool = False
     """True while the launcher brings the pool up for the first time: the port already
     answers (`/health` 503 "starting", `/workers`, `/livez`), nothing is routable yet."""

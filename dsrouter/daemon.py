@@ -192,7 +192,7 @@ async def run_router(
                     app,
                     Proxy(context),
                     auth,
-                    AccessLog(context.metrics, lambda: context.config.logging),
+                    AccessLog(context.metrics, context.activity, lambda: context.config.logging),
                     lambda: context.config,
                 )
                 reloader = Reloader(

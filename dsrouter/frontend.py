@@ -21,7 +21,7 @@ from dsrouter import routes
 from dsrouter.access import AccessLog, RequestRecord, printable
 from dsrouter.app import admin_paths
 from dsrouter.asgi import Headers, Receive, Scope, Send, send_json
-from dsrouter.auth import PUBLIC_PATHS, Auth
+from dsrouter.auth import METRICS_PATHS, PUBLIC_PATHS, Auth
 from dsrouter.config import Config
 from dsrouter.target import BadTarget, check_target, is_worker_internal
 from dsrouter.units import KiB
@@ -95,7 +95,7 @@ class Frontend:
             await self._idle.wait()
 
     def _allowed(self, path: str, admin: bool, authorization: bytes | None) -> bool:
-        if path in PUBLIC_PATHS or (path == "/metrics" and not self.auth.protect_metrics):
+        if path in PUBLIC_PATHS or (path in METRICS_PATHS and not self.auth.protect_metrics):
             return True
         if admin and path not in self.OPEN_ADMIN_PATHS and not path.startswith("/v1/models/"):
             return self.auth.admin_allowed(authorization)

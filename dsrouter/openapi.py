@@ -341,6 +341,16 @@ def build_openapi() -> dict[str, Any]:
                 "responses": {"200": {"description": "text exposition format"}},
             }
         },
+        "/status": {
+            "get": {
+                "summary": "the pool at a glance for a browser (HTML, refreshes itself); "
+                "guarded like /metrics",
+                "responses": {
+                    "200": {"description": "an HTML page"},
+                    "401": {"description": "unauthorized"},
+                },
+            }
+        },
         "/openapi.json": {
             "get": {"summary": "this document", "responses": _answers({"type": "object"})}
         },

@@ -1,4 +1,5 @@
-"""Operator endpoints: Prometheus metrics, the OpenAPI description, config reload."""
+"""Operator endpoints: Prometheus metrics, the status page, the OpenAPI description, config
+reload."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from quart import Blueprint, Response, current_app
 from dsrouter.api.workers import ctx
 from dsrouter.config import dump_config
 from dsrouter.openapi import build_openapi
+from dsrouter.status import render
 
 bp = Blueprint("ops", __name__)
 
@@ -17,6 +19,13 @@ bp = Blueprint("ops", __name__)
 @bp.get("/metrics")
 async def metrics() -> Response:
     return Response(ctx().metrics.render(), content_type=CONTENT_TYPE_PLAIN_0_0_4)
+
+
+@bp.get("/status")
+async def status() -> Response:
+    context = ctx()
+    page = render(context.registry, context.activity)
+    return Response(page, content_type="text/html; charset=utf-8")
 
 
 @bp.get("/openapi.json")
