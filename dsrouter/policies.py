@@ -56,6 +56,17 @@ this long, if it would finish it within `EXPLORE_SLACK` x the best prediction.""
 EXPLORE_SLACK = 2.0
 
 
+def predicted_finish(worker: Worker, cost: float, prior: Prior, now: float) -> float:
+    """Seconds until `worker` would finish a request of `cost` taken now: its remaining
+    backlog plus this request's time (what least-work ranks by; see `LeastWork`)."""
+    spu, overhead = worker.speed.effective(prior, now)
+    finish = overhead + cost * spu
+    if worker.in_flight:
+        backlog = worker.in_flight * overhead + worker.outstanding_cost * spu
+        finish += abs(backlog - (now - worker.work_started_at))
+    return finish
+
+
 class LeastWork:
     """Earliest predicted finish: the worker's remaining backlog + this request's time.
 
@@ -89,12 +100,8 @@ class LeastWork:
         best_finish, best_in_flight = math.inf, 0
         idle: list[tuple[Worker, float]] = []
         for worker in _sample(candidates, self._rng):
-            spu, overhead = worker.speed.effective(prior, now)
-            finish = overhead + cost * spu
-            if worker.in_flight:
-                backlog = worker.in_flight * overhead + worker.outstanding_cost * spu
-                finish += abs(backlog - (now - worker.work_started_at))
-            else:
+            finish = predicted_finish(worker, cost, prior, now)
+            if not worker.in_flight:
                 idle.append((worker, finish))
             if abs(finish - best_finish) <= 1e-9 * finish:
                 if worker.in_flight < best_in_flight:

@@ -16,19 +16,13 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from dsrouter.policies import Policy
+from dsrouter.policies import Policy, predicted_finish
 
 if TYPE_CHECKING:
     from dsrouter.registry import Worker
+    from dsrouter.speed import Prior
 
 log = logging.getLogger("dsrouter.routing")
-
-
-def predicted_finish(worker: Worker, cost: float, default_spu: float, now: float) -> float:
-    """Seconds until `worker` would finish a request of `cost` taken now."""
-    spu = worker.speed.seconds_per_unit or default_spu
-    backlog = abs(worker.outstanding_cost * spu - (now - worker.work_started_at))
-    return cost * spu + (backlog if worker.in_flight else 0.0)
 
 
 class TracedPolicy:
@@ -39,14 +33,12 @@ class TracedPolicy:
         self.name = policy.name
         self.predictive = policy.predictive
 
-    def choose(
-        self, candidates: Sequence[Worker], cost: float, default_spu: float, now: float
-    ) -> Worker:
-        chosen = self.policy.choose(candidates, cost, default_spu, now)
+    def choose(self, candidates: Sequence[Worker], cost: float, prior: Prior, now: float) -> Worker:
+        chosen = self.policy.choose(candidates, cost, prior, now)
         if log.isEnabledFor(logging.DEBUG):
             seen = ", ".join(
                 f"{w.display_id} (in flight {w.in_flight}, "
-                f"finish ~{predicted_finish(w, cost, default_spu, now):.3g} s)"
+                f"finish ~{predicted_finish(w, cost, prior, now):.3g} s)"
                 for w in candidates
             )
             log.debug(
