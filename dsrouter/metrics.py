@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -59,6 +59,11 @@ class _WorkerCollector(Collector):
             "Failed probes or requests in a row",
             labels=["worker"],
         )
+        sessions = GaugeMetricFamily(
+            "dsrouter_worker_realtime_sessions",
+            "Open WebSocket sessions on the worker (at most one)",
+            labels=["worker"],
+        )
         speed = GaugeMetricFamily(
             "dsrouter_worker_seconds_per_unit",
             "Learned seconds per megapixel-step",
@@ -69,6 +74,7 @@ class _WorkerCollector(Collector):
             for candidate in STATES:
                 state.add_metric([name, candidate], 1.0 if worker.state == candidate else 0.0)
             in_flight.add_metric([name], worker.in_flight)
+            sessions.add_metric([name], worker.realtime_sessions)
             failures.add_metric([name], worker.consecutive_failures)
             if worker.speed.seconds_per_unit is not None:
                 speed.add_metric([name], worker.speed.seconds_per_unit)
@@ -91,7 +97,7 @@ class _WorkerCollector(Collector):
         )
         for target, count in sorted(self.registry.transition_counts.items()):
             transitions.add_metric([target], count)
-        yield from (state, in_flight, failures, speed, queued, total, probes, transitions)
+        yield from (state, in_flight, sessions, failures, speed, queued, total, probes, transitions)
 
 
 class Metrics:
@@ -133,6 +139,30 @@ class Metrics:
             "dsrouter_queue_wait_seconds",
             "Time requests waited in the router queue",
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.sessions = Counter(
+            "dsrouter_realtime_sessions",
+            "WebSocket sessions by route and the close code the client got",
+            ["route", "code"],
+            registry=r,
+        )
+        self.session_duration = Histogram(
+            "dsrouter_realtime_session_duration_seconds",
+            "How long WebSocket sessions lasted",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upgrades_waiting = Gauge(
+            "dsrouter_realtime_upgrades_waiting",
+            "WebSocket upgrades waiting for a free worker (realtime.when_busy = wait)",
+            registry=r,
+        )
+        self.frames = Counter(
+            "dsrouter_realtime_frames",
+            "WebSocket messages relayed",
+            ["direction"],
             registry=r,
         )
         r.register(_WorkerCollector(registry))
