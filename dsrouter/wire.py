@@ -22,8 +22,8 @@ second one. hypercorn's connection task writes a `100 Continue` (for `Expect:
 same socket; the request then dies with a traceback and, with a drain, the router's stop
 waits for it. Found by the hostile-request property test. Here a connection's h11 events
 are serialised (a `100 Continue` that lost the race to a final answer is dropped: the
-client no longer waits for it, and h11 would refuse it), and the end-of-stream takes the
-server's own send lock.
+client no longer waits for it, and h11 would refuse it; a WebSocket's `101` always goes),
+and the end-of-stream takes the server's own send lock.
 
 A refused body wedges its connection: hypercorn hands request-body chunks to the app
 through a queue of `max_app_queue_size` (10) entries and never closes it. When the app
@@ -110,6 +110,7 @@ async def _send_h11_event(self: Any, event: Any) -> None:
     async with _holding(lock):
         if (
             isinstance(event, h11.InformationalResponse)
+            and event.status_code == 100
             and self.connection.our_state is not h11.SEND_RESPONSE
         ):
             return
