@@ -220,5 +220,11 @@ def install() -> None:
     TCPServer._close = _close  # type: ignore[method-assign]
     task_group.TaskGroup.spawn_app = _spawn_app  # type: ignore[method-assign]
     H11Protocol._check_protocol = _check_protocol  # type: ignore[method-assign]
+    keep_websocket_close_codes()
+
+
+def keep_websocket_close_codes() -> None:
+    """Only the WebSocket close fix (the simulated worker's too: uvicorn, which real
+    workers run on, tells the app the client's code and reason). Idempotent."""
     WSStream._handle_events = _ws_handle_events  # type: ignore[method-assign]
     WSStream.handle = _ws_handle  # type: ignore[method-assign]
