@@ -27,9 +27,9 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from dsrouter.simworker.app import SimApp
-from dsrouter.wire import keep_websocket_close_codes
 from dsrouter.simworker.options import SimOptions, parse_options
 from dsrouter.simworker.state import SimWorker
+from dsrouter.wire import keep_websocket_close_codes
 
 PORT_MOVE_STEP = 42
 PORT_MOVE_TRIES = 100

@@ -14,6 +14,7 @@ import ssl
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
+import trio
 from trio_websocket import (
     CloseReason,
     ConnectionClosed,
@@ -30,6 +31,7 @@ __all__ = [
     "ConnectionClosed",
     "ConnectionRejected",
     "WebSocketConnection",
+    "close_socket",
     "connect",
 ]
 
@@ -37,6 +39,19 @@ QUEUE_MESSAGES = 1
 """Messages read ahead from the worker: one, so memory per session is one message."""
 CLOSE_HANDSHAKE_S = 2.0
 """How long closing waits for the worker's close frame before the TCP connection goes."""
+
+
+async def close_socket(connection: WebSocketConnection) -> None:
+    """Close the TCP connection under a WebSocket that is over.
+
+    trio-websocket's client (0.12) leaves its socket open when the server closes first
+    (the worker ends a generation, refuses a session, dies): `aclose` returns early on a
+    connection already closed, and only the garbage collector closes the file
+    descriptor. `_close_stream` is its own idempotent way to close it. (A refused
+    handshake, `ConnectionRejected`, has the same leak and no connection object to close:
+    there it is the collector's job.)
+    """
+    await connection._close_stream()
 
 
 @contextlib.asynccontextmanager
@@ -76,7 +91,11 @@ async def connect(
             disconnect_timeout=CLOSE_HANDSHAKE_S,
         ) as connection:
             entered = True
-            yield connection
+            try:
+                yield connection
+            finally:
+                with trio.CancelScope(shield=True):
+                    await close_socket(connection)
     except ConnectionRejected:
         raise
     except (HandshakeError, OSError) as exc:
