@@ -62,7 +62,7 @@ from dsrouter.proxy import Proxy
 from dsrouter.realtime import Realtime
 from dsrouter.registry import Registry
 from dsrouter.reload import Reloader
-from dsrouter.units import KiB
+from dsrouter.units import KiB, MiB
 from dsrouter.workers_http import WorkerHTTP
 
 log = logging.getLogger("dsrouter")
@@ -80,6 +80,7 @@ def _hypercorn_config(config: Config) -> HypercornConfig:
     hc.graceful_timeout = CLOSE_GRACE_S
     hc.keep_alive_timeout = config.server.keep_alive_timeout_s
     hc.h11_max_incomplete_size = config.server.max_header_kb * KiB
+    hc.websocket_max_message_size = config.realtime.max_message_mb * MiB
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
     return hc
