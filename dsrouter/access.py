@@ -1,4 +1,5 @@
 """One record per HTTP request, whoever answers it: request id, access line and metrics.
+(WebSocket sessions get one `SessionRecord` each, and their own line: `finish_session`.)
 
 The frontend opens a `RequestRecord` for every request before it decides who answers (the
 proxy, Quart, or the frontend itself with a 401 or a draining 503), so every request gets
@@ -48,6 +49,27 @@ def new_request_id() -> str:
     return f"{_PREFIX}{next(_counter):012x}"
 
 
+def request_id_for(scope: Scope) -> str:
+    """The client's `x-request-id`, or a new one put in the scope's headers so that whoever
+    serves the request sees the same id the client will get back.
+
+    A client's id goes into logs, answers and requests to workers, so only a short token
+    of visible ASCII is taken; anything else is replaced by one of ours.
+    """
+    headers = scope["headers"]
+    for key, value in headers:
+        if key == b"x-request-id":
+            if _CLIENT_ID.fullmatch(value):
+                return value.decode("ascii")
+            break
+    request_id = new_request_id()
+    scope["headers"] = [
+        *(h for h in headers if h[0] != b"x-request-id"),
+        (b"x-request-id", request_id.encode()),
+    ]
+    return request_id
+
+
 @attrs.define(eq=False)
 class RequestRecord:
     method: str
@@ -71,25 +93,8 @@ class RequestRecord:
 
     @classmethod
     def open(cls, scope: Scope) -> RequestRecord:
-        """Read the client's `x-request-id`, or make one and put it in the scope's headers so
-        that Quart handlers and the proxy see the same id the client will get back.
-
-        A client's id goes into logs, answers and requests to workers, so only a short
-        token of visible ASCII is taken; anything else is replaced by one of ours.
-        """
-        headers = scope["headers"]
-        request_id = ""
-        for key, value in headers:
-            if key == b"x-request-id":
-                if _CLIENT_ID.fullmatch(value):
-                    request_id = value.decode("ascii")
-                break
-        if not request_id:
-            request_id = new_request_id()
-            scope["headers"] = [
-                *(h for h in headers if h[0] != b"x-request-id"),
-                (b"x-request-id", request_id.encode()),
-            ]
+        """A record for the request, with its id (`request_id_for`)."""
+        request_id = request_id_for(scope)
         return cls(scope["method"], printable(scope["path"]), request_id)
 
     def wrap_send(self, send: Send) -> Send:
@@ -132,7 +137,7 @@ class AccessLog:
     ) -> None:
         self.metrics = metrics
         self.activity = activity
-        self._config = config
+        self.config = config
         """Read at use, so a reload changes logging for the next request."""
         # Labelled children, looked up once: `labels()` takes a lock and builds a key on
         # every call, and these run on every request.
@@ -166,7 +171,7 @@ class AccessLog:
             metrics.worker_requests.labels(record.worker, status).inc()
         self._bytes_in.inc(record.bytes_in)
         self._bytes_out.inc(record.bytes_out)
-        config = self._config()
+        config = self.config()
         if record.path in config.access_log_exclude:
             return
         self.activity.record(route, status, elapsed, record.worker, record.request_id)
@@ -200,3 +205,73 @@ class AccessLog:
             elapsed * 1000,
             extra={"access": fields},
         )
+
+    def finish_session(self, record: SessionRecord) -> None:
+        """Metrics and the access line of a session that ended (one per session)."""
+        metrics = self.metrics
+        elapsed = trio.current_time() - record.started_at
+        code = str(record.close_code) if record.close_code is not None else "none"
+        metrics.sessions.labels(record.route, code).inc()
+        metrics.session_duration.labels(record.route).observe(elapsed)
+        metrics.frames.labels("in").inc(record.frames_in)
+        metrics.frames.labels("out").inc(record.frames_out)
+        metrics.bytes.labels("in").inc(record.bytes_in)
+        metrics.bytes.labels("out").inc(record.bytes_out)
+        config = self.config()
+        if not config.access_log or record.path in config.access_log_exclude:
+            return
+        access_log.info(
+            "%s WEBSOCKET %s %s worker=%s frames_in=%d frames_out=%d in=%d out=%d close=%s %.1fms",
+            record.request_id,
+            record.path,
+            record.status or "aborted",
+            record.worker,
+            record.frames_in,
+            record.frames_out,
+            record.bytes_in,
+            record.bytes_out,
+            code,
+            elapsed * 1000,
+            extra={"access": _session_fields(record, elapsed)},
+        )
+
+
+@attrs.define(eq=False)
+class SessionRecord:
+    """One WebSocket session: filled by `realtime.py`, written once by
+    `AccessLog.finish_session` however the session ends."""
+
+    path: str
+    request_id: str
+    route: str
+    """Bounded-cardinality name for metrics: a known realtime path or `other`."""
+    started_at: float = attrs.Factory(trio.current_time)
+    worker: str = "-"
+    status: int = 0
+    """The HTTP status of the upgrade: 101 when accepted, else the refusal's."""
+    frames_in: int = 0
+    """Messages from the client to the worker."""
+    frames_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    close_code: int | None = None
+    """The code the client was sent (or closed with); None if nobody closed cleanly."""
+    close_reason: str = ""
+
+
+def _session_fields(record: SessionRecord, elapsed: float) -> dict[str, Any]:
+    return {
+        "request_id": record.request_id,
+        "method": "WEBSOCKET",
+        "path": record.path,
+        "route": record.route,
+        "status": record.status or None,
+        "worker": record.worker,
+        "frames_in": record.frames_in,
+        "frames_out": record.frames_out,
+        "bytes_in": record.bytes_in,
+        "bytes_out": record.bytes_out,
+        "close_code": record.close_code,
+        "close_reason": record.close_reason,
+        "duration_ms": round(elapsed * 1000, 2),
+    }

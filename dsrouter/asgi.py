@@ -31,3 +31,11 @@ async def send_json(
     head, body = json_answer(payload, headers)
     await send({"type": "http.response.start", "status": status, "headers": head})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def reject_websocket(send: Send, status: int, message: str) -> None:
+    """Refuse a WebSocket upgrade with an HTTP answer and a JSON error (ASGI's
+    `websocket.http.response` extension, which hypercorn supports)."""
+    head, body = json_answer({"error": message})
+    await send({"type": "websocket.http.response.start", "status": status, "headers": head})
+    await send({"type": "websocket.http.response.body", "body": body, "more_body": False})

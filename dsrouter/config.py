@@ -49,6 +49,7 @@ RoutingAlgorithm = Literal["least-work", "least-request", "round-robin", "random
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 LogFormat = Literal["text", "json"]
 RestartPolicy = Literal["never", "on-failure", "always"]
+WhenBusy = Literal["refuse", "wait"]
 
 SECRET = {"secret": True}
 """Field metadata: the value is masked by `dump_config` (a `dict` field: values whose name
@@ -205,6 +206,18 @@ class LoggingConfig:
 
 
 @attrs.frozen
+class RealtimeConfig:
+    """WebSocket sessions (`realtime.py`) and job progress events (`events.py`)."""
+
+    when_busy: WhenBusy = "refuse"
+    wait_s: NonNegativeFloat = NonNegativeFloat(10.0)
+    idle_timeout_s: PositiveFloat = PositiveFloat(300.0)
+    max_lifetime_s: PositiveFloat = PositiveFloat(3600.0)
+    max_message_mb: PositiveInt = PositiveInt(16)
+    events_poll_s: PositiveFloat = PositiveFloat(1.0)
+
+
+@attrs.frozen
 class Config:
     server: ServerConfig = attrs.Factory(ServerConfig)
     timeouts: TimeoutsConfig = attrs.Factory(TimeoutsConfig)
@@ -215,6 +228,7 @@ class Config:
     launcher: LauncherConfig = attrs.Factory(LauncherConfig)
     security: SecurityConfig = attrs.Factory(SecurityConfig)
     logging: LoggingConfig = attrs.Factory(LoggingConfig)
+    realtime: RealtimeConfig = attrs.Factory(RealtimeConfig)
 
 
 class ConfigError(Exception):

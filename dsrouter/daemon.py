@@ -14,8 +14,10 @@ in one line before a worker is launched.
         reload watcher   SIGHUP
         registry task    capability probes and catch-ups the registry asks for
         pool sweep       closes idle connections to the workers (workers_http)
+        job events       one poller per watched video job (`GET /v1/videos/{id}/events`)
         health checker   probe rounds every `health.interval_s`
-        HTTP frontend    hypercorn serving Quart (admin) + the streaming proxy
+        HTTP frontend    hypercorn serving Quart (admin), the streaming proxy and the
+                         WebSocket sessions (realtime.py)
         metrics port     hypercorn serving `/metrics` alone (`server.metrics_port`)
 
 Start-up order: services (health checks, the registry task), then the HTTP frontend on the
@@ -26,9 +28,11 @@ and `dsrouter ready: ...` on stdout follow once the workers are up and probed.
 
 Shutdown, on the first SIGINT/SIGTERM:
 1. `frontend.draining` is set: the port stays open, `/health` answers 503
-   `{"status": "draining"}` and every new request gets a 503, so clients and load balancers
-   get an answer, not a refused connection. STOPPING=1 goes to systemd.
-2. In-flight requests get up to `server.drain_timeout_s` to finish (`_drain`).
+   `{"status": "draining"}` and every new request (and WebSocket upgrade) gets a 503, so
+   clients and load balancers get an answer, not a refused connection. Job event streams
+   end. STOPPING=1 goes to systemd.
+2. In-flight requests and WebSocket sessions get up to `server.drain_timeout_s` to finish
+   (`_drain`); the sessions still open then are closed with 1001 (both sides).
 3. `shutdown` is set: hypercorn stops accepting, closes idle keep-alive connections and, after
    `CLOSE_GRACE_S`, cancels whatever still runs.
 4. `serve` returns and cancels `services`: probing stops and the idle connections to the
@@ -61,6 +65,7 @@ from dsrouter.auth import Auth
 from dsrouter.config import Config, LoadedConfig
 from dsrouter.context import RouterContext
 from dsrouter.control import PoolControl
+from dsrouter.events import JobEvents
 from dsrouter.frontend import Frontend, MetricsOnly
 from dsrouter.health import HealthChecker
 from dsrouter.launcher import LaunchError, run_pool
@@ -69,10 +74,11 @@ from dsrouter.metrics import Metrics
 from dsrouter.notify import Notifier, describe_pool
 from dsrouter.policies import make_policy
 from dsrouter.proxy import Proxy
+from dsrouter.realtime import Realtime
 from dsrouter.registry import Registry
 from dsrouter.reload import Reloader
 from dsrouter.traced import traced
-from dsrouter.units import KiB
+from dsrouter.units import KiB, MiB
 from dsrouter.workers_http import WorkerHTTP
 
 log = logging.getLogger("dsrouter")
@@ -131,6 +137,7 @@ def _hypercorn_config(config: Config, port: int | None = None) -> HypercornConfi
     hc.graceful_timeout = CLOSE_GRACE_S
     hc.keep_alive_timeout = config.server.keep_alive_timeout_s
     hc.h11_max_incomplete_size = config.server.max_header_kb * KiB
+    hc.websocket_max_message_size = config.realtime.max_message_mb * MiB
     hc.accesslog = None
     hc.errorlog = logging.getLogger(HTTP_LOGGER)
     return hc
@@ -188,12 +195,19 @@ async def run_router(
                 auth = Auth(config.security)
                 control = PoolControl(context)
                 app = create_app(context, control)
+                proxy = Proxy(context)
+                access = AccessLog(
+                    context.metrics, context.activity, lambda: context.config.logging
+                )
+                events = JobEvents(registry, workers, proxy.jobs, lambda: context.config)
                 frontend = Frontend(
                     app,
-                    Proxy(context),
+                    proxy,
                     auth,
-                    AccessLog(context.metrics, context.activity, lambda: context.config.logging),
+                    access,
                     lambda: context.config,
+                    Realtime(registry, workers, access, lambda: context.config),
+                    events,
                 )
                 reloader = Reloader(
                     context,
@@ -218,6 +232,7 @@ async def run_router(
                     services.start_soon(_watch_reload_signal, hangups, reloader)
                 await services.start(registry.run, health.capabilities, control.catch_up)
                 services.start_soon(workers.run)
+                await services.start(events.run)
                 for worker in config.workers:
                     registry.add(worker.url, api_key=worker.api_key, source="config")
                 await services.start(health.run)
@@ -352,6 +367,7 @@ async def _watch_signals(
                 )
                 notifier.stopping()
                 frontend.draining = True
+                frontend.events.end_all()
                 nursery.start_soon(_drain, frontend, drain_timeout_s, shutdown)
 
 
@@ -363,6 +379,11 @@ async def _drain(frontend: Frontend, timeout_s: float, shutdown: trio.Event) -> 
     """
     with trio.move_on_after(timeout_s):
         await frontend.wait_idle()
+    if frontend.realtime.open_sessions:
+        log.info("closing %d WebSocket session(s) (1001)", frontend.realtime.open_sessions)
+        frontend.realtime.close_all()
+        with trio.move_on_after(CLOSE_GRACE_S):
+            await frontend.wait_idle()
     if frontend.in_flight:
         log.warning(
             "server.drain_timeout_s (%g s) is over with %d request(s) in flight: "

@@ -9,9 +9,9 @@ orphaned between a view returning and its body being iterated.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -20,14 +20,16 @@ from quart_trio import QuartTrio
 from dsrouter import routes
 from dsrouter.access import AccessLog, RequestRecord, printable
 from dsrouter.app import admin_paths
-from dsrouter.asgi import Headers, Receive, Scope, Send, send_json
+from dsrouter.asgi import Headers, Receive, Scope, Send, reject_websocket, send_json
 from dsrouter.auth import METRICS_PATHS, PUBLIC_PATHS, Auth
 from dsrouter.config import Config
+from dsrouter.events import EVENTS_LABEL, JobEvents, events_job
 from dsrouter.target import BadTarget, check_target, is_worker_internal
 from dsrouter.units import KiB
 
 if TYPE_CHECKING:
     from dsrouter.proxy import Proxy
+    from dsrouter.realtime import Realtime
 
 
 log = logging.getLogger("dsrouter.frontend")
@@ -58,7 +60,8 @@ class Frontend:
     access line and its metrics (see `access.py`), where in-flight requests are counted for
     the drain on shutdown, and where malformed heads are refused before anyone reads them:
     an oversized head (431) and a request target the router and a worker could read
-    differently (400, see `target.py`). WebSocket upgrades get the same checks.
+    differently (400, see `target.py`). WebSocket upgrades get the same checks and go to
+    `Realtime`; `GET /v1/videos/{id}/events` goes to `JobEvents`.
     """
 
     OPEN_ADMIN_PATHS = frozenset({"/v1/models"})
@@ -72,9 +75,13 @@ class Frontend:
         auth: Auth,
         access: AccessLog,
         config: Callable[[], Config],
+        realtime: Realtime,
+        events: JobEvents,
     ) -> None:
         self.app = app
         self.proxy = proxy
+        self.realtime = realtime
+        self.events = events
         self.auth = auth
         self.access = access
         self._config = config
@@ -82,12 +89,26 @@ class Frontend:
         self.exact, self.prefixes = admin_paths(app)
         self.draining = False
         self.in_flight = 0
-        """Requests being served, not counting the 503s answered while draining."""
+        """Requests and WebSocket sessions being served, not counting the 503s answered
+        while draining."""
         self._idle = trio.Event()
         self._idle.set()
 
     def serves_admin(self, path: str) -> bool:
         return path in self.exact or path.startswith(self.prefixes)
+
+    @contextlib.contextmanager
+    def _serving(self) -> Iterator[None]:
+        """Count a request or session in flight, for the drain on shutdown."""
+        if not self.in_flight:
+            self._idle = trio.Event()
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self._idle.set()
 
     async def wait_idle(self) -> None:
         """Return once no request is in flight (the drain before shutdown)."""
@@ -175,19 +196,17 @@ class Frontend:
             if held is None:
                 await send_json(send, 503, BUFFERS_FULL, [(b"retry-after", b"1"), *CLOSE])
                 return
-            if not self.in_flight:
-                self._idle = trio.Event()
-            self.in_flight += 1
             try:
-                if admin:
-                    await self.app(scope, record.wrap_receive(receive), send)
-                else:
-                    await self.proxy.handle(scope, receive, send, record)
+                with self._serving():
+                    if admin:
+                        await self.app(scope, record.wrap_receive(receive), send)
+                    elif scope["method"] == "GET" and (job := events_job(path)) is not None:
+                        record.route = EVENTS_LABEL
+                        await self.events.handle(job, receive, send)
+                    else:
+                        await self.proxy.handle(scope, receive, send, record)
             finally:
                 self.proxy.buffers.give_back(held)
-                self.in_flight -= 1
-                if not self.in_flight:
-                    self._idle.set()
         finally:
             self.access.finish(record, record.route or self._label(scope, admin))
 
@@ -219,12 +238,11 @@ class Frontend:
         return size if self.proxy.buffers.take(size) else None
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """An upgrade gets the checks every request gets; no route serves WebSockets yet.
+        """An upgrade gets the checks every request gets, then goes to `Realtime`.
 
-        The refusal is an HTTP answer with a JSON body where the server supports ASGI's
-        `websocket.http.response` extension (hypercorn does), else a plain close (403).
+        A refusal is an HTTP answer with a JSON body (ASGI's `websocket.http.response`
+        extension, which hypercorn supports). The router's own routes serve no WebSocket.
         """
-        status, message = 404, "no WebSocket route is served here"
         refusal = self._refusal(scope)
         try:
             target = check_target(scope)
@@ -234,29 +252,20 @@ class Frontend:
             path = target.scope["path"]
             admin = self.serves_admin(path)
             refusal = refusal or (None if admin else self._not_proxied(target.canonical))
-            if self.draining:
-                status, message = 503, DRAINING["error"]
-            elif not self._allowed(path, admin, _authorization(scope)):
-                status, message = 401, UNAUTHORIZED["error"]
-        if refusal is not None:
-            status, message = refusal[0], refusal[1]
+            if refusal is None and self.draining:
+                refusal = 503, DRAINING["error"], []
+            elif refusal is None and not self._allowed(path, admin, _authorization(scope)):
+                refusal = 401, UNAUTHORIZED["error"], []
+            elif refusal is None and admin:
+                refusal = 404, "no WebSocket route is served here", []
+            if refusal is None:
+                with self._serving():
+                    await self.realtime.handle(target.scope, receive, send)
+                return
+        status, message, _ = refusal
         log.info("WebSocket %s -> %d: %s", printable(scope["path"]), status, message)
         await receive()  # websocket.connect
-        if "websocket.http.response" not in scope.get("extensions", {}):
-            await send({"type": "websocket.close", "code": 1008})
-            return
-        body = json.dumps({"error": message}).encode()
-        await send(
-            {
-                "type": "websocket.http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", b"%d" % len(body)),
-                ],
-            }
-        )
-        await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
+        await reject_websocket(send, status, message)
 
 
 def _has_body(scope: Scope) -> bool:

@@ -19,6 +19,7 @@ from prometheus_client import (
     GC_COLLECTOR,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     Info,
     PlatformCollector,
@@ -77,6 +78,11 @@ class _WorkerCollector(Collector):
             "Failed probes or requests in a row",
             labels=["worker"],
         )
+        sessions = GaugeMetricFamily(
+            "dsrouter_worker_realtime_sessions",
+            "Open WebSocket sessions on the worker (at most one)",
+            labels=["worker"],
+        )
         speed = GaugeMetricFamily(
             "dsrouter_worker_seconds_per_unit",
             "Learned seconds per megapixel-step",
@@ -87,6 +93,7 @@ class _WorkerCollector(Collector):
             for candidate in STATES:
                 state.add_metric([name, candidate], 1.0 if worker.state == candidate else 0.0)
             in_flight.add_metric([name], worker.in_flight)
+            sessions.add_metric([name], worker.realtime_sessions)
             failures.add_metric([name], worker.consecutive_failures)
             if worker.speed.seconds_per_unit is not None:
                 speed.add_metric([name], worker.speed.seconds_per_unit)
@@ -119,6 +126,7 @@ class _WorkerCollector(Collector):
         yield from (
             state,
             in_flight,
+            sessions,
             failures,
             speed,
             queued,
@@ -188,6 +196,30 @@ class Metrics:
             "Time a request waited for a worker (router queue included), by that worker",
             ["worker"],
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.sessions = Counter(
+            "dsrouter_realtime_sessions",
+            "WebSocket sessions by route and the close code the client got",
+            ["route", "code"],
+            registry=r,
+        )
+        self.session_duration = Histogram(
+            "dsrouter_realtime_session_duration_seconds",
+            "How long WebSocket sessions lasted",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upgrades_waiting = Gauge(
+            "dsrouter_realtime_upgrades_waiting",
+            "WebSocket upgrades waiting for a free worker (realtime.when_busy = wait)",
+            registry=r,
+        )
+        self.frames = Counter(
+            "dsrouter_realtime_frames",
+            "WebSocket messages relayed",
+            ["direction"],
             registry=r,
         )
         r.register(_WorkerCollector(registry))

@@ -10,6 +10,8 @@ Two kinds of route, described differently:
   pass-through, with the errors the router itself adds. Each carries `x-dsrouter-routing`,
   the `routes.Route.kind` it is classified as (pool, create, sticky, list); the same test
   checks that against `routes.classify`. Any other path is proxied to one worker as well.
+* The router's own streams: job events (Server-Sent Events) and the WebSocket routes
+  (marked `x-dsrouter-websocket`; any other WebSocket path is relayed to a worker too).
 """
 
 from __future__ import annotations
@@ -190,6 +192,45 @@ def _job_routes(kind: str, noun: str) -> dict[str, Any]:
     }
 
 
+def _websocket(summary: str) -> dict[str, Any]:
+    """A WebSocket route (`realtime.py`): described as its upgrade request."""
+    return {
+        "get": {
+            "summary": f"{summary} (WebSocket, relayed to one worker)",
+            "x-dsrouter-websocket": True,
+            "description": "Upgrade with `Upgrade: websocket`; messages are relayed both "
+            "ways unchanged. One session per worker: with none free the router sends the "
+            "worker's own refusal (an error message, then close code 1008), or waits up to "
+            '`realtime.wait_s` (`realtime.when_busy = "wait"`). Close codes: the peer\'s, '
+            "1001 for idle, lifetime and drain, 1011 when the worker is lost.",
+            "responses": {
+                "101": {"description": "switching protocols: the session is open"},
+                "401": {"description": "missing or invalid API key", **_json(_ERROR)},
+                "503": {"description": "the router is draining", **_json(_ERROR)},
+            },
+        }
+    }
+
+
+def _events() -> dict[str, Any]:
+    """`GET /v1/videos/{id}/events`, served by the router (`events.py`), not proxied."""
+    return {
+        "parameters": [_path_param("video_id", "the video job id")],
+        "get": {
+            "summary": "the job's status and progress as Server-Sent Events, until it "
+            "completes or fails",
+            "description": "Each change is `event: <status>` with the job object as `data`; "
+            "the stream ends after `completed` or `failed`, or with `event: error` when the "
+            "job or its worker is gone. The router polls the job's worker every "
+            "`realtime.events_poll_s`, once per job for all listeners.",
+            "responses": {
+                "200": {"description": "the event stream", "content": {"text/event-stream": {}}},
+                "404": {"description": "unknown video id", **_json(_ERROR)},
+            },
+        },
+    }
+
+
 def _inference() -> dict[str, Any]:
     return {
         "/v1/images/generations": _passthrough("text to image", "create"),
@@ -208,6 +249,10 @@ def _inference() -> dict[str, Any]:
         "/model_info": _passthrough("the worker's model and task types", "pool", "get"),
         "/server_info": _passthrough("the worker's server settings", "pool", "get"),
         "/vertex_generate": _passthrough("Vertex AI predict shape", "pool"),
+        "/v1/videos/{video_id}/events": _events(),
+        "/v1/realtime_video/generate": _websocket("streaming world-model video (msgpack)"),
+        "/v1/actions/realtime": _websocket("action loop of a VLA pipeline (msgpack)"),
+        "/openpi/policy": _websocket("OpenPI-compatible policy server (msgpack)"),
     }
 
 

@@ -53,6 +53,7 @@ RESTART_ONLY = (
     "server.keep_alive_timeout_s",
     "server.max_header_kb",
     "logging.format",
+    "realtime.max_message_mb",
 )
 
 

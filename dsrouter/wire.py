@@ -1,4 +1,4 @@
-"""Four changes to hypercorn's trio server (0.17-0.18), installed before serving.
+"""Five changes to hypercorn's trio server (0.17-0.18), installed before serving.
 
 HTTP/2 is off. hypercorn switches a cleartext connection to HTTP/2 on `Upgrade: h2c` or
 on the prior-knowledge preface, and its HTTP/2 side leaves an app waiting for ever when
@@ -22,8 +22,8 @@ second one. hypercorn's connection task writes a `100 Continue` (for `Expect:
 same socket; the request then dies with a traceback and, with a drain, the router's stop
 waits for it. Found by the hostile-request property test. Here a connection's h11 events
 are serialised (a `100 Continue` that lost the race to a final answer is dropped: the
-client no longer waits for it, and h11 would refuse it), and the end-of-stream takes the
-server's own send lock.
+client no longer waits for it, and h11 would refuse it; a WebSocket's `101` always goes),
+and the end-of-stream takes the server's own send lock.
 
 A refused body wedges its connection: hypercorn hands request-body chunks to the app
 through a queue of `max_app_queue_size` (10) entries and never closes it. When the app
@@ -34,6 +34,11 @@ same queue. The socket stays half-closed and hypercorn's shutdown waits on it: t
 never stops. Here the disconnect never blocks the app's send (it is queued from a task of
 its own when the queue is full), the queue closes when the app returns, and what arrives
 for it later is dropped.
+
+A client's WebSocket close code is lost: hypercorn answers the client's close frame and
+then tells the app `websocket.disconnect` with 1006 (abnormal), whatever code and reason
+the client sent. The realtime proxy passes both on to the worker, so here the close frame's
+code and reason are kept and given to the app (`reason` as in ASGI spec 2.3).
 """
 
 from __future__ import annotations
@@ -46,9 +51,14 @@ from typing import Any
 
 import h11
 import trio
+from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.protocol.ws_stream import ASGIWebsocketState, FrameTooLargeError, WSStream
 from hypercorn.trio import task_group
 from hypercorn.trio.tcp_server import TCPServer
+from wsproto.connection import ConnectionState
+from wsproto.events import CloseConnection, Message, Ping
+from wsproto.frame_protocol import CloseReason
 
 log = logging.getLogger("dsrouter.frontend")
 
@@ -100,6 +110,7 @@ async def _send_h11_event(self: Any, event: Any) -> None:
     async with _holding(lock):
         if (
             isinstance(event, h11.InformationalResponse)
+            and event.status_code == 100
             and self.connection.our_state is not h11.SEND_RESPONSE
         ):
             return
@@ -160,6 +171,48 @@ async def _spawn_app(self: Any, app: Any, config: Any, scope: Any, send: Any) ->
     return put
 
 
+_WS_HANDLE = WSStream.handle
+_CLIENT_CLOSE = "_dsrouter_client_close"
+
+
+async def _ws_handle_events(self: Any) -> None:
+    """hypercorn's `WSStream._handle_events`, remembering the client's close frame."""
+    for event in self.connection.events():
+        if isinstance(event, Message):
+            try:
+                self.buffer.extend(event)
+            except FrameTooLargeError:
+                await self._send_wsproto_event(CloseConnection(code=CloseReason.MESSAGE_TOO_BIG))
+                break
+            if event.message_finished:
+                await self.app_put(self.buffer.to_message())
+                self.buffer.clear()
+        elif isinstance(event, Ping):
+            await self._send_wsproto_event(event.response())
+        elif isinstance(event, CloseConnection):
+            self.__dict__.setdefault(_CLIENT_CLOSE, (event.code, event.reason or ""))
+            if self.connection.state == ConnectionState.REMOTE_CLOSING:
+                await self._send_wsproto_event(event.response())
+            await self.send(StreamClosed(stream_id=self.stream_id))
+
+
+async def _ws_handle(self: Any, event: Any) -> None:
+    """On the stream's end after a client's close frame: its code and reason to the app."""
+    close = self.__dict__.get(_CLIENT_CLOSE)
+    if (
+        isinstance(event, StreamClosed)
+        and close is not None
+        and not self.closed
+        and self.app_put is not None
+        and self.state not in {ASGIWebsocketState.HTTPCLOSED, ASGIWebsocketState.CLOSED}
+    ):
+        self.closed = True
+        code, reason = close
+        await self.app_put({"type": "websocket.disconnect", "code": code, "reason": reason})
+        return
+    await _WS_HANDLE(self, event)
+
+
 def install() -> None:
     """Idempotent; called once by the daemon before it serves."""
     H11Protocol._send_error_response = _send_error_response  # type: ignore[method-assign]
@@ -167,3 +220,11 @@ def install() -> None:
     TCPServer._close = _close  # type: ignore[method-assign]
     task_group.TaskGroup.spawn_app = _spawn_app  # type: ignore[method-assign]
     H11Protocol._check_protocol = _check_protocol  # type: ignore[method-assign]
+    keep_websocket_close_codes()
+
+
+def keep_websocket_close_codes() -> None:
+    """Only the WebSocket close fix (the simulated worker's too: uvicorn, which real
+    workers run on, tells the app the client's code and reason). Idempotent."""
+    WSStream._handle_events = _ws_handle_events  # type: ignore[method-assign]
+    WSStream.handle = _ws_handle  # type: ignore[method-assign]

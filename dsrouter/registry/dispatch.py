@@ -50,7 +50,7 @@ class PoolAsleep(Exception):
 class Lease:
     """One request's claim on a worker. Released exactly once, however the request ends."""
 
-    __slots__ = ("_dispatcher", "cost", "released", "trial", "worker")
+    __slots__ = ("_dispatcher", "cost", "released", "session", "trial", "worker")
 
     def __init__(self, dispatcher: Dispatcher, worker: Worker, cost: float) -> None:
         self._dispatcher = dispatcher
@@ -59,6 +59,8 @@ class Lease:
         self.released = False
         self.trial = False
         """True when this request is the half-open breaker's one trial."""
+        self.session = False
+        """True when this lease holds the worker's realtime slot (`lease_session`)."""
 
     def release(self) -> None:
         if not self.released:
@@ -199,6 +201,24 @@ class Dispatcher:
         lease.trial = self._breaker.begin_trial(worker)
         return lease
 
+    def lease_session(self, accept: Callable[[Worker], bool] | None) -> Lease | None:
+        """A lease on the best routable worker without a realtime session, or None.
+
+        A worker serves one realtime session at a time (a second is refused with 1008), so
+        the slot is taken here, with the load, in one synchronous step: two upgrades
+        arriving together cannot pick the same worker.
+        """
+        if self._paused:
+            return None
+        free = [w for w in self._routable(accept) if not w.realtime_sessions]
+        if not free:
+            return None
+        worker = self._choose(free, 1.0)
+        worker.realtime_sessions += 1
+        lease = self.lease_worker(worker, 1.0)
+        lease.session = True
+        return lease
+
     def observe(self, worker: Worker, cost: float, started: float, finished: float) -> None:
         """Learn a worker's speed from one completed request.
 
@@ -259,6 +279,8 @@ class Dispatcher:
     def _release(self, lease: Lease) -> None:
         worker = lease.worker
         worker.in_flight -= 1
+        if lease.session:
+            worker.realtime_sessions -= 1
         worker.outstanding_cost = max(0.0, worker.outstanding_cost - lease.cost)
         worker.work_started_at = self._clock()
         assert worker.in_flight >= 0, "lease released twice"

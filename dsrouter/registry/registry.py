@@ -263,6 +263,21 @@ class Registry:
         """Count a request against a specific worker (sticky jobs, broadcasts)."""
         return self._dispatch.lease_worker(worker, cost)
 
+    async def lease_session(
+        self, accept: Callable[[Worker], bool] | None, wait_s: float
+    ) -> Lease | None:
+        """A lease holding a free worker's realtime slot, waiting up to `wait_s` for one to
+        free up (a session ends, a worker joins or recovers); None if none did.
+
+        Not the router queue: a session holds its worker for minutes, so waiting behind
+        generations for "room" would mean nothing; only a free slot will do.
+        """
+        with trio.move_on_after(wait_s):
+            while (lease := self._dispatch.lease_session(accept)) is None:
+                await self.changed.wait()
+            return lease
+        return None
+
     def observe(self, worker: Worker, cost: float, started: float, finished: float) -> None:
         """Learn a worker's speed from one completed request."""
         self._dispatch.observe(worker, cost, started, finished)

@@ -83,6 +83,9 @@ class Worker:
     sleeping: bool = attrs.field(default=False, on_setattr=_routing_changed)
     draining: bool = attrs.field(default=False, on_setattr=_routing_changed)
     in_flight: int = 0
+    realtime_sessions: int = 0
+    """Open WebSocket sessions (a worker serves one at a time; each also counts in
+    `in_flight`)."""
     consecutive_failures: int = 0
     consecutive_successes: int = 0
     capabilities: Capabilities = attrs.field(factory=Capabilities, on_setattr=_routing_changed)
@@ -148,6 +151,7 @@ class Worker:
             "url": self.url,
             "state": self.state,
             "active_requests": self.in_flight,
+            "realtime_sessions": self.realtime_sessions,
             "is_dead": self.health is Health.DEAD,
             "is_sleeping": self.sleeping,
             "is_draining": self.draining,

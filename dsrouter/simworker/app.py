@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlsplit
 
 import trio
 
-from dsrouter.simworker import control, generation
+from dsrouter.simworker import control, generation, realtime
 from dsrouter.simworker.asgi import (
     ClientGone,
     CutShort,
@@ -298,6 +298,9 @@ class SimApp:
                 await send({"type": message["type"] + ".complete"})
                 if message["type"] == "lifespan.shutdown":
                     return
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+            return
         if scope["type"] != "http":
             return
         worker = self.workers[scope["server"][1]]
@@ -308,6 +311,16 @@ class SimApp:
             await send_response(send, json_response(401, {"error": "missing or wrong API key"}), [])
             return
         await _serve_one(worker, request, send)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """`--require-api-key` refuses the upgrade (401) as an authenticating proxy would."""
+        worker = self.workers[scope["server"][1]]
+        headers = dict(scope["headers"])
+        if self.expected is not None and headers.get(b"authorization") != self.expected:
+            await receive()  # websocket.connect
+            await send({"type": "websocket.close", "code": 1008})  # before accept: HTTP 403
+            return
+        await realtime.serve(worker, scope, receive, send)
 
 
 def _as_parsed_by_httptools(scope: Scope) -> Scope:

@@ -29,6 +29,7 @@ from hypercorn.trio import serve
 from dsrouter.simworker.app import SimApp
 from dsrouter.simworker.options import SimOptions, parse_options
 from dsrouter.simworker.state import SimWorker
+from dsrouter.wire import keep_websocket_close_codes
 
 PORT_MOVE_STEP = 42
 PORT_MOVE_TRIES = 100
@@ -80,6 +81,7 @@ def _hold_broker_port(host: str, port: int) -> socket.socket | None:
 
 
 async def serve_workers(options: SimOptions) -> None:
+    keep_websocket_close_codes()
     ports = [choose_port(options.host, port, options.strict_ports) for port in options.ports]
     if options.load_s:
         await trio.sleep(options.load_s)

@@ -25,6 +25,8 @@ from dsrouter.simworker.asgi import SLEEPING
 from dsrouter.simworker.options import SimOptions
 
 MAX_IMAGES = 512
+LOG_LIMIT = 1000
+"""Realtime message digests remembered per direction (the first ones of a session)."""
 FAULT_FIELDS = {
     "fail_rate": float,
     "hang_rate": float,
@@ -55,6 +57,32 @@ class Asleep(GenerationFailed):
 
     def __init__(self) -> None:
         super().__init__(SLEEPING)
+
+
+@attrs.define
+class RealtimeLog:
+    """What the last session carried, for tests to compare with what they sent and got."""
+
+    sessions: int = 0
+    received: list[str] = attrs.Factory(list)
+    sent: list[str] = attrs.Factory(list)
+    client_close: tuple[int, str] | None = None
+
+    def note(self, digests: list[str], data: bytes) -> None:
+        if len(digests) < LOG_LIMIT:
+            digests.append(hashlib.sha256(data).hexdigest())
+
+    def start(self) -> None:
+        self.sessions += 1
+        self.received, self.sent, self.client_close = [], [], None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sessions": self.sessions,
+            "received_sha256": self.received,
+            "sent_sha256": self.sent,
+            "client_close": list(self.client_close) if self.client_close else None,
+        }
 
 
 @attrs.define
@@ -129,6 +157,10 @@ class SimWorker:
     videos: dict[str, Job] = attrs.Factory(dict)
     meshes: dict[str, Job] = attrs.Factory(dict)
     job_seq: int = 0
+    realtime_active: bool = False
+    """A realtime WebSocket session runs (one at a time, as on a real worker)."""
+    realtime_freed: trio.Event = attrs.Factory(trio.Event)
+    realtime: RealtimeLog = attrs.Factory(RealtimeLog)
 
     @classmethod
     def create(cls, options: SimOptions, port: int, nursery: trio.Nursery) -> SimWorker:
@@ -243,6 +275,7 @@ class SimWorker:
             "meshes": len(self.meshes),
             "images": len(self.images),
             "faults": attrs.asdict(self.faults),
+            "realtime": self.realtime.to_json(),
         }
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
+from contextlib import AbstractAsyncContextManager, aclosing
 from typing import Any
 from urllib.parse import urlencode
 
@@ -20,8 +20,10 @@ import attrs
 import trio
 
 from dsrouter.units import MiB
+from dsrouter.workers_http import websocket
 from dsrouter.workers_http.pool import Headers, Upstream, UpstreamError, UpstreamResponse
 from dsrouter.workers_http.readiness import HealthReading, read_health, unanswered
+from dsrouter.workers_http.websocket import WebSocketConnection
 
 ANSWER_LIMIT = 16 * MiB
 """Largest answer `call` reads whole (LoRA lists, checksums and job pages are far smaller);
@@ -53,6 +55,7 @@ class WorkerHTTP:
         """`worker_api_key` gives `security.worker_api_key` at each call, so a reload's
         key applies at once."""
         self._default_key = worker_api_key
+        self.connect_timeout_s = connect_timeout_s
         self.pool = Upstream(connect_timeout_s=connect_timeout_s)
 
     def auth(self, api_key: str = "") -> Headers:
@@ -71,6 +74,27 @@ class WorkerHTTP:
         """Forward one request as given (the proxy has set credentials and framing);
         returns at the answer's head. The caller must `aclose()` the answer."""
         return await self.pool.send(method, url, target, headers, body)
+
+    def websocket(
+        self,
+        url: str,
+        target: str,
+        headers: Headers,
+        *,
+        api_key: str = "",
+        subprotocols: list[str],
+        max_message_bytes: int,
+    ) -> AbstractAsyncContextManager[WebSocketConnection]:
+        """Open a WebSocket to a worker (`websocket.connect`) with the worker's credentials
+        added to `headers` (which must carry none of the client's)."""
+        return websocket.connect(
+            url,
+            target,
+            [*headers, *self.auth(api_key)],
+            subprotocols=subprotocols,
+            max_message_bytes=max_message_bytes,
+            connect_timeout_s=self.connect_timeout_s,
+        )
 
     async def call(
         self,
