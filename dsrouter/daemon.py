@@ -118,7 +118,7 @@ async def run_router(
                     workers=workers,
                     metrics=Metrics(registry),
                 )
-                auth = Auth(config.security)
+                auth = Auth(config.security, config.tenants)
                 control = PoolControl(context)
                 app = create_app(context, control)
                 frontend = Frontend(

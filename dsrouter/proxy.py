@@ -45,10 +45,12 @@ from dsrouter.registry import (
     NoWorkerAvailable,
     PoolAsleep,
     QueueFull,
+    QueuePlace,
     QueueTimeout,
     Worker,
 )
 from dsrouter.routes import Route
+from dsrouter.tenants import OverLimit, Quotas, Tenant
 from dsrouter.units import KiB, MiB
 from dsrouter.workers_http import InvalidRequest, UpstreamError, UpstreamResponse
 
@@ -107,6 +109,7 @@ class Exchange:
     body: RequestBody
     headers: dict[bytes, bytes]
     """The client's headers by (lower-case) name, for the few the router reads."""
+    tenant: Tenant
     response_started: bool = False
     suspects: list[tuple[Worker, str, str]] = attrs.Factory(list)
     """Failures of this request not yet charged to their workers: (worker, kind, error).
@@ -184,6 +187,7 @@ class Proxy:
         self.workers = context.workers
         self.jobs = JobAffinity(context.registry, context.workers)
         self.active = 0
+        self.quotas = Quotas(trio.current_time)
         self.buffers = BufferBudget(lambda: self.config.server.max_buffered_mb * MiB)
         self._rng = random.Random()
 
@@ -193,9 +197,10 @@ class Proxy:
         return self.context.config
 
     async def handle(
-        self, scope: Scope, receive: Receive, send: Send, record: RequestRecord
+        self, scope: Scope, receive: Receive, send: Send, record: RequestRecord, tenant: Tenant
     ) -> None:
-        """Serve one inference request; `send` already feeds `record` (see `access.py`)."""
+        """Serve one inference request for `tenant` (as `Auth` identified its key); `send`
+        already feeds `record` (see `access.py`)."""
         headers = dict(scope["headers"])
         route = routes.classify(scope["method"], scope["path"], scope["query_string"])
         record.route = routes.label(route)
@@ -214,7 +219,7 @@ class Proxy:
             min_rate=server.body_min_rate_kb_s * KiB,
             rate_grace_s=server.body_rate_grace_s,
         )
-        exchange = Exchange(scope, send, record, route, body, headers)
+        exchange = Exchange(scope, send, record, route, body, headers, tenant)
         if length is not None and b"transfer-encoding" in headers:
             # RFC 9112 6.3: a request with both is a smuggling attempt or a broken client;
             # which length the worker would believe is anyone's guess.
@@ -244,6 +249,13 @@ class Proxy:
             await exchange.respond_error(503, str(exc))
         except PoolAsleep as exc:
             await exchange.respond_error(503, str(exc), ASLEEP_RETRY_AFTER)
+        except OverLimit as exc:
+            log.info("%s [%s]", exc, exchange.request_id)
+            await exchange.respond_json(
+                429,
+                {"error": str(exc), "tenant": exc.tenant, "limit": exc.limit},
+                [(b"retry-after", str(exc.retry_after).encode())],
+            )
         except QueueFull as exc:
             await exchange.respond_error(429, str(exc), [(b"retry-after", b"1")])
         except BodyTooLarge as exc:
@@ -330,21 +342,37 @@ class Proxy:
     async def _with_failover(
         self, exchange: Exchange, accept: Callable[[Worker], bool] | None
     ) -> None:
-        """Try suitable workers one after another until one answers (not 503)."""
-        body = exchange.body
-        route = exchange.route
+        """Admit the request within its tenant's limits, then try suitable workers one after
+        another until one answers (not 503)."""
         headers = exchange.headers
         cost = CostModel(self.config.cost).estimate(
-            route.path, body.buffered, headers.get(b"content-type", b"").decode("latin-1")
+            exchange.route.path,
+            exchange.body.buffered,
+            headers.get(b"content-type", b"").decode("latin-1"),
         )
-        priority = _int_header(headers.get(b"x-dsrouter-priority"))
+        tenants = self.config.tenants
+        tenant = exchange.tenant
+        place = _queue_place(tenant, headers.get(b"x-dsrouter-priority"), tenants.classes)
+        place = attrs.evolve(place, aging_s=tenants.aging_s)
+        with self.quotas.admit(tenant, cost, tenants.replicas):
+            await self._attempts(exchange, accept, cost, place)
+
+    async def _attempts(
+        self,
+        exchange: Exchange,
+        accept: Callable[[Worker], bool] | None,
+        cost: float,
+        place: QueuePlace,
+    ) -> None:
+        body = exchange.body
+        route = exchange.route
         tried: list[Worker] = []
         last_error: UpstreamFailed | None = None
         max_attempts = self.config.routing.max_attempts
         learn = route.kind == routes.CREATE
         while True:
             try:
-                lease = await self.registry.acquire(accept, tried, cost, priority)
+                lease = await self.registry.acquire(accept, tried, cost, place)
             except NoWorkerAvailable:
                 if last_error is None:
                     raise
@@ -578,11 +606,17 @@ async def _read_up_to(chunks: AsyncIterator[bytes], limit: int, idle_s: float) -
     return bytes(buffer)
 
 
-def _int_header(value: bytes | None) -> int:
-    try:
-        return int(value) if value else 0
-    except ValueError:
-        return 0
+def _queue_place(tenant: Tenant, header: bytes | None, classes: list[str]) -> QueuePlace:
+    """Where the request waits: its tenant's class, or the lower class it asks for in
+    `x-dsrouter-priority` (a class name); an integer there orders the tenant's requests
+    within the class, and may only lower it (below 0), never raise it."""
+    value = (header or b"").decode("latin-1").strip()
+    rank, priority = tenant.rank, 0
+    if value in classes:
+        rank = max(rank, classes.index(value))
+    elif value.lstrip("-").isdigit():
+        priority = min(0, int(value))
+    return QueuePlace(rank, priority, tenant.name, tenant.weight)
 
 
 def _is_json(response: UpstreamResponse) -> bool:

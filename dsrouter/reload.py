@@ -95,7 +95,7 @@ class Reloader:
             if refused:
                 raise ConfigError(refused)
             new = loaded.config
-            auth = Auth(new.security)
+            auth = Auth(new.security, new.tenants)
             launcher = None if self.pool is None else await self.pool.reconfigure(new.launcher)
         except ConfigError as exc:
             for problem in exc.problems:
@@ -207,6 +207,14 @@ def security_changes(old: Config, loaded: LoadedConfig) -> tuple[list[str], list
         "every API key",
         "api_keys = [] under [security]",
         "inference is open to anyone",
+    )
+    removal(
+        "security.keys",
+        bool(security.keys and not new_security.keys),
+        "every [[security.keys]] entry",
+        "keys = [] under [security]",
+        "their tenants' classes and limits no longer apply"
+        + ("" if new_security.api_keys else " and inference is open to anyone"),
     )
     removal(
         "workers",

@@ -30,6 +30,7 @@ from dsrouter.registry.dispatch import (
     NoWorkerAvailable,
     PoolAsleep,
     QueueFull,
+    QueuePlace,
     QueueTimeout,
 )
 from dsrouter.registry.registry import CapabilityProber, CatchUp, Registry
@@ -47,6 +48,7 @@ __all__ = [
     "PoolAsleep",
     "ProbeOutcome",
     "QueueFull",
+    "QueuePlace",
     "QueueTimeout",
     "Registry",
     "Worker",
