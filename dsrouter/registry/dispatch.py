@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 
 import attrs
@@ -175,6 +176,10 @@ class Dispatcher:
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    def queued_by_tenant(self) -> dict[str, int]:
+        """Requests waiting, per tenant (`dsrouter status`, `/workers`)."""
+        return dict(Counter(waiter.place.tenant for waiter in self._queue))
 
     async def acquire(
         self,

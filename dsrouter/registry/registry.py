@@ -180,6 +180,7 @@ class Registry:
             "starting_workers": sum(1 for w in workers if w.health is Health.STARTING),
             "in_flight": sum(w.in_flight for w in workers),
             "queued": self._dispatch.queued,
+            "queued_by_tenant": self._dispatch.queued_by_tenant(),
             "stale_workers": sum(1 for w in workers if w.stale),
         }
 
