@@ -60,6 +60,8 @@ class RequestRecord:
     bytes_in: int = 0
     bytes_out: int = 0
     worker: str = "-"
+    tenant: str = "-"
+    """The tenant of the request's API key (inference requests)."""
     attempts: int = 0
     finished: bool = False
     """The last body message was sent: a disconnect after this is not an abort."""
@@ -163,6 +165,7 @@ class AccessLog:
             "route": route,
             "status": record.status or None,
             "worker": record.worker,
+            "tenant": record.tenant,
             "attempts": record.attempts,
             "bytes_in": record.bytes_in,
             "bytes_out": record.bytes_out,
@@ -172,12 +175,13 @@ class AccessLog:
             else round((record.first_byte_at - record.started_at) * 1000, 2),
         }
         access_log.info(
-            "%s %s %s %s worker=%s attempts=%d in=%d out=%d %.1fms",
+            "%s %s %s %s worker=%s tenant=%s attempts=%d in=%d out=%d %.1fms",
             record.request_id,
             record.method,
             record.path,
             status,
             record.worker,
+            record.tenant,
             record.attempts,
             record.bytes_in,
             record.bytes_out,

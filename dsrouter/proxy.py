@@ -219,6 +219,7 @@ class Proxy:
             min_rate=server.body_min_rate_kb_s * KiB,
             rate_grace_s=server.body_rate_grace_s,
         )
+        record.tenant = tenant.name
         exchange = Exchange(scope, send, record, route, body, headers, tenant)
         if length is not None and b"transfer-encoding" in headers:
             # RFC 9112 6.3: a request with both is a smuggling attempt or a broken client;
@@ -251,6 +252,7 @@ class Proxy:
             await exchange.respond_error(503, str(exc), ASLEEP_RETRY_AFTER)
         except OverLimit as exc:
             log.info("%s [%s]", exc, exchange.request_id)
+            self.context.metrics.tenant_refused.labels(exc.tenant, exc.limit).inc()
             await exchange.respond_json(
                 429,
                 {"error": str(exc), "tenant": exc.tenant, "limit": exc.limit},
@@ -354,8 +356,11 @@ class Proxy:
         tenant = exchange.tenant
         place = _queue_place(tenant, headers.get(b"x-dsrouter-priority"), tenants.classes)
         place = attrs.evolve(place, aging_s=tenants.aging_s)
+        metrics = self.context.metrics
         with self.quotas.admit(tenant, cost, tenants.replicas):
+            metrics.tenant_requests.labels(tenant.name).inc()
             await self._attempts(exchange, accept, cost, place)
+            metrics.tenant_cost.labels(tenant.name).inc(cost)
 
     async def _attempts(
         self,
@@ -371,6 +376,7 @@ class Proxy:
         max_attempts = self.config.routing.max_attempts
         learn = route.kind == routes.CREATE
         while True:
+            asked = trio.current_time()
             try:
                 lease = await self.registry.acquire(accept, tried, cost, place)
             except NoWorkerAvailable:
@@ -378,6 +384,9 @@ class Proxy:
                     raise
                 raise last_error from None
             worker = lease.worker
+            self.context.metrics.queue_wait.labels(place.tenant).observe(
+                trio.current_time() - asked
+            )
             with lease:
                 may_retry = (
                     body.replayable

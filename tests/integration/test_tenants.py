@@ -66,6 +66,16 @@ async def test_over_a_limit_is_429_with_retry_after_from_the_bucket(
             assert plain.status_code == 200  # the plain list form: the default tenant
             stranger = await http.post(generate, json=SMALL, headers=key("nope"))
             assert stranger.status_code == 401
+
+            metrics = (await http.get(f"{router.url}/metrics")).text
+            for line in (
+                'dsrouter_tenant_requests_total{tenant="rate"} 2.0',
+                'dsrouter_tenant_over_limit_total{limit="requests_per_s",tenant="rate"} 1.0',
+                'dsrouter_tenant_over_limit_total{limit="cost_per_minute",tenant="gpu"} 1.0',
+                'dsrouter_tenant_cost_units_total{tenant="gpu"} 50.0',
+                'dsrouter_queue_wait_seconds_count{tenant="default"} 1.0',
+            ):
+                assert line in metrics, line
         nursery.cancel_scope.cancel()
 
 
