@@ -120,6 +120,14 @@ def format_table(workers: list[WorkerInfo]) -> str:
     return "\n".join(line(cells).rstrip() for cells in [header, *rows])
 
 
+def format_queued(by_tenant: dict[str, int]) -> str:
+    """The router queue per tenant, longest first ("" when nobody waits)."""
+    if not by_tenant:
+        return ""
+    ranked = sorted(by_tenant.items(), key=lambda item: (-item[1], item[0]))
+    return "queued by tenant: " + ", ".join(f"{name} {count}" for name, count in ranked)
+
+
 def format_status(url: str, health: PoolHealth, workers: list[WorkerInfo]) -> str:
     lines = [format_header(url, health, workers)]
     lines.append(format_table(workers) if workers else "no workers registered")
@@ -167,6 +175,9 @@ def format_broadcast(result: BroadcastResult, done: str) -> str:
 def _status(client: Client, args: argparse.Namespace) -> int:
     health, workers = client.health(), client.workers()
     print(format_status(client.base_url, health, workers))
+    queued = format_queued(client.queued_by_tenant())
+    if queued:
+        print(f"\n{queued}")
     slots = format_slots(client.managed_workers())
     if slots:
         print(f"\n{slots}")

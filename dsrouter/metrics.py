@@ -76,7 +76,7 @@ class _WorkerCollector(Collector):
         tenant_queued = GaugeMetricFamily(
             "dsrouter_tenant_queued", "Requests waiting in the router queue", labels=["tenant"]
         )
-        for tenant, count in sorted(summary["queued_by_tenant"].items()):
+        for tenant, count in sorted(self.registry.queued_by_tenant().items()):
             tenant_queued.add_metric([tenant], count)
         queued = GaugeMetricFamily(
             "dsrouter_queued", "Requests waiting in the router queue", value=summary["queued"]

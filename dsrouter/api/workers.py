@@ -116,7 +116,7 @@ async def list_workers() -> Any:
     return {
         "workers": [w.to_json() for w in registry.workers()],
         "queued": summary["queued"],
-        "queued_by_tenant": summary["queued_by_tenant"],
+        "queued_by_tenant": registry.queued_by_tenant(),
         "target_version": registry.target_version,
         "pool_sleeping": registry.pool_sleeping,
         "managed_workers": managed_workers(),

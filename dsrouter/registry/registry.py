@@ -180,9 +180,13 @@ class Registry:
             "starting_workers": sum(1 for w in workers if w.health is Health.STARTING),
             "in_flight": sum(w.in_flight for w in workers),
             "queued": self._dispatch.queued,
-            "queued_by_tenant": self._dispatch.queued_by_tenant(),
             "stale_workers": sum(1 for w in workers if w.stale),
         }
+
+    def queued_by_tenant(self) -> dict[str, int]:
+        """Requests waiting in the router queue, per tenant (not in `summary`: the public
+        `/health` shows that, and tenant names are for operators)."""
+        return self._dispatch.queued_by_tenant()
 
     # ---- membership ----------------------------------------------------------------------
 

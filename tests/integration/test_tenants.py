@@ -144,6 +144,8 @@ async def test_interactive_request_jumps_a_queue_of_bulk_ones(
                     await queued(5)
                     tenants = (await http.get(f"{router.url}/workers")).json()
                     assert tenants["queued_by_tenant"] == {"batch": 4, "web": 1}
+                    public = (await http.get(f"{router.url}/health", headers={})).text
+                    assert "batch" not in public  # tenant names are for operators
             assert finished == [
                 "bulk-running",
                 "web",
