@@ -36,7 +36,7 @@ from dsrouter.body import (
     ClientTooSlow,
     RequestBody,
 )
-from dsrouter.config import Config
+from dsrouter.config import Config, TenantsConfig
 from dsrouter.context import RouterContext
 from dsrouter.cost import CostModel
 from dsrouter.jobs import JobAffinity
@@ -354,8 +354,7 @@ class Proxy:
         )
         tenants = self.config.tenants
         tenant = exchange.tenant
-        place = _queue_place(tenant, headers.get(b"x-dsrouter-priority"), tenants.classes)
-        place = attrs.evolve(place, aging_s=tenants.aging_s)
+        place = _queue_place(tenant, headers.get(b"x-dsrouter-priority"), tenants)
         metrics = self.context.metrics
         with self.quotas.admit(tenant, cost, tenants.replicas):
             metrics.tenant_requests.labels(tenant.name).inc()
@@ -615,17 +614,18 @@ async def _read_up_to(chunks: AsyncIterator[bytes], limit: int, idle_s: float) -
     return bytes(buffer)
 
 
-def _queue_place(tenant: Tenant, header: bytes | None, classes: list[str]) -> QueuePlace:
-    """Where the request waits: its tenant's class, or the lower class it asks for in
-    `x-dsrouter-priority` (a class name); an integer there orders the tenant's requests
-    within the class, and may only lower it (below 0), never raise it."""
+def _queue_place(tenant: Tenant, header: bytes | None, tenants: TenantsConfig) -> QueuePlace:
+    """Where the request waits: its tenant's class, or a lower class `x-dsrouter-priority`
+    names. An integer there below 0 puts the request behind the rest of its class; nothing
+    the header says raises a request above what its key grants."""
     value = (header or b"").decode("latin-1").strip()
     rank, priority = tenant.rank, 0
-    if value in classes:
-        rank = max(rank, classes.index(value))
-    elif value.lstrip("-").isdigit():
-        priority = min(0, int(value))
-    return QueuePlace(rank, priority, tenant.name, tenant.weight)
+    if value in tenants.classes:
+        rank = max(rank, tenants.classes.index(value))
+    else:
+        with contextlib.suppress(ValueError):
+            priority = min(0, int(value))
+    return QueuePlace(rank, priority, tenant.name, tenant.weight, tenants.aging_s)
 
 
 def _is_json(response: UpstreamResponse) -> bool:

@@ -17,11 +17,13 @@ not on PATH, too few GPUs) reject the whole reload, like an invalid file.
 
 A file caught half-written (empty, or cut short) is valid TOML that says nothing: applied,
 it would drop the admin token, the API keys and every static worker. So a reload that
-removes the admin token, all API keys or all `[[workers]]` is refused unless the new file
-sets that key to empty in so many words (`admin_token = ""`, `api_keys = []`,
-`workers = []`). Every reload that weakens security (those three removals, allowed,
-and `forward_authorization`, `protect_metrics`, `allowed_worker_networks` loosened) logs a
-WARNING per change and lists it under `security_weakened` in its answer.
+removes the admin token, all API keys (`api_keys`, `[[security.keys]]`) or all `[[workers]]`
+is refused unless the new file sets that key to empty in so many words (`admin_token = ""`,
+`api_keys = []`, `keys = []`, `workers = []`). Tenants' limit state lives in the proxy
+(`tenants.Quotas`, by tenant name), so a reload keeps it. Every reload that weakens
+security (those removals, allowed, and `forward_authorization`, `protect_metrics`,
+`allowed_worker_networks` loosened) logs a WARNING per change and lists it under
+`security_weakened` in its answer.
 """
 
 from __future__ import annotations

@@ -54,6 +54,11 @@ async def test_over_a_limit_is_429_with_retry_after_from_the_bucket(
             assert refused.json()["limit"] == "requests_per_s"
             assert refused.json()["tenant"] == "rate"
             assert 1 <= int(refused.headers["retry-after"]) <= 10  # 1 token at 0.1/s
+            # A reload keeps the buckets: the tenant is still out of requests.
+            (tmp_path / "router.toml").write_text(LIMITS.replace("burst = 2", "burst = 3"))
+            assert (await http.post(f"{router.url}/admin/reload")).status_code == 200
+            refused = await http.post(generate, json=SMALL, headers=key("k-rate"))
+            assert refused.status_code == 429
 
             big = {"prompt": "a fox", "size": "1000x1000", "num_inference_steps": 50}
             assert (await http.post(generate, json=big, headers=key("k-gpu"))).status_code == 200
@@ -70,7 +75,7 @@ async def test_over_a_limit_is_429_with_retry_after_from_the_bucket(
             metrics = (await http.get(f"{router.url}/metrics")).text
             for line in (
                 'dsrouter_tenant_requests_total{tenant="rate"} 2.0',
-                'dsrouter_tenant_over_limit_total{limit="requests_per_s",tenant="rate"} 1.0',
+                'dsrouter_tenant_over_limit_total{limit="requests_per_s",tenant="rate"} 2.0',
                 'dsrouter_tenant_over_limit_total{limit="cost_per_minute",tenant="gpu"} 1.0',
                 'dsrouter_tenant_cost_units_total{tenant="gpu"} 50.0',
                 'dsrouter_queue_wait_seconds_count{tenant="default"} 1.0',

@@ -26,8 +26,6 @@ from dsrouter.registry import QueuePlace
 from dsrouter.tenants import OverLimit, Quotas, Tenant, TokenBucket
 from tests.unit.test_scheduling import Clock, pool
 
-CLASSES = TenantsConfig().classes
-
 
 def bearer(key: str) -> bytes:
     return f"Bearer {key}".encode()
@@ -189,14 +187,15 @@ def _without_bad_sources(path: Path) -> Path:
         (b"nonsense", 1, 0),
         (b"-2", 1, -2),
         (b"5", 1, 0),  # an integer may only lower
+        (b"--5", 1, 0),
     ],
 )
 def test_priority_header_may_only_lower_the_keys_class(
     header: bytes | None, rank: int, priority: int
 ) -> None:
     tenant = Tenant("a", "interactive", 1)
-    place = _queue_place(tenant, header, CLASSES)
-    assert (place.rank, place.priority, place.tenant) == (rank, priority, "a")
+    place = _queue_place(tenant, header, TenantsConfig(aging_s=7.0))
+    assert (place.rank, place.priority, place.tenant, place.aging_s) == (rank, priority, "a", 7.0)
 
 
 async def serve_in_order(
