@@ -365,6 +365,7 @@ def section_g() -> None:
         ("fair: one tenant (FIFO)", dict(a="default", b="default"), "ka", "ka2", 4, 4),
         ("classes: bulk vs interactive", dict(a="bulk", b="interactive"), "ka", "kb", 8, 1),
         ("classes: same class", dict(a="default", b="default"), "ka", "kb", 8, 1),
+        ("classes: neither (FIFO)", dict(a="default", b="default"), "ka", "ka2", 8, 1),
     ]
     with simworkers(spec) as urls:
         idle = None
