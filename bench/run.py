@@ -9,7 +9,9 @@ request over 4 zero-latency workers, (c) streaming speed and memory for big answ
 (d) a heterogeneous workload per policy against an offline earliest-finish-time oracle,
 (e) a pool of 1,000 workers: probe-loop CPU and per-request routing cost,
 (f) the job map: cost of one insert when empty and at capacity,
-(g) scenarios that try to fool least-work (issue 14), each against the oracle on its trace.
+(g) scenarios that try to fool least-work each against the oracle on its trace,
+(h) tenants over a saturated pool: GPU shares with and without fair queuing, interactive
+    queue wait under a bulk flood with and without priority classes.
 """
 
 from __future__ import annotations
@@ -579,6 +581,84 @@ def section_f() -> None:
     }
 
 
+TENANT_SPU = 0.05
+BIG = {"size": "512x512", "num_inference_steps": 20}  # 5.2 units, 0.26 s
+SMALL = {"size": "256x256", "num_inference_steps": 10}  # 0.66 units, 0.03 s
+
+
+def section_h() -> None:
+    """Two tenants on one worker (one request at a time), closed loops for 20 s each."""
+    keys = (
+        "[routing]\nmax_inflight_per_worker = 1\n[tenants]\naging_s = 600.0\n"
+        '[[security.keys]]\ntenant = "a"\nkey = "ka"\npriority_class = "{a}"\n'
+        '[[security.keys]]\ntenant = "b"\nkey = "kb"\npriority_class = "{b}"\n'
+        '[[security.keys]]\ntenant = "a"\nkey = "ka2"\npriority_class = "{a}"\n'
+    )
+    spec = ["--task-type", "T2I", "--sec-per-mpx-step", str(TENANT_SPU)]
+    figures: dict[str, object] = {"sec_per_unit": TENANT_SPU, "duration_s": 20}
+    # Fair queuing: big jobs from tenant a, small ones from b ("ka2", the same tenant as
+    # "ka", stands for "no fair queuing": one tenant, so one FIFO).
+    # Classes: a bulk flood from a, an interactive trickle (1 request in flight) from b.
+    variants = [
+        ("fair: two tenants", dict(a="default", b="default"), "ka", "kb", 4, 4),
+        ("fair: one tenant (FIFO)", dict(a="default", b="default"), "ka", "ka2", 4, 4),
+        ("classes: bulk vs interactive", dict(a="bulk", b="interactive"), "ka", "kb", 8, 1),
+        ("classes: same class", dict(a="default", b="default"), "ka", "kb", 8, 1),
+        ("classes: neither (FIFO)", dict(a="default", b="default"), "ka", "ka2", 8, 1),
+    ]
+    with simworkers(spec) as urls:
+        idle = None
+        for name, classes, key_a, key_b, loops_a, loops_b in variants:
+            with router(BASE + keys.format(**classes), urls) as (url, _):
+                if idle is None:
+                    idle = trio.run(_tenant_loops, url, [("kb", SMALL, 1)], 5.0)["kb"]
+                    figures["small_alone_p99_s"] = percentile(idle["latencies"], 99)
+                done = trio.run(
+                    _tenant_loops, url, [(key_a, BIG, loops_a), (key_b, SMALL, loops_b)], 20.0
+                )
+            a, b = done[key_a], done[key_b]
+            total = a["units"] + b["units"]
+            figures[name] = {
+                "share_big_tenant": a["units"] / total,
+                "share_small_tenant": b["units"] / total,
+                "small_p50_s": percentile(b["latencies"], 50),
+                "small_p99_s": percentile(b["latencies"], 99),
+                "small_requests": len(b["latencies"]),
+            }
+    results["h"] = figures
+
+
+async def _tenant_loops(
+    url: str, clients: list[tuple[str, dict[str, object], int]], duration_s: float
+) -> dict[str, dict[str, object]]:
+    """Closed loops: per (key, body, loops), `loops` clients sending back to back; the
+    GPU units (from the simulator's cost formula) and latencies of answers per key."""
+    done: dict[str, dict[str, object]] = {k: {"units": 0.0, "latencies": []} for k, _, _ in clients}
+    stop = trio.current_time() + duration_s
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=None)) as c:
+
+        async def loop(key: str, body: dict[str, object]) -> None:
+            width, height = (int(x) for x in str(body["size"]).split("x"))
+            units = width * height / 1e6 * int(body["num_inference_steps"])  # type: ignore[call-overload]
+            while trio.current_time() < stop:
+                sent = trio.current_time()
+                answer = await c.post(
+                    f"{url}/v1/images/generations",
+                    json={"prompt": "bench", "response_format": "url", **body},
+                    headers={"authorization": f"Bearer {key}"},
+                )
+                answer.raise_for_status()
+                if trio.current_time() <= stop:
+                    done[key]["units"] += units  # type: ignore[operator]
+                    done[key]["latencies"].append(trio.current_time() - sent)  # type: ignore[union-attr]
+
+        async with trio.open_nursery() as nursery:
+            for key, body, loops in clients:
+                for _ in range(loops):
+                    nursery.start_soon(loop, key, body)
+    return done
+
+
 SECTIONS = {
     "a": section_a,
     "b": section_b,
@@ -587,12 +667,13 @@ SECTIONS = {
     "e": section_e,
     "f": section_f,
     "g": section_g,
+    "h": section_h,
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="abcdefg", help="sections, e.g. a,d")
+    parser.add_argument("--only", default="abcdefgh", help="sections, e.g. a,d")
     parser.add_argument("--write", action="store_true", help="rewrite bench/RESULTS.md")
     parser.add_argument(
         "--sec-per-unit",

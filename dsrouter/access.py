@@ -83,6 +83,8 @@ class RequestRecord:
     bytes_in: int = 0
     bytes_out: int = 0
     worker: str = "-"
+    tenant: str = "-"
+    """The tenant of the request's API key (inference requests)."""
     attempts: int = 0
     retried_from: list[str] = attrs.Factory(list)
     """The workers whose attempts failed and moved on (`dsrouter_retries_total{worker}`)."""
@@ -184,6 +186,7 @@ class AccessLog:
             "route": route,
             "status": record.status or None,
             "worker": record.worker,
+            "tenant": record.tenant,
             "attempts": record.attempts,
             "bytes_in": record.bytes_in,
             "bytes_out": record.bytes_out,
@@ -193,12 +196,13 @@ class AccessLog:
             else round((record.first_byte_at - record.started_at) * 1000, 2),
         }
         access_log.info(
-            "%s %s %s %s worker=%s attempts=%d in=%d out=%d %.1fms",
+            "%s %s %s %s worker=%s tenant=%s attempts=%d in=%d out=%d %.1fms",
             record.request_id,
             record.method,
             record.path,
             status,
             record.worker,
+            record.tenant,
             record.attempts,
             record.bytes_in,
             record.bytes_out,

@@ -475,6 +475,10 @@ class _Calls:
         return _Call("GET", "/workers", lambda r: list(_json(r).get("managed_workers") or []))
 
     @staticmethod
+    def queued_by_tenant() -> _Call[dict[str, int]]:
+        return _Call("GET", "/workers", lambda r: dict(_json(r).get("queued_by_tenant") or {}))
+
+    @staticmethod
     def health() -> _Call[PoolHealth]:
         return _Call("GET", "/health", _parse_health)
 
@@ -622,6 +626,10 @@ class Client(_Base):
         """The launcher's slots in any state (starting, ready, backoff, failed, stopped):
         a failed worker is out of `workers()`, not out of this. [] without a launcher."""
         return self._send(_Calls.managed_workers())
+
+    def queued_by_tenant(self) -> dict[str, int]:
+        """Requests waiting in the router queue, per tenant."""
+        return self._send(_Calls.queued_by_tenant())
 
     def health(self) -> PoolHealth:
         """The pool summary; an unhealthy pool (503) is an answer, not an error."""

@@ -179,6 +179,49 @@ class LauncherConfig:
 
 
 @attrs.frozen
+class ApiKey:
+    """One `[[security.keys]]` entry: a key, the tenant it speaks for, and the tenant's
+    class and limits (0 = no limit). The keys of one tenant share its limits and state, so
+    they must agree on them."""
+
+    tenant: str
+    key: str = attrs.field(default="", metadata=SECRET)
+    key_env: str = ""
+    key_file: str = ""
+    priority_class: str = ""
+    """"" = `tenants.default_class`."""
+    weight: PositiveFloat = PositiveFloat(1.0)
+    requests_per_s: NonNegativeFloat = NonNegativeFloat(0.0)
+    burst: NonNegativeInt = NonNegativeInt(0)
+    """Requests the bucket holds (0 = one second's worth, at least 1)."""
+    max_concurrent: NonNegativeInt = NonNegativeInt(0)
+    cost_per_minute: NonNegativeFloat = NonNegativeFloat(0.0)
+    """GPU work per minute in the cost model's units (megapixel-steps)."""
+
+    def limits(self) -> tuple[object, ...]:
+        """What the keys of one tenant must agree on."""
+        return (
+            self.priority_class,
+            self.weight,
+            self.requests_per_s,
+            self.burst,
+            self.max_concurrent,
+            self.cost_per_minute,
+        )
+
+
+@attrs.frozen
+class TenantsConfig:
+    classes: list[str] = attrs.Factory(lambda: ["system", "interactive", "default", "bulk"])
+    """Priority classes, highest first."""
+    default_class: str = "default"
+    aging_s: NonNegativeFloat = NonNegativeFloat(30.0)
+    """Each this many seconds of waiting raises a queued request one class (0 = never)."""
+    replicas: PositiveInt = PositiveInt(1)
+    """Router replicas sharing the keys: each enforces 1/replicas of every limit."""
+
+
+@attrs.frozen
 class SecurityConfig:
     """Who may call what. After `load`, `admin_token` and `api_keys` are the effective
     secrets: the token from its file, else its variable, else the literal; the keys listed
@@ -189,6 +232,7 @@ class SecurityConfig:
     admin_token_file: str = ""
     api_keys: list[str] = attrs.field(factory=list, metadata=SECRET)
     api_keys_file: str = ""
+    keys: list[ApiKey] = attrs.Factory(list)
     forward_authorization: bool = False
     worker_api_key: str = attrs.field(default="", metadata=SECRET)
     protect_metrics: bool = False
@@ -227,6 +271,7 @@ class Config:
     workers: list[StaticWorker] = attrs.Factory(list)
     launcher: LauncherConfig = attrs.Factory(LauncherConfig)
     security: SecurityConfig = attrs.Factory(SecurityConfig)
+    tenants: TenantsConfig = attrs.Factory(TenantsConfig)
     logging: LoggingConfig = attrs.Factory(LoggingConfig)
     realtime: RealtimeConfig = attrs.Factory(RealtimeConfig)
 
@@ -646,6 +691,7 @@ def load(path: Path | None, overrides: Overrides | None = None) -> LoadedConfig:
     source = str(path) if path is not None else "(defaults)"
     config = structure_config(raw, source, sources)
     config = attrs.evolve(config, security=resolve_secrets(config.security, source))
+    check_tenants(config, source)
     return LoadedConfig(config, source, _given_keys(raw))
 
 
@@ -822,9 +868,68 @@ def resolve_secrets(security: SecurityConfig, source: str) -> SecurityConfig:
                     "lines and # comments are skipped)",
                 )
             keys += found
+    tenant_keys = [_resolve_key(i, entry, problem) for i, entry in enumerate(security.keys)]
     if problems:
         raise ConfigError(problems)
-    return attrs.evolve(security, admin_token=token, api_keys=keys)
+    return attrs.evolve(security, admin_token=token, api_keys=keys, keys=tenant_keys)
+
+
+def _resolve_key(index: int, entry: ApiKey, problem: Callable[[str, str], None]) -> ApiKey:
+    """One `[[security.keys]]` entry with its key read: `key_file` (first line), else
+    `key_env`, else `key`; the same rules as the admin token's sources."""
+    where = f"keys[{index}]"
+    key = entry.key
+    if entry.key_env:
+        value = os.environ.get(entry.key_env)
+        if not value or not value.strip():
+            state = "not set" if value is None else "empty"
+            problem(f"{where}.key_env", f"environment variable {entry.key_env!r} is {state}")
+        else:
+            key = value.strip()
+    if entry.key_file:
+        lines = _read_secret_file(entry.key_file, f"{where}.key_file", problem)
+        if lines is not None:
+            if lines and lines[0].strip():
+                key = lines[0].strip()
+            else:
+                problem(f"{where}.key_file", f"the first line of {entry.key_file!r} is empty")
+    if not key and not entry.key_env and not entry.key_file:
+        problem(where, "expected key, key_env or key_file")
+    return attrs.evolve(entry, key=key)
+
+
+def check_tenants(config: Config, source: str) -> None:
+    """The checks that span keys: classes named exist, a tenant's keys agree on its limits
+    (they share one state), and no key is given twice (it would name two tenants)."""
+    tenants = config.tenants
+    problems: list[str] = []
+    if not tenants.classes or len(set(tenants.classes)) != len(tenants.classes):
+        problems.append(f"{source}: tenants.classes: expected distinct class names, at least one")
+    if tenants.default_class not in tenants.classes:
+        problems.append(
+            f"{source}: tenants.default_class: expected one of tenants.classes, "
+            f"got {tenants.default_class!r}"
+        )
+    seen: dict[str, ApiKey] = {}
+    keys: set[str] = set()
+    for index, entry in enumerate(config.security.keys):
+        where = f"{source}: security.keys[{index}]"
+        if entry.priority_class and entry.priority_class not in tenants.classes:
+            problems.append(
+                f"{where}.priority_class: expected one of tenants.classes, "
+                f"got {entry.priority_class!r}"
+            )
+        first = seen.setdefault(entry.tenant, entry)
+        if first.limits() != entry.limits():
+            problems.append(
+                f"{where}: tenant {entry.tenant!r} has other limits or class in another key "
+                "(a tenant's keys share them)"
+            )
+        if entry.key in keys:
+            problems.append(f"{where}: this key is given twice")
+        keys.add(entry.key)
+    if problems:
+        raise ConfigError(problems)
 
 
 def _read_secret_file(name: str, key: str, problem: Callable[[str, str], None]) -> list[str] | None:

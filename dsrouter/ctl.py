@@ -144,6 +144,14 @@ def format_table(workers: list[WorkerInfo]) -> str:
     return "\n".join(line(cells).rstrip() for cells in [header, *rows])
 
 
+def format_queued(by_tenant: dict[str, int]) -> str:
+    """The router queue per tenant, longest first ("" when nobody waits)."""
+    if not by_tenant:
+        return ""
+    ranked = sorted(by_tenant.items(), key=lambda item: (-item[1], item[0]))
+    return "queued by tenant: " + ", ".join(f"{name} {count}" for name, count in ranked)
+
+
 def format_status(
     url: str, health: PoolHealth, workers: list[WorkerInfo], slots: Sequence[Mapping[str, Any]] = ()
 ) -> str:
@@ -193,6 +201,9 @@ def format_broadcast(result: BroadcastResult, done: str) -> str:
 def _status(client: Client, args: argparse.Namespace) -> int:
     health, workers, slots = client.health(), client.workers(), client.managed_workers()
     print(format_status(client.base_url, health, workers, slots))
+    queued = format_queued(client.queued_by_tenant())
+    if queued:
+        print(f"\n{queued}")
     not_serving = format_slots(slots)
     if not_serving:
         print(f"\n{not_serving}")

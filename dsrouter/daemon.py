@@ -192,7 +192,7 @@ async def run_router(
                     workers=workers,
                     metrics=Metrics(registry),
                 )
-                auth = Auth(config.security)
+                auth = Auth(config.security, config.tenants)
                 control = PoolControl(context)
                 app = create_app(context, control)
                 proxy = Proxy(context)

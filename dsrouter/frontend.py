@@ -188,7 +188,13 @@ class Frontend:
                 else:
                     await send_json(send, 503, DRAINING, [(b"retry-after", b"5")])
                 return
-            if not self._allowed(path, admin, _authorization(scope)):
+            tenant = None
+            if admin or path in PUBLIC_PATHS:
+                allowed = self._allowed(path, admin, _authorization(scope))
+            else:
+                tenant = self.auth.inference_tenant(_authorization(scope))
+                allowed = tenant is not None
+            if not allowed:
                 headers = [(b"www-authenticate", b"Bearer"), *(CLOSE if _has_body(scope) else [])]
                 await send_json(send, 401, UNAUTHORIZED, headers)
                 return
@@ -204,7 +210,8 @@ class Frontend:
                         record.route = EVENTS_LABEL
                         await self.events.handle(job, receive, send)
                     else:
-                        await self.proxy.handle(scope, receive, send, record)
+                        assert tenant is not None
+                        await self.proxy.handle(scope, receive, send, record, tenant)
             finally:
                 self.proxy.buffers.give_back(held)
         finally:

@@ -98,6 +98,11 @@ class _WorkerCollector(Collector):
             if worker.speed.seconds_per_unit is not None:
                 speed.add_metric([name], worker.speed.seconds_per_unit)
         summary = self.registry.summary()
+        tenant_queued = GaugeMetricFamily(
+            "dsrouter_tenant_queued", "Requests waiting in the router queue", labels=["tenant"]
+        )
+        for tenant, count in sorted(self.registry.queued_by_tenant().items()):
+            tenant_queued.add_metric([tenant], count)
         queued = GaugeMetricFamily(
             "dsrouter_queued", "Requests waiting in the router queue", value=summary["queued"]
         )
@@ -130,6 +135,7 @@ class _WorkerCollector(Collector):
             failures,
             speed,
             queued,
+            tenant_queued,
             total,
             probes,
             failures_total,
@@ -220,6 +226,31 @@ class Metrics:
             "dsrouter_realtime_frames",
             "WebSocket messages relayed",
             ["direction"],
+            registry=r,
+        )
+        self.tenant_queue_wait = Histogram(
+            "dsrouter_tenant_queue_wait_seconds",
+            "Time generation requests waited for a worker, by tenant",
+            ["tenant"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tenant_requests = Counter(
+            "dsrouter_tenant_requests",
+            "Generation requests admitted within the tenant's limits",
+            ["tenant"],
+            registry=r,
+        )
+        self.tenant_cost = Counter(
+            "dsrouter_tenant_cost_units",
+            "Estimated GPU work (megapixel-steps) of the tenant's answered generation requests",
+            ["tenant"],
+            registry=r,
+        )
+        self.tenant_refused = Counter(
+            "dsrouter_tenant_over_limit",
+            "Generation requests refused with 429 by the limit they were over",
+            ["tenant", "limit"],
             registry=r,
         )
         r.register(_WorkerCollector(registry))

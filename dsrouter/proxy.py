@@ -36,7 +36,7 @@ from dsrouter.body import (
     ClientTooSlow,
     RequestBody,
 )
-from dsrouter.config import Config
+from dsrouter.config import Config, TenantsConfig
 from dsrouter.context import RouterContext
 from dsrouter.cost import CostModel, read_fields
 from dsrouter.jobs import JobAffinity
@@ -46,10 +46,12 @@ from dsrouter.registry import (
     NoWorkerAvailable,
     PoolAsleep,
     QueueFull,
+    QueuePlace,
     QueueTimeout,
     Worker,
 )
 from dsrouter.routes import Route
+from dsrouter.tenants import OverLimit, Quotas, Tenant
 from dsrouter.units import KiB, MiB
 from dsrouter.workers_http import InvalidRequest, UpstreamError, UpstreamResponse
 
@@ -110,6 +112,7 @@ class Exchange:
     body: RequestBody
     headers: dict[bytes, bytes]
     """The client's headers by (lower-case) name, for the few the router reads."""
+    tenant: Tenant
     response_started: bool = False
     suspects: list[tuple[Worker, str, str]] = attrs.Factory(list)
     """Failures of this request not yet charged to their workers: (worker, kind, error).
@@ -187,6 +190,7 @@ class Proxy:
         self.workers = context.workers
         self.jobs = JobAffinity(context.registry, context.workers)
         self.active = 0
+        self.quotas = Quotas(trio.current_time)
         self.buffers = BufferBudget(lambda: self.config.server.max_buffered_mb * MiB)
         self._rng = random.Random()
         self._accepts: dict[tuple[str | None, str], Callable[[Worker], bool]] = {}
@@ -197,9 +201,10 @@ class Proxy:
         return self.context.config
 
     async def handle(
-        self, scope: Scope, receive: Receive, send: Send, record: RequestRecord
+        self, scope: Scope, receive: Receive, send: Send, record: RequestRecord, tenant: Tenant
     ) -> None:
-        """Serve one inference request; `send` already feeds `record` (see `access.py`)."""
+        """Serve one inference request for `tenant` (as `Auth` identified its key); `send`
+        already feeds `record` (see `access.py`)."""
         headers = dict(scope["headers"])
         route = routes.classify(scope["method"], scope["path"], scope["query_string"])
         record.route = routes.label(route)
@@ -218,7 +223,8 @@ class Proxy:
             min_rate=server.body_min_rate_kb_s * KiB,
             rate_grace_s=server.body_rate_grace_s,
         )
-        exchange = Exchange(scope, send, record, route, body, headers)
+        record.tenant = tenant.name
+        exchange = Exchange(scope, send, record, route, body, headers, tenant)
         if length is not None and b"transfer-encoding" in headers:
             # RFC 9112 6.3: a request with both is a smuggling attempt or a broken client;
             # which length the worker would believe is anyone's guess.
@@ -248,6 +254,14 @@ class Proxy:
             await exchange.respond_error(503, str(exc))
         except PoolAsleep as exc:
             await exchange.respond_error(503, str(exc), ASLEEP_RETRY_AFTER)
+        except OverLimit as exc:
+            log.info("%s [%s]", exc, exchange.request_id)
+            self.context.metrics.tenant_refused.labels(exc.tenant, exc.limit).inc()
+            await exchange.respond_json(
+                429,
+                {"error": str(exc), "tenant": exc.tenant, "limit": exc.limit},
+                [(b"retry-after", str(exc.retry_after).encode())],
+            )
         except QueueFull as exc:
             await exchange.respond_error(429, str(exc), [(b"retry-after", b"1")])
         except BodyTooLarge as exc:
@@ -362,7 +376,8 @@ class Proxy:
         return accept
 
     async def _with_failover(self, exchange: Exchange) -> None:
-        """Try suitable workers one after another until one answers (not 503).
+        """Admit the request within its tenant's limits, then try suitable workers one after
+        another until one answers (not 503).
 
         Suitable: able to produce the route's output and, when the request names a `model`
         (a JSON field or a multipart text field the router could read), serving that model.
@@ -390,7 +405,24 @@ class Proxy:
                 400, f"Model {model!r} does not support {route.output} output"
             )
             return
-        priority = _int_header(headers.get(b"x-dsrouter-priority"))
+        tenants = self.config.tenants
+        tenant = exchange.tenant
+        place = _queue_place(tenant, headers.get(b"x-dsrouter-priority"), tenants)
+        metrics = self.context.metrics
+        with self.quotas.admit(tenant, cost, tenants.replicas):
+            metrics.tenant_requests.labels(tenant.name).inc()
+            await self._attempts(exchange, accept, cost, place)
+            metrics.tenant_cost.labels(tenant.name).inc(cost)
+
+    async def _attempts(
+        self,
+        exchange: Exchange,
+        accept: Callable[[Worker], bool] | None,
+        cost: float,
+        place: QueuePlace,
+    ) -> None:
+        body = exchange.body
+        route = exchange.route
         tried: list[Worker] = []
         last_error: UpstreamFailed | None = None
         max_attempts = self.config.routing.max_attempts
@@ -398,13 +430,16 @@ class Proxy:
         while True:
             asked_at = trio.current_time()
             try:
-                lease = await self.registry.acquire(accept, tried, cost, priority)
+                lease = await self.registry.acquire(accept, tried, cost, place)
             except NoWorkerAvailable:
                 if last_error is None:
                     raise
                 raise last_error from None
             worker = lease.worker
             exchange.record.waited.append((worker.display_id, trio.current_time() - asked_at))
+            self.context.metrics.tenant_queue_wait.labels(place.tenant).observe(
+                trio.current_time() - asked_at
+            )
             with lease:
                 may_retry = (
                     body.replayable
@@ -658,11 +693,18 @@ def model_not_found(model: str) -> dict[str, Any]:
     }
 
 
-def _int_header(value: bytes | None) -> int:
-    try:
-        return int(value) if value else 0
-    except ValueError:
-        return 0
+def _queue_place(tenant: Tenant, header: bytes | None, tenants: TenantsConfig) -> QueuePlace:
+    """Where the request waits: its tenant's class, or a lower class `x-dsrouter-priority`
+    names. An integer there below 0 puts the request behind the rest of its class; nothing
+    the header says raises a request above what its key grants."""
+    value = (header or b"").decode("latin-1").strip()
+    rank, priority = tenant.rank, 0
+    if value in tenants.classes:
+        rank = max(rank, tenants.classes.index(value))
+    else:
+        with contextlib.suppress(ValueError):
+            priority = min(0, int(value))
+    return QueuePlace(rank, priority, tenant.name, tenant.weight, tenants.aging_s)
 
 
 def _is_json(response: UpstreamResponse) -> bool:

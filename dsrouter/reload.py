@@ -17,11 +17,13 @@ not on PATH, too few GPUs) reject the whole reload, like an invalid file.
 
 A file caught half-written (empty, or cut short) is valid TOML that says nothing: applied,
 it would drop the admin token, the API keys and every static worker. So a reload that
-removes the admin token, all API keys or all `[[workers]]` is refused unless the new file
-sets that key to empty in so many words (`admin_token = ""`, `api_keys = []`,
-`workers = []`). Every reload that weakens security (those three removals, allowed,
-and `forward_authorization`, `protect_metrics`, `allowed_worker_networks` loosened) logs a
-WARNING per change and lists it under `security_weakened` in its answer.
+removes the admin token, all API keys (`api_keys`, `[[security.keys]]`) or all `[[workers]]`
+is refused unless the new file sets that key to empty in so many words (`admin_token = ""`,
+`api_keys = []`, `keys = []`, `workers = []`). Tenants' limit state lives in the proxy
+(`tenants.Quotas`, by tenant name), so a reload keeps it. Every reload that weakens
+security (those removals, allowed, and `forward_authorization`, `protect_metrics`,
+`allowed_worker_networks` loosened) logs a WARNING per change and lists it under
+`security_weakened` in its answer.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ class Reloader:
             if refused:
                 raise ConfigError(refused)
             new = loaded.config
-            auth = Auth(new.security)
+            auth = Auth(new.security, new.tenants)
             launcher = None if self.pool is None else await self.pool.reconfigure(new.launcher)
         except ConfigError as exc:
             for problem in exc.problems:
@@ -209,6 +211,14 @@ def security_changes(old: Config, loaded: LoadedConfig) -> tuple[list[str], list
         "every API key",
         "api_keys = [] under [security]",
         "inference is open to anyone",
+    )
+    removal(
+        "security.keys",
+        bool(security.keys and not new_security.keys),
+        "every [[security.keys]] entry",
+        "keys = [] under [security]",
+        "their tenants' classes and limits no longer apply"
+        + ("" if new_security.api_keys else " and inference is open to anyone"),
     )
     removal(
         "workers",

@@ -115,9 +115,11 @@ async def miles_remove_worker() -> Any:
 @bp.get("/workers")
 async def list_workers() -> Any:
     registry = ctx().registry
+    summary = registry.summary()
     return {
         "workers": [w.to_json() for w in registry.workers()],
-        "queued": registry.summary()["queued"],
+        "queued": summary["queued"],
+        "queued_by_tenant": registry.queued_by_tenant(),
         "target_version": registry.target_version,
         "pool_sleeping": registry.pool_sleeping,
         "managed_workers": ctx().managed_workers(),

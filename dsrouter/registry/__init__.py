@@ -31,6 +31,7 @@ from dsrouter.registry.dispatch import (
     NoWorkerAvailable,
     PoolAsleep,
     QueueFull,
+    QueuePlace,
     QueueTimeout,
 )
 from dsrouter.registry.registry import CapabilityProber, CatchUp, Registry
@@ -48,6 +49,7 @@ __all__ = [
     "PoolAsleep",
     "ProbeOutcome",
     "QueueFull",
+    "QueuePlace",
     "QueueTimeout",
     "Registry",
     "Worker",

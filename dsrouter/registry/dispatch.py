@@ -1,15 +1,23 @@
 """The dispatch queue: which worker a request goes to, and when.
 
 A request gets a `Lease` on the best worker with room (`acquire`), or waits in the router
-queue until capacity frees up (late binding), in priority then arrival order. Each lease
+queue until capacity frees up (late binding). Each lease
 counts against its worker until it is released, exactly once, however the request ends;
 releases and every other change that may free capacity (`Registry._notify`) serve the queue.
+
+Queue order (`QueuePlace`, `_order`): the priority class first (a request's class rises one
+step per `aging_s` waited, so bulk work is never starved), then the integer priority, then
+start-time fair queuing between tenants: each request is tagged on arrival with a start
+time in GPU work (`max(virtual time, its tenant's previous finish)`; finish = start +
+cost / weight) and the smallest start goes first, so backlogged tenants get equal shares of
+cost units however they size their jobs.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 
 import attrs
@@ -74,6 +82,25 @@ class Lease:
         self.release()
 
 
+@attrs.frozen
+class QueuePlace:
+    """Where a request stands in the router queue (see the module docstring)."""
+
+    rank: int = 0
+    """Its priority class, as an index: 0 is served first."""
+    priority: int = 0
+    """Within a class, higher first (before fair share)."""
+    tenant: str = ""
+    weight: float = 1.0
+    """The tenant's share of GPU work relative to the others in its class."""
+    aging_s: float = 0.0
+    """Each this many seconds waited raise the request one class (0: never)."""
+
+
+FIRST_COME = QueuePlace()
+"""The place of a request that names none: the first class, one anonymous tenant."""
+
+
 class _Pause:
     def __init__(self, dispatcher: Dispatcher) -> None:
         self.dispatcher = dispatcher
@@ -93,6 +120,11 @@ class _Waiter:
     accept: Callable[[Worker], bool] | None
     exclude: frozenset[int]
     cost: float
+    place: QueuePlace
+    since: float
+    start: float
+    """Its start tag in virtual GPU work (fair queuing)."""
+    seq: int
     event: trio.Event = attrs.Factory(trio.Event)
     lease: Lease | None = None
     refusal: Exception | None = None
@@ -130,8 +162,12 @@ class Dispatcher:
         """Called after a lease on the worker ended (and before the queue is served)."""
         self._prior: Prior | None = None
         """The pool's service-time figures, recomputed after a speed changes."""
-        self._queue: list[tuple[int, int, _Waiter]] = []
+        self._queue: list[_Waiter] = []
         self._seq = itertools.count()
+        self._vtime = 0.0
+        """Fair queuing's virtual time: the largest start tag served so far."""
+        self._finish: dict[str, float] = {}
+        """Each queued tenant's last finish tag; forgotten when the queue empties."""
         self._paused = 0
 
     def reconfigure(self, routing: RoutingConfig, default_spu: float, policy: Policy) -> None:
@@ -144,18 +180,22 @@ class Dispatcher:
     def queued(self) -> int:
         return len(self._queue)
 
+    def queued_by_tenant(self) -> dict[str, int]:
+        """Requests waiting, per tenant (`dsrouter status`, `/workers`)."""
+        return dict(Counter(waiter.place.tenant for waiter in self._queue))
+
     async def acquire(
         self,
         accept: Callable[[Worker], bool] | None = None,
         exclude: Iterable[Worker] = (),
         cost: float = 1.0,
-        priority: int = 0,
+        place: QueuePlace = FIRST_COME,
     ) -> Lease:
         """A lease on the best worker with room, waiting in the router queue if none has.
 
-        FIFO within a priority (higher first). A waiter that is cancelled (client gone,
-        queue timeout) leaves the queue at once, and a lease handed to it in the meantime is
-        released, so no slot is lost.
+        Queued in the order of `place` (see the module docstring). A waiter that is
+        cancelled (client gone, queue timeout) leaves the queue at once, and a lease handed
+        to it in the meantime is released, so no slot is lost.
         """
         excluded = frozenset(map(id, exclude))
         pool_sleeping = self._weights.pool_sleeping
@@ -170,9 +210,10 @@ class Dispatcher:
                 return self.lease_worker(worker, cost)
         if len(self._queue) >= self.routing.queue_size:
             raise QueueFull(f"Router queue is full ({self.routing.queue_size} waiting)")
-        waiter = _Waiter(accept, excluded, cost)
-        entry = (-priority, next(self._seq), waiter)
-        heapq.heappush(self._queue, entry)
+        start = max(self._vtime, self._finish.get(place.tenant, 0.0))
+        self._finish[place.tenant] = start + cost / place.weight
+        waiter = _Waiter(accept, excluded, cost, place, self._clock(), start, next(self._seq))
+        self._queue.append(waiter)
         self._notify()
         try:
             with trio.move_on_after(self.routing.queue_timeout_s):
@@ -181,12 +222,12 @@ class Dispatcher:
             if waiter.lease is not None:
                 waiter.lease.release()
             else:
-                self._leave_queue(entry)
+                self._leave_queue(waiter)
             raise
         if waiter.refusal is not None:
             raise waiter.refusal
         if waiter.lease is None:
-            self._leave_queue(entry)
+            self._leave_queue(waiter)
             raise QueueTimeout(f"No worker became free within {self.routing.queue_timeout_s:g}s")
         return waiter.lease
 
@@ -235,7 +276,7 @@ class Dispatcher:
         return _Pause(self)
 
     def dispatch_queue(self) -> None:
-        """Hand freed capacity to queued requests, in priority then arrival order.
+        """Hand freed capacity to queued requests, in queue order (`_order`).
 
         A request that keeps waiting for a busy worker it will go to first counts, for the
         rest of this pass, as work queued on that worker (`held`): otherwise every request
@@ -244,16 +285,19 @@ class Dispatcher:
         """
         if not self._queue:
             return
-        served = []
+        served = False
         held: list[tuple[Worker, float]] = []
+        now = self._clock()
         try:
-            for entry in heapq.nsmallest(DISPATCH_DEPTH, self._queue):
-                waiter = entry[2]
+            for waiter in heapq.nsmallest(
+                DISPATCH_DEPTH, self._queue, key=lambda w: self._order(w, now)
+            ):
                 worker, wait_for = self._place(waiter.accept, waiter.exclude, waiter.cost)
                 if worker is not None:
                     waiter.lease = self.lease_worker(worker, waiter.cost)
                     waiter.event.set()
-                    served.append(entry)
+                    self._vtime = max(self._vtime, waiter.start)
+                    served = True
                 elif wait_for is not None:
                     wait_for.outstanding_cost += waiter.cost
                     held.append((wait_for, waiter.cost))
@@ -261,8 +305,25 @@ class Dispatcher:
             for worker, cost in held:
                 worker.outstanding_cost -= cost
         if served:
-            self._queue = [e for e in self._queue if e not in served]
-            heapq.heapify(self._queue)
+            self._queue = [w for w in self._queue if w.lease is None]
+            self._forget_if_empty()
+
+    @staticmethod
+    def _order(waiter: _Waiter, now: float) -> tuple[int, int, float, int]:
+        """The sort key of a queued request now: (class after aging, -priority, start tag,
+        arrival). Computed at each dispatch since aging moves it; `nsmallest` over the
+        queue costs O(n log DISPATCH_DEPTH) either way."""
+        place = waiter.place
+        rank = place.rank
+        if place.aging_s:
+            rank = max(0, rank - int((now - waiter.since) // place.aging_s))
+        return rank, -place.priority, waiter.start, waiter.seq
+
+    def _forget_if_empty(self) -> None:
+        """With nobody waiting no tenant is behind: finish tags restart at virtual time,
+        and the map holds only tenants with requests queued."""
+        if not self._queue:
+            self._finish.clear()
 
     async def recheck(self) -> None:
         """Dispatch again now and then although nothing happened.
@@ -292,14 +353,15 @@ class Dispatcher:
     def refuse_all(self, refusal: Exception) -> None:
         """Empty the queue: every waiting request gets `refusal` raised now (the pool fell
         asleep: waiting for the wake could take as long as a training step)."""
-        for _, _, waiter in self._queue:
+        for waiter in self._queue:
             waiter.refusal = refusal
             waiter.event.set()
         self._queue.clear()
+        self._forget_if_empty()
 
-    def _leave_queue(self, entry: tuple[int, int, _Waiter]) -> None:
-        self._queue.remove(entry)
-        heapq.heapify(self._queue)
+    def _leave_queue(self, waiter: _Waiter) -> None:
+        self._queue.remove(waiter)
+        self._forget_if_empty()
 
     def _candidates(
         self, accept: Callable[[Worker], bool] | None, excluded: frozenset[int], *, limit: bool

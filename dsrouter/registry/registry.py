@@ -21,7 +21,7 @@ from dsrouter.config import HealthConfig, RoutingConfig
 from dsrouter.jobs import JobMap
 from dsrouter.policies import Policy
 from dsrouter.registry.breaker import Breaker
-from dsrouter.registry.dispatch import Dispatcher, Lease, PoolAsleep
+from dsrouter.registry.dispatch import FIRST_COME, Dispatcher, Lease, PoolAsleep, QueuePlace
 from dsrouter.registry.weights import PoolWeights
 from dsrouter.registry.worker import Capabilities, Health, RoutingEpoch, Worker
 from dsrouter.urls import display_id_for, normalize_worker_url, worker_id_for
@@ -184,6 +184,11 @@ class Registry:
             "stale_workers": sum(1 for w in workers if w.stale),
         }
 
+    def queued_by_tenant(self) -> dict[str, int]:
+        """Requests waiting in the router queue, per tenant (not in `summary`: the public
+        `/health` shows that, and tenant names are for operators)."""
+        return self._dispatch.queued_by_tenant()
+
     # ---- membership ----------------------------------------------------------------------
 
     def add(
@@ -254,10 +259,10 @@ class Registry:
         accept: Callable[[Worker], bool] | None = None,
         exclude: Iterable[Worker] = (),
         cost: float = 1.0,
-        priority: int = 0,
+        place: QueuePlace = FIRST_COME,
     ) -> Lease:
         """A lease on the best worker with room, waiting in the router queue if none has."""
-        return await self._dispatch.acquire(accept, exclude, cost, priority)
+        return await self._dispatch.acquire(accept, exclude, cost, place)
 
     def lease_worker(self, worker: Worker, cost: float = 0.0) -> Lease:
         """Count a request against a specific worker (sticky jobs, broadcasts)."""

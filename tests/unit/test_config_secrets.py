@@ -13,6 +13,7 @@ import pytest
 from dsrouter.cli import main
 from dsrouter.config import (
     MASK,
+    ApiKey,
     Config,
     ConfigError,
     LauncherConfig,
@@ -281,3 +282,13 @@ def test_flags_count_as_explicit(tmp_path: Path) -> None:
     refused, _ = security_changes(Config(workers=GUARDED.workers), loaded)
     assert refused == []
     assert isinstance(loaded, LoadedConfig) and loaded.config.launcher == LauncherConfig()
+
+
+def test_a_file_cut_short_may_not_drop_the_tenant_keys(tmp_path: Path) -> None:
+    old = Config(security=SecurityConfig(keys=[ApiKey("a", key="k")]))
+    refused, _ = changes(tmp_path, "", old)
+    assert [line.split(": ", 2)[1] for line in refused] == ["security.keys"]
+    assert "inference is open to anyone" in refused[0]
+    refused, weakened = changes(tmp_path, "[security]\nkeys = []\n", old)
+    assert refused == []
+    assert [line.split(":")[0] for line in weakened] == ["security.keys"]

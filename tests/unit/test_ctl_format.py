@@ -3,7 +3,13 @@
 from typing import Any
 
 from dsrouter.client import BroadcastResult, PoolHealth, RefitResult, WorkerInfo
-from dsrouter.ctl import format_broadcast, format_status, format_table, pool_version
+from dsrouter.ctl import (
+    format_broadcast,
+    format_queued,
+    format_status,
+    format_table,
+    pool_version,
+)
 
 
 def _worker(port: int, **fields: Any) -> dict[str, Any]:
@@ -215,3 +221,10 @@ def test_refit_result_counts_a_success_false_body_and_stale_workers_as_failed() 
         "http://b:1": "200: bad shard",
         "http://c:1": "stale: not on the pool's weight version",
     }
+
+
+def test_queue_per_tenant_longest_first() -> None:
+    assert format_queued({}) == ""
+    assert format_queued({"web": 1, "batch": 4, "admin": 1}) == (
+        "queued by tenant: batch 4, admin 1, web 1"
+    )

@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from dsrouter.auth import Auth
-from dsrouter.config import Config, SecurityConfig, ServerConfig
+from dsrouter.config import Config, SecurityConfig, ServerConfig, TenantsConfig
 from dsrouter.daemon import _warn_if_exposed
 
 
@@ -17,7 +17,7 @@ def _warned(caplog: pytest.LogCaptureFixture, host: str, token: str = "") -> boo
     caplog.clear()
     config = Config(server=ServerConfig(host=host))
     with caplog.at_level(logging.WARNING, logger="dsrouter"):
-        _warn_if_exposed(config, Auth(SecurityConfig(admin_token=token)))
+        _warn_if_exposed(config, Auth(SecurityConfig(admin_token=token), TenantsConfig()))
     return any("NO admin token" in record.getMessage() for record in caplog.records)
 
 

@@ -11,6 +11,7 @@ from dsrouter.registry import (
     NoWorkerAvailable,
     ProbeOutcome,
     QueueFull,
+    QueuePlace,
     QueueTimeout,
     Registry,
     Worker,
@@ -241,7 +242,7 @@ async def test_queue_is_fifo_within_priority_and_priority_goes_first() -> None:
     order: list[str] = []
 
     async def wait(name: str, priority: int) -> None:
-        lease = await registry.acquire(priority=priority)
+        lease = await registry.acquire(place=QueuePlace(priority=priority))
         order.append(name)
         lease.release()
 
