@@ -13,10 +13,25 @@ SIGKILLed and restarted on its port every ~90 s, and one worker is SIGSTOPped fo
 
 Every simulated answer names the weights that made it (`x-simworker-model-path`), the router
 names the worker (`x-dsrouter-worker`); the checks use only those, the send and answer times,
-and the timeline of refits, sleeps, kills and stops. Loopback only and bounded in time; every
-process it starts is stopped by PID at the end, also on Ctrl-C or an exception. Prints a
-JSON summary (also written to DIR/summary.json with the router's log and every answer) and
-exits 1 when a check failed.
+the timeline of refits, sleeps, kills and stops, and what the simulated workers themselves
+say about their sleep (`/_sim/state`) during each sleep:
+
+- stale: a generation answered from weights older than the last refit that had answered
+  before the request was sent (requests in flight across a refit may get either version);
+- served while asleep: a generation answered between a release's answer and the resume;
+- a worker process up and awake while the pool sleeps (`AWAKE_GRACE_S` after the release,
+  or after that process started);
+- a non-2xx outside the fault windows (a kill until GET /workers shows the worker healthy
+  again, the stop until it is back plus `breaker_open_s`, a sleep from the release to the
+  resume's answer, where only 503 "pool is asleep" is expected), a job read lost because
+  its owner was killed after creating it excepted;
+- a non-2xx without a JSON reason: the router's `{"error": ...}`, or a worker's own
+  `{"detail": ...}` passed through verbatim (counted apart).
+
+Loopback only and bounded in time; every process it starts is stopped by PID at the end,
+also on Ctrl-C or an exception. Prints a JSON summary (also written to DIR/summary.json,
+beside the router's log, every answer, the timeline and the router's view of the workers)
+and exits 1 when a check failed.
 """
 
 from __future__ import annotations
@@ -61,7 +76,7 @@ LAUNCH_WEIGHTS = "sim/Wan-Sim"
 REFIT_FIRST_S, REFIT_EVERY_S = 5.0, 30.0
 SLEEP_FIRST_S, SLEEP_EVERY_S, SLEEP_HOLD_S = 20.0, 60.0, 10.0
 KILL_EVERY_S = 90.0
-KILL_PHASE_S = [19.0, 19.0, 24.0, 19.0, 19.0, 19.0, 23.0]
+KILL_PHASE_S = [19.0, 19.0, 24.0, 19.0, 19.0, 19.0, 21.0]
 """Offset of kill k in its 90 s period. With sleeps at 20 + 60k the kills alternate between
 one second before a sleep (the restart comes back while the pool sleeps), ~15 s after a
 refit (the restart comes back on launch weights into a refitted pool) and in the middle of
@@ -72,6 +87,9 @@ STOP_AT_S, STOP_FOR_S = 230.0, 20.0
 WINDOW_SLACK_S = 1.0
 """Added to the end of every fault window: the router's view lags by a probe round or two."""
 CLIENT_TIMEOUT_S = 120.0
+AWAKE_GRACE_S = 3.0
+"""Seconds a worker process may stay awake after the release, or after it started during a
+sleep, before the router should have put it to sleep (a probe round and one call)."""
 HARD_LIMIT_EXTRA_S = 420.0
 """Start-up, the last requests, restarts and settling may take this long past the traffic."""
 GENERATIONS = frozenset({"image-b64", "image-url", "video-create"})
@@ -181,6 +199,9 @@ class Answer:
     error: str | None = None
     """The JSON `error` of a non-2xx answer, else its `detail` or the start of its text."""
     json_error: bool = False
+    """The body is a JSON object with `error` (the router's shape)."""
+    json_detail: bool = False
+    """The body is a JSON object with `detail` only: a worker's own error, passed through."""
     retry_after: str | None = None
     job_id: str | None = None
     job_owner: str | None = None
@@ -232,6 +253,8 @@ class Soak:
         self.resources: list[dict[str, float]] = []
         self.states: dict[str, str] = {}
         self.ids = itertools.count(1)
+        self.started = [0.0] * WORKERS
+        """When each worker's current process began to listen (seconds since the start)."""
         self.done = trio.Event()
         self.asleep = False
         self.video_outcomes: Counter[str] = Counter()
@@ -255,6 +278,7 @@ class Soak:
         line = await wait_line(process, log, offset, "simworker listening on")
         if not line.rstrip().endswith(f":{port}"):
             raise RuntimeError(f"worker {index} did not get port {port}: {line}")
+        self.started[index] = self.now()
         return process.pid
 
     async def start_router(self) -> None:
@@ -326,6 +350,7 @@ class Soak:
                     answer.json_error = True
                     answer.error = json.dumps(payload["error"])[:300]
                 elif isinstance(payload, dict) and "detail" in payload:
+                    answer.json_detail = True
                     answer.error = "detail: " + json.dumps(payload["detail"])[:300]
                 else:
                     answer.error = "text: " + response.text[:200]
@@ -467,7 +492,7 @@ class Soak:
             http, "/release_memory_occupation"
         )
         self.asleep = True
-        await trio.sleep(SLEEP_HOLD_S)
+        awake = await self.watch_workers_asleep(http, release_done + SLEEP_HOLD_S)
         resume_sent, resume_done, resume_status, resumed = await self.admin(
             http, "/resume_memory_occupation"
         )
@@ -482,8 +507,29 @@ class Soak:
                 "resume_done": resume_done,
                 "resume_status": resume_status,
                 "resumed": sum(r.get("status_code") == 200 for r in resumed.get("results", [])),
+                "awake_samples": awake,
             }
         )
+
+    async def watch_workers_asleep(self, http: httpx.AsyncClient, until: float) -> list[list[Any]]:
+        """While the pool sleeps, ask every simulated worker itself (`/_sim/state`, not the
+        router) once a second whether it is awake: a worker process that is up and awake
+        holds GPU memory the trainer expects free. Returns [time, worker, started_at] of
+        each awake sighting (started_at: when that process printed its listening line)."""
+        awake: list[list[Any]] = []
+        while self.now() < until:
+            for index in range(WORKERS):
+                try:
+                    state = (
+                        await http.get(f"http://{self.name(index)}/_sim/state", timeout=1.0)
+                    ).json()
+                except (httpx.HTTPError, ValueError):
+                    continue
+                if not state.get("sleeping"):
+                    awake.append([self.now(), self.name(index), self.started[index]])
+            with trio.move_on_after(min(1.0, max(0.0, until - self.now()))):
+                await trio.sleep_forever()
+        return awake
 
     # ---- faults: kills and one stop -----------------------------------------------------
 
@@ -707,6 +753,14 @@ class Soak:
             and 200 <= a.status < 300
             and any(lo < a.done < hi for lo, hi in asleep)
         ]
+        awake_while_asleep = [
+            {"t": t, "worker": worker, "process_started": started, "release_done": lo}
+            for sleep in self.timeline.sleeps
+            if sleep["release_status"] == 200
+            for lo in [sleep["release_done"]]
+            for t, worker, started in sleep["awake_samples"]
+            if t - max(lo, started) > AWAKE_GRACE_S
+        ]
         queued_through_sleep = [
             a
             for a in answers
@@ -718,6 +772,7 @@ class Soak:
         kills = [(k["worker"], k["killed_at"]) for k in self.timeline.kills]
         labels: Counter[str] = Counter()
         outside, no_json, sleep_other, no_retry_after = [], [], [], []
+        detail_only: Counter[str] = Counter()
         for a in answers:
             if 200 <= a.status < 300:
                 continue
@@ -729,7 +784,9 @@ class Soak:
                 sleep_other.append(a)
             if a.status == 503 and "pool is asleep" in (a.error or "") and not a.retry_after:
                 no_retry_after.append(a)
-            if a.status and not a.json_error:
+            if a.status and a.json_detail:
+                detail_only[f"{a.status} {a.kind} ({label})"] += 1
+            elif a.status and not a.json_error:
                 no_json.append(a)
 
         by_kind: dict[str, Counter[str]] = defaultdict(Counter)
@@ -746,8 +803,11 @@ class Soak:
         checks = {
             "stale_answers": len(stale),
             "served_while_asleep": len(served_asleep),
+            "worker_awake_while_pool_asleep": len(
+                {(a["worker"], a["release_done"]) for a in awake_while_asleep}
+            ),
             "non2xx_outside_fault_windows": len(outside),
-            "non2xx_without_json_error": len(no_json),
+            "non2xx_without_json_reason": len(no_json),
             "sleep_window_non2xx_other_than_pool_asleep": len(sleep_other),
             "generations_without_weights_header": len(unnamed),
         }
@@ -777,6 +837,7 @@ class Soak:
                 "by_window": dict(labels),
                 "transport_errors": sum(a.status == 0 for a in answers),
                 "pool_asleep_503_without_retry_after": len(no_retry_after),
+                "worker_json_detail_passed_through": dict(detail_only),
             },
             "info": {
                 "reads_answered_by_older_weights": len(older_reads),
@@ -815,8 +876,9 @@ class Soak:
             "examples": {
                 "stale": [asdict(a) for a in stale[:10]],
                 "served_while_asleep": [asdict(a) for a in served_asleep[:10]],
+                "awake_while_pool_asleep": awake_while_asleep[:10],
                 "outside_fault_windows": [asdict(a) for a in outside[:10]],
-                "without_json_error": [asdict(a) for a in no_json[:10]],
+                "without_json_reason": [asdict(a) for a in no_json[:10]],
                 "sleep_window_other": [asdict(a) for a in sleep_other[:10]],
             },
         }
