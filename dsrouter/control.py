@@ -429,45 +429,54 @@ class PoolControl:
     # ---- catch-up (run by the registry task) ---------------------------------------------
 
     async def catch_up(self, url: str) -> None:
-        """Bring a worker in line with the pool: asleep if the pool sleeps, else on the
-        pool's weights (replaying its weight changes, retrying with backoff).
+        """Bring a worker in line with the pool: asleep if the pool sleeps, else awake and on
+        the pool's weights (replaying its weight changes, retrying with backoff).
 
         A worker that joins or recovers while the pool sleeps is put to sleep, and nothing
-        else: its weights are replayed when the pool wakes (the wake asks again). Otherwise
-        this runs until the worker is on the pool's version, or can no longer be caught up
-        now (gone, not healthy, asleep: the registry asks again when that changes). Marking the
-        worker stale from in here (`mark_stale`) asks for a catch-up too, but the registry
+        else: its weights are replayed when the pool wakes (the wake asks again). One the
+        router still counts as asleep while the pool is awake (it was dead at the wake, or
+        died asleep and came back as a new, awake process) is resumed first: release and
+        resume are idempotent on a worker, so neither case needs to be told from the other.
+        Otherwise this runs until the worker is on the pool's version, or can no longer be
+        caught up now (gone, not healthy: the registry asks again when that changes). Marking
+        the worker stale from in here (`mark_stale`) asks for a catch-up too, but the registry
         runs one catch-up per worker at a time and drops that request, so this loop is the
         only retry.
         """
         delay = CATCH_UP_FIRST_DELAY_S
         while True:
             worker = self.registry.by_url(url)
-            if worker is None or worker.health is not Health.HEALTHY or worker.sleeping:
+            if worker is None or worker.health is not Health.HEALTHY:
                 return
             if self.registry.pool_sleeping:
                 await self._put_to_sleep(worker)
                 return
-            if not worker.stale:
-                return
-            if any(step.path not in REPLAYABLE for step in self.recipe):
-                self.registry.mark_stale(
-                    worker,
-                    "cannot catch up: the pool's weights came "
-                    "from a tensor update, which cannot be replayed",
-                )
-                return
-            async with self.registry.control_lock:
-                await self._replay(worker, new_request_id())
-            if not worker.stale:
-                return
+            if worker.sleeping:
+                await self._wake(worker)
+            if not worker.sleeping:
+                if not worker.stale:
+                    return
+                if any(step.path not in REPLAYABLE for step in self.recipe):
+                    self.registry.mark_stale(
+                        worker,
+                        "cannot catch up: the pool's weights came "
+                        "from a tensor update, which cannot be replayed",
+                    )
+                    return
+                async with self.registry.control_lock:
+                    await self._replay(worker, new_request_id())
+                if not worker.stale:
+                    return
             await trio.sleep(delay * self._rng.uniform(0.8, 1.2))
             delay = min(delay * 2, CATCH_UP_MAX_DELAY_S)
 
     async def _put_to_sleep(self, worker: Worker) -> None:
-        """Release a late worker's GPU memory, as the pool's release did for the others."""
+        """Release a late worker's GPU memory, as the pool's release did for the others.
+
+        Also when the router counts it as asleep already: it recovered from dead, and may
+        be a new process that starts awake (a release of a sleeping worker is a no-op)."""
         async with self.registry.control_lock:
-            if not self.registry.pool_sleeping or worker.sleeping:
+            if not self.registry.pool_sleeping:
                 return
             request_id = new_request_id()
             result = await self._call(
@@ -481,6 +490,26 @@ class PoolControl:
             else:
                 log.warning(
                     "%s joined a sleeping pool and could not be put to sleep: %s [%s]",
+                    worker.display_id,
+                    _reason(result),
+                    request_id,
+                )
+
+    async def _wake(self, worker: Worker) -> None:
+        """Resume a worker counted as asleep while the pool is awake (it missed the wake)."""
+        async with self.registry.control_lock:
+            if self.registry.pool_sleeping or not worker.sleeping:
+                return
+            request_id = new_request_id()
+            result = await self._call(
+                worker, "POST", "/resume_memory_occupation", b"{}", request_id
+            )
+            if result["status_code"] == 200:
+                self.registry.set_sleeping(worker, False)
+                log.info("%s missed the wake: resumed [%s]", worker.display_id, request_id)
+            else:
+                log.warning(
+                    "%s missed the wake and could not be resumed: %s [%s]",
                     worker.display_id,
                     _reason(result),
                     request_id,

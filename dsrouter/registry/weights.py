@@ -72,11 +72,18 @@ class PoolWeights:
     def became_healthy(self, worker: Worker, was_dead: bool) -> None:
         """A worker (re)joined the healthy pool: a dead one may have restarted on its launch
         weights, so once the pool has a target it counts as unconfirmed until caught up; one
-        that comes while the pool sleeps is put to sleep first (the catch-up does both)."""
+        that comes while the pool sleeps is put to sleep first (the catch-up does both).
+
+        A dead one that the router had put to sleep may have restarted awake, or missed the
+        wake: the catch-up releases it again while the pool sleeps, else resumes it."""
         if self.target_version is not None and was_dead:
             worker.weights = None
         self._update_staleness(worker)
-        if worker.stale or (self.pool_sleeping and not worker.sleeping):
+        if (
+            worker.stale
+            or (self.pool_sleeping and not worker.sleeping)
+            or (was_dead and worker.sleeping)
+        ):
             self._request_catch_up(worker.url)
 
     def went_dead(self, worker: Worker) -> None:

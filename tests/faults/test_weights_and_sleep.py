@@ -185,3 +185,89 @@ async def test_requests_waiting_through_a_release_get_asleep_once_the_pool_sleep
 
 async def _busy(http: httpx.AsyncClient, worker: SimWorker) -> bool:
     return (await http.get(f"{worker.url}/_sim/state")).json()["in_flight"] == 1
+
+
+async def test_a_sleeping_worker_restarted_during_the_sleep_is_put_to_sleep_again(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    """Released, killed and restarted before the wake: the new process is awake (it holds
+    the GPU memory the trainer expects free) although the router remembered the old one as
+    asleep; the router must release it again, and after the wake it serves the pool's
+    weights."""
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            steady, victim = [await start_simworker(nursery, *WORK) for _ in range(2)]
+            async with router_process(
+                ["--worker-urls", steady.url, victim.url], config=CONFIG, tmp_path=tmp_path
+            ) as router:
+                await healthy(http, router.url, 2)
+                await _refit(http, router.url)
+                slept = await http.post(f"{router.url}/release_memory_occupation")
+                assert slept.status_code == 200, slept.text
+                await victim.kill()
+
+                async def dead() -> bool:
+                    return (await http.get(f"{router.url}/health")).json()["dead_workers"] == 1
+
+                await wait_until(dead)
+                restarted = await start_simworker(nursery, *WORK, port=victim.port)
+
+                async def asleep_again() -> bool:
+                    state = (await http.get(f"{restarted.url}/_sim/state")).json()
+                    return state["sleeping"] is True
+
+                await wait_until(asleep_again, timeout_s=15)
+                woke = await http.post(f"{router.url}/resume_memory_occupation")
+                assert woke.status_code == 200, woke.text
+                await healthy(http, router.url, 2)
+                traffic = Traffic("/v1/images/generations", IMAGE)
+                async with trio.open_nursery() as load:
+                    for _ in range(4):
+                        load.start_soon(traffic.client, http, router.url)
+
+                    async def served() -> bool:
+                        return any(_worker(a) == _name(restarted) for a in traffic.answers)
+
+                    await wait_until(served, timeout_s=30)
+                    traffic.stop()
+                assert all(a.status == 200 and _weights(a) == NEW for a in traffic.answers)
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_sleeping_worker_dead_through_the_wake_serves_once_it_is_back(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    """Released, killed, and restarted only after the wake (its resume failed): it is
+    caught up and serves at once, instead of staying "sleeping" until the next wake (and
+    holding its GPU memory through the next sleep, which skips workers it thinks asleep)."""
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            steady, victim = [await start_simworker(nursery, *WORK) for _ in range(2)]
+            async with router_process(
+                ["--worker-urls", steady.url, victim.url], config=CONFIG, tmp_path=tmp_path
+            ) as router:
+                await healthy(http, router.url, 2)
+                await _refit(http, router.url)
+                slept = await http.post(f"{router.url}/release_memory_occupation")
+                assert slept.status_code == 200, slept.text
+                await victim.kill()
+
+                async def dead() -> bool:
+                    return (await http.get(f"{router.url}/health")).json()["dead_workers"] == 1
+
+                await wait_until(dead)
+                woke = await http.post(f"{router.url}/resume_memory_occupation")
+                assert woke.status_code == 200, woke.text
+                restarted = await start_simworker(nursery, *WORK, port=victim.port)
+
+                async def caught_up() -> bool:
+                    return await _state(http, router.url, restarted) == "healthy"
+
+                await wait_until(caught_up, timeout_s=15)
+                state = (await http.get(f"{restarted.url}/_sim/state")).json()
+                assert state["model_path"] == NEW and state["sleeping"] is False
+                slept = await http.post(f"{router.url}/release_memory_occupation")
+                assert slept.status_code == 200, slept.text
+                state = (await http.get(f"{restarted.url}/_sim/state")).json()
+                assert state["sleeping"] is True
+            nursery.cancel_scope.cancel()
