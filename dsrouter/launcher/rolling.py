@@ -76,6 +76,7 @@ RESTART_ONLY = (
     "internal_port_stride",
     "log_dir",
     "log_max_mb",
+    "ray",
 )
 
 
