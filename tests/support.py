@@ -58,6 +58,7 @@ async def router_process(
     config: str | None = None,
     tmp_path: Path | None = None,
     env: dict[str, str] | None = None,
+    start_timeout_s: float = START_TIMEOUT_S,
 ) -> AsyncIterator[RouterProcess]:
     """Run `dsrouter run ARGS` on 127.0.0.1 with an ephemeral port; stop it afterwards."""
     argv = [sys.executable, "-m", "dsrouter", "run", "--host", "127.0.0.1", "--port", "0", *args]
@@ -78,7 +79,7 @@ async def router_process(
         nursery.start_soon(_pump, process.stdout, lines, ready, "dsrouter listening on ")
         router = RouterProcess(process, "", lines)
         try:
-            with trio.fail_after(START_TIMEOUT_S):
+            with trio.fail_after(start_timeout_s):
                 await ready.wait()
             listening = next(line for line in lines if "dsrouter listening on " in line)
             router.url = listening.split("dsrouter listening on ", 1)[1].strip()
