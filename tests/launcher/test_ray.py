@@ -105,6 +105,7 @@ def ray_cluster() -> Iterator[RayCluster]:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        process.stdout.close()
         shutil.rmtree(scratch, ignore_errors=True)
 
 
