@@ -6,10 +6,13 @@ named actors and the placement groups (not removed) that NAMESPACE still has the
 Starts NODES logical nodes on this machine (`ray.cluster_utils.Cluster`), each offering CPUS
 CPUs and GPUS simulated GPUs (Ray hands out their ids and sets `CUDA_VISIBLE_DEVICES`; no
 device exists), prints the cluster's address on one line, and shuts the cluster down when
-its standard input closes. Run as a separate process so that Ray's global state, threads
-and warnings stay out of the pytest process. Where Ray writes (`RAY_TMPDIR`, `HOME`) and
-that token authentication is off (`RAY_AUTH_MODE`) come from the environment the caller
-gives it.
+its standard input closes. Meanwhile it reads commands, one a line, and answers each with
+one line: `add` starts one more such node (answer: its node id), `remove NODE_ID` kills that
+node's processes at once, as a lost machine would (answer: `removed`). Node deaths are
+detected within about 2 s (the health check is made faster than Ray's default). Run as a
+separate process so that Ray's global state, threads and warnings stay out of the pytest
+process. Where Ray writes (`RAY_TMPDIR`, `HOME`) and that token authentication is off
+(`RAY_AUTH_MODE`) come from the environment the caller gives it.
 """
 
 from __future__ import annotations
@@ -41,13 +44,26 @@ def main() -> None:
         print(json.dumps(leftovers(sys.argv[2], sys.argv[3])), flush=True)
         return
     nodes, cpus, gpus = (int(arg) for arg in sys.argv[1:4])
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus, "num_gpus": gpus})
+    fast_death = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": cpus, "num_gpus": gpus, "_system_config": fast_death},
+    )
     try:
         for _ in range(nodes - 1):
             cluster.add_node(num_cpus=cpus, num_gpus=gpus)
         cluster.wait_for_nodes()
         print(cluster.address, flush=True)
-        sys.stdin.read()
+        for line in sys.stdin:
+            command, *args = line.split()
+            if command == "add":
+                node = cluster.add_node(num_cpus=cpus, num_gpus=gpus)
+                cluster.wait_for_nodes()
+                print(node.node_id, flush=True)
+            elif command == "remove":
+                (node,) = (n for n in cluster.list_all_nodes() if n.node_id == args[0])
+                cluster.remove_node(node, allow_graceful=False)
+                print("removed", flush=True)
     finally:
         cluster.shutdown()
 

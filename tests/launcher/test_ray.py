@@ -1,10 +1,11 @@
 """The Ray backend through a real router process on a real local Ray cluster.
 
-One cluster for the module: two logical nodes with two simulated GPUs each
-(`raycluster.py`, in its own process). Each test runs its routers in a namespace of its
-own and checks at the end that no process of its workers, actors or keepers is left and
-that the namespace holds no actor or placement group. Everything Ray writes goes under one
-temporary directory (`HOME`, `RAY_TMPDIR`), with token authentication off.
+One cluster for the module: two logical nodes with two simulated GPUs each (`raycluster.py`,
+in its own process; the node-loss test adds and removes more). Each test runs its routers in
+a namespace of its own and checks at the end that no process of its workers, actors or
+keepers is left and that the namespace holds no actor or placement group. Everything Ray
+writes goes under one temporary directory (`HOME`, `RAY_TMPDIR`), with token authentication
+off.
 
 Without Ray installed the tests skip, unless `DSROUTER_REQUIRE_RAY=1` (CI) makes that a
 failure.
@@ -58,6 +59,14 @@ class RayCluster:
     address: str
     env: dict[str, str]
     """What every process that talks to the cluster gets: where Ray writes, auth off."""
+    process: subprocess.Popen[str]
+
+    def command(self, line: str) -> str:
+        """One command to `raycluster.py` (`add`, `remove NODE_ID`); its one-line answer."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+        return self.process.stdout.readline().strip()
 
     def leftovers(self, namespace: str) -> dict[str, list[str]]:
         """The named actors and placement groups `namespace` still has on the cluster."""
@@ -97,7 +106,7 @@ def ray_cluster() -> Iterator[RayCluster]:
             raise AssertionError(f"no Ray cluster within {CLUSTER_START_S}s")
         address = process.stdout.readline().strip()
         assert address, f"the Ray cluster did not start (exit status {process.poll()})"
-        yield RayCluster(address, env)
+        yield RayCluster(address, env, process)
     finally:
         process.stdin.close()
         try:
@@ -240,6 +249,41 @@ async def test_a_restarted_router_reattaches_to_detached_actors(
             response = await http.post(f"{second.url}/v1/images/generations", json=CUBE)
             assert response.status_code == 200
             await _stopped_and_clean(second, ray_cluster, namespace, pids)
+
+
+async def test_workers_of_a_lost_node_come_back_on_a_node_that_joins_later(
+    ray_cluster: RayCluster, tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    namespace = "nodeloss"
+    doomed = await trio.to_thread.run_sync(ray_cluster.command, "add")
+    with trio.fail_after(TEST_TIMEOUT_S):
+        # Six one-GPU workers fill the three nodes: two of them land on the added node.
+        async with _router(ray_cluster, tmp_path, namespace, 6, detach=False) as router:
+            slots = await _slots(http, router.url)
+            lost = [slot for slot in slots if slot["node_id"] == doomed]
+            assert len(lost) == 2 and all(slot["state"] == "ready" for slot in slots)
+            await trio.to_thread.run_sync(ray_cluster.command, f"remove {doomed}")
+            await wait_dead([slot["pid"] for slot in lost], timeout_s=30.0)
+
+            async def waiting_for_room() -> bool:
+                now = await _slots(http, router.url)
+                return all(
+                    now[slot["index"]]["state"] == "starting"
+                    and "waiting for Ray to place" in now[slot["index"]]["detail"]
+                    for slot in lost
+                )
+
+            await wait_until(waiting_for_room, timeout_s=60.0, interval_s=0.2)
+            response = await http.post(f"{router.url}/v1/images/generations", json=CUBE)
+            assert response.status_code == 200  # the other four serve meanwhile
+
+            joined = await trio.to_thread.run_sync(ray_cluster.command, "add")
+            for slot in lost:
+                back = await _back(http, router.url, slot["index"], slot)
+                assert back["node_id"] == joined
+                assert "its actor died" in back["last_exit"]
+            final = await _slots(http, router.url)
+            await _stopped_and_clean(router, ray_cluster, namespace, _pids(final))
 
 
 def _answered(traffic: Traffic, count: int) -> Callable[[], Awaitable[bool]]:

@@ -330,3 +330,29 @@ worker_api_key = "pool-secret"
     assert printed["launcher"]["env"] == {"HF_TOKEN": "***", "CUDA_HOME": "/usr/local/cuda"}
     config = load_config(path)
     assert config.security.admin_token == "env-secret", "only the printout is masked"
+
+
+def test_the_ray_backend_reads_its_table_in_either_toml_form(tmp_path: Path) -> None:
+    inline = load_config(
+        write(
+            tmp_path,
+            '[launcher]\nbackend = "ray"\nray = { address = "auto", namespace = "pool-a" }\n',
+        )
+    )
+    table = load_config(
+        write(
+            tmp_path,
+            '[launcher]\nbackend = "ray"\n\n[launcher.ray]\naddress = "auto"\n'
+            'namespace = "pool-a"\n',
+            name="table.toml",
+        )
+    )
+    assert inline == table
+    assert inline.launcher.backend == "ray"
+    assert (inline.launcher.ray.address, inline.launcher.ray.detach) == ("auto", False)
+
+
+def test_a_misspelt_ray_key_names_its_path(tmp_path: Path) -> None:
+    problems = problems_of(tmp_path, '[launcher.ray]\ndetach = "yes"\nadress = "auto"\n')
+    assert any("launcher.ray.detach" in problem for problem in problems), problems
+    assert any("launcher.ray.adress" in problem for problem in problems), problems
