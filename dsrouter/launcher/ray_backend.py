@@ -62,6 +62,7 @@ log = logging.getLogger("dsrouter.launcher")
 
 EXIT_POLL_S = 30.0
 """How long one `wait_exit` call blocks in the actor (a death ends it at once)."""
+EXITED = "exited during start-up"
 RPC_TIMEOUT_S = 60.0
 """Bound on a Ray call that should answer at once (describe, start, connect, kill)."""
 
@@ -291,7 +292,8 @@ class RaySlot:
             if problem is not None:
                 with trio.CancelScope(shield=True):
                     status = await self._stop_server()
-                return RunResult(True, f"{problem} ({status})")
+                exited = problem.startswith(EXITED)
+                return RunResult(True, problem if exited else f"{problem} ({status})")
             self._register()
             on_ready()
             status = await self._wait_exit(run)
@@ -312,7 +314,7 @@ class RaySlot:
 
             async def watch_exit() -> None:
                 nonlocal problem
-                problem = f"exited during start-up ({await self._wait_exit(run)})"
+                problem = f"{EXITED} ({await self._wait_exit(run)})"
                 race.cancel_scope.cancel()
 
             race.start_soon(watch_exit)

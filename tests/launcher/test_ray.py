@@ -286,6 +286,32 @@ async def test_workers_of_a_lost_node_come_back_on_a_node_that_joins_later(
             await _stopped_and_clean(router, ray_cluster, namespace, _pids(final))
 
 
+async def test_a_launch_that_fails_says_why_and_leaves_nothing(
+    ray_cluster: RayCluster, tmp_path: Path
+) -> None:
+    namespace = "broken"
+    config = _router_toml(ray_cluster, namespace, 1, detach=True).replace(
+        json.dumps(SIM_WORKER), json.dumps([sys.executable, "-c", "print('no model'); exit(3)"])
+    )
+    path = tmp_path / "router.toml"
+    path.write_text(config)
+    with trio.fail_after(TEST_TIMEOUT_S):
+        result = await trio.run_process(
+            [sys.executable, "-m", "dsrouter", "run", "--port", "0", "--config", str(path)],
+            env={**os.environ, **ray_cluster.env, "DSROUTER_RUNTIME_DIR": str(tmp_path / "run")},
+            capture_stderr=True,
+            capture_stdout=True,
+            check=False,
+        )
+        errors = result.stderr.decode()
+        assert result.returncode == 1, errors
+        assert "exited during start-up (exit status 3)" in errors
+        assert "no model" in errors  # the last output lines of the server
+        # Even with detach = true: a pool that never came up is not kept.
+        left = await trio.to_thread.run_sync(ray_cluster.leftovers, namespace)
+        assert left == {"actors": [], "placement_groups": []}
+
+
 def _answered(traffic: Traffic, count: int) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
         return len(traffic.answers) >= count
