@@ -197,8 +197,11 @@ class RaySlot:
         try:
             while True:
                 with trio.fail_after(self.cfg.wait_timeout_s if first else math.inf):
-                    await self._place()
-                result = await self._run_once(on_ready)
+                    problem = await self._place()
+                if problem is None:
+                    result = await self._run_once(on_ready)
+                else:
+                    result = RunResult(True, problem)
                 self.last_exit = result.reason
                 if first:
                     tail = await self._tail()
@@ -224,8 +227,9 @@ class RaySlot:
         finally:
             self.settled = True
 
-    async def _place(self) -> None:
-        """The slot's placement group placed and its actor alive (found or created)."""
+    async def _place(self) -> str | None:
+        """The slot's placement group placed and its actor alive (found or created); None,
+        or why the actor is not (it died, or its constructor failed)."""
         names = self.names
         index = self.index
         if self.group is None:
@@ -235,8 +239,12 @@ class RaySlot:
         if self.actor is None:
             self.progress.set_detail(index, f"starting actor {names.actor(index)}")
             self.actor = await trio.to_thread.run_sync(self._find_or_create_actor)
-        self.where = await _get(self.actor.describe.remote())
+        try:
+            self.where = await _get(self.actor.describe.remote())
+        except self.ray.exceptions.RayActorError as exc:
+            return self._actor_died(exc)
         self.url = normalize_worker_url(self.where["url"])
+        return None
 
     def _find_or_create_group(self) -> Any:
         from ray.util.placement_group import get_placement_group, placement_group
@@ -299,7 +307,7 @@ class RaySlot:
             status = await self._wait_exit(run)
             return RunResult(status != "exit status 0", status)
         finally:
-            self._deregister()
+            self.deregister()
             self.where = {**self.where, "pid": None}
 
     def _actor_died(self, exc: BaseException) -> str:
@@ -371,7 +379,10 @@ class RaySlot:
         """The last output lines of the slot's server, for a start-up failure message."""
         if self.actor is None:
             return "its actor is gone, see Ray's logs"
-        with trio.move_on_after(RPC_TIMEOUT_S), contextlib.suppress(Exception):
+        with (
+            trio.move_on_after(RPC_TIMEOUT_S),
+            contextlib.suppress(self.ray.exceptions.RayActorError),
+        ):
             lines = await _get(self.actor.output_tail.remote())
             return "last output:\n    " + "\n    ".join(lines) if lines else "no output"
         return "its output is in Ray's logs"
@@ -385,39 +396,36 @@ class RaySlot:
         self._registered = True
         self.registry.apply_probe(worker.url, ProbeOutcome.OK)
 
-    def _deregister(self) -> None:
+    def deregister(self) -> None:
         if self._registered and self.url is not None:
             self._registered = False
             self.registry.remove(self.url)
 
-    async def shut_down(self, detach: bool) -> None:
-        """The router stops: stop the server, kill the actor, remove the group (or keep all)."""
-        self._deregister()
-        if detach:
-            return
+    async def stop_server(self) -> None:
+        """The router stops (first step): end the server's group through the actor."""
+        self.deregister()
         if self.actor is not None:
             status = await self._stop_server()
             self._set_state("stopped", f"stopped by the router: {status}")
-        if self.actor is not None:
-            actor, self.actor = self.actor, None
-            await trio.to_thread.run_sync(self.ray.kill, actor)
-        else:
-            # A failed launch may have left an actor this router never got a handle on.
-            await trio.to_thread.run_sync(self._kill_by_name)
-        if self.group is not None:
-            group, self.group = self.group, None
-            await trio.to_thread.run_sync(self._remove_group, group)
 
-    def _kill_by_name(self) -> None:
-        with contextlib.suppress(ValueError):
-            self.ray.kill(
-                self.ray.get_actor(self.names.actor(self.index), namespace=self.names.namespace)
-            )
+    def kill_actor(self) -> None:
+        """Second step (blocking, for a thread). By name when this router has no handle:
+        a failed launch may have left an actor it never got one for."""
+        actor, self.actor = self.actor, None
+        if actor is None:
+            try:
+                actor = self.ray.get_actor(self.names.actor(self.index), self.names.namespace)
+            except ValueError:
+                return
+        self.ray.kill(actor)
 
-    def _remove_group(self, group: Any) -> None:
+    def remove_group(self) -> None:
+        """Last step (blocking, for a thread): give the bundle's resources back to Ray."""
         from ray.util.placement_group import remove_placement_group
 
-        remove_placement_group(group)
+        group, self.group = self.group, None
+        if group is not None:
+            remove_placement_group(group)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -467,6 +475,24 @@ def _connect(ray: Any, cfg: LauncherConfig) -> str:
     gpus = ray.cluster_resources().get("GPU", 0)
     where = cfg.ray.address or "a local Ray cluster"
     return f"{where}: {len(nodes)} node(s), {gpus:g} GPU(s), namespace {cfg.ray.namespace!r}"
+
+
+async def _stop(slots: list[RaySlot], detach: bool) -> None:
+    """Stop the pool in the documented order, each step for every slot at once: servers,
+    then actors, then placement groups. With `detach` only deregister."""
+    if detach:
+        for slot in slots:
+            slot.deregister()
+        log.info("launcher.ray.detach: leaving the actors and their servers running")
+        return
+    async with trio.open_nursery() as stopping:
+        for slot in slots:
+            stopping.start_soon(slot.stop_server)
+    for step in (RaySlot.kill_actor, RaySlot.remove_group):
+        async with trio.open_nursery() as stepping:
+            for slot in slots:
+                stepping.start_soon(trio.to_thread.run_sync, step, slot)
+    log.info("Ray actors killed and placement groups removed")
 
 
 def _no_metrics() -> None:
@@ -522,12 +548,7 @@ async def run_ray_pool(
                 task_status.started(RayPool(cfg, slots))
     finally:
         with trio.CancelScope(shield=True):
-            detach = cfg.ray.detach and not failures
-            if detach:
-                log.info("launcher.ray.detach: leaving the actors running")
-            async with trio.open_nursery() as stopping:
-                for slot in slots:
-                    stopping.start_soon(slot.shut_down, detach)
+            await _stop(slots, detach=cfg.ray.detach and not failures)
             await trio.to_thread.run_sync(ray.shutdown)
     if failures:
         raise LaunchError("\n".join(failures))
