@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -64,10 +65,16 @@ EXIT_POLL_S = 30.0
 """How long one `wait_exit` call blocks in the actor (a death ends it at once)."""
 EXITED = "exited during start-up"
 RPC_TIMEOUT_S = 60.0
-"""Bound on a Ray call that should answer at once (describe, start, connect, kill)."""
+"""Bound on connecting to Ray and on a call that should answer at once (the output tail)."""
+STOP_STEP_S = 15.0
+"""Bound on each Ray call while stopping (beyond the server's own stop timeout)."""
 
 
 def _import_ray() -> Any:
+    """Ray, with its C++ failure-signal handler off in the router (read when ray is first
+    imported): it prints a stack dump for every SIGTERM, and a SIGTERM is how the router is
+    asked to stop. The environment may set `RAY_DISABLE_FAILURE_SIGNAL_HANDLER` otherwise."""
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     try:
         import ray
     except ImportError:
@@ -368,7 +375,7 @@ class RaySlot:
         """Ask the actor to end its server's group; how it ended."""
         if self.actor is None:
             return "its actor is gone"
-        with trio.move_on_after(self.cfg.stop_timeout_s + KILL_GRACE_S + RPC_TIMEOUT_S):
+        with trio.move_on_after(self.cfg.stop_timeout_s + KILL_GRACE_S + STOP_STEP_S):
             try:
                 return str(await _get(self.actor.stop.remote(self.cfg.stop_timeout_s)))
             except self.ray.exceptions.RayActorError as exc:
@@ -462,7 +469,11 @@ class RayPool:
 
 
 def _connect(ray: Any, cfg: LauncherConfig) -> str:
-    """Join the configured cluster, or start a local one; a line saying which."""
+    """Join the configured cluster, or start a local one; a line saying which.
+
+    Runs in a thread on purpose: on the main thread `ray.init` replaces the SIGTERM handler
+    with one that exits at once, which would skip the router's drain.
+    """
     local = {} if cfg.ray.address else {"include_dashboard": False}
     ray.init(
         address=cfg.ray.address or None,
@@ -491,8 +502,18 @@ async def _stop(slots: list[RaySlot], detach: bool) -> None:
     for step in (RaySlot.kill_actor, RaySlot.remove_group):
         async with trio.open_nursery() as stepping:
             for slot in slots:
-                stepping.start_soon(trio.to_thread.run_sync, step, slot)
-    log.info("Ray actors killed and placement groups removed")
+                stepping.start_soon(_bounded, step, slot)
+    log.info("Ray actors and placement groups released")
+
+
+async def _bounded(call: Callable[..., object], *args: Any) -> None:
+    """A blocking Ray call in a thread, given up on after `STOP_STEP_S`: a cluster whose
+    raylet is gone (say, a local one stopped by the same signal) never answers, and the
+    router must still exit."""
+    with trio.move_on_after(STOP_STEP_S):
+        await trio.to_thread.run_sync(call, *args, abandon_on_cancel=True)
+        return
+    log.warning("Ray did not answer %s within %g s; giving up on it", call.__name__, STOP_STEP_S)
 
 
 def _no_metrics() -> None:
@@ -549,6 +570,6 @@ async def run_ray_pool(
     finally:
         with trio.CancelScope(shield=True):
             await _stop(slots, detach=cfg.ray.detach and not failures)
-            await trio.to_thread.run_sync(ray.shutdown)
+            await _bounded(ray.shutdown)
     if failures:
         raise LaunchError("\n".join(failures))
