@@ -103,6 +103,8 @@ class _Run:
     """One server started by this actor: the keeper, the server behind it, how it ended."""
 
     number: int
+    settings: tuple[tuple[str, ...], dict[str, str]]
+    """The command line and `launcher.env` it was started with."""
     keeper: subprocess.Popen[bytes]
     server_pid: int
     exited: threading.Event = attrs.Factory(threading.Event)
@@ -153,18 +155,26 @@ class WorkerHost:
         }
 
     def start(self, cfg: LauncherConfig) -> dict[str, Any]:
-        """Start the server unless one runs; `describe()` afterwards.
+        """Have the server run with `cfg`; `describe()` afterwards, plus `adopted`.
 
-        Raises `OSError` when the command cannot be started (the keeper reports that as an
-        early exit instead, so this only fails when Python itself cannot be started).
+        A server that already runs this command line and environment is kept (`adopted`:
+        a restarted router re-attaching); one started with other settings is stopped first.
+        Raises `OSError` only when Python itself cannot be started (a missing command is
+        the keeper's early exit).
         """
-        with self._lock:
-            if self._run is None or self._run.exited.is_set():
-                self._run = self._spawner.submit(self._spawn, cfg).result()
-        return self.describe()
-
-    def _spawn(self, cfg: LauncherConfig) -> _Run:
         argv = worker_argv(attrs.evolve(cfg, worker_host=self.node_ip), self.ports)
+        settings = (argv, dict(cfg.env))
+        with self._lock:
+            run = self._run
+            if run is not None and not run.exited.is_set():
+                if run.settings == settings:
+                    return {**self.describe(), "adopted": True}
+                self._end(run, cfg.stop_timeout_s)
+            self._run = self._spawner.submit(self._spawn, settings, cfg).result()
+        return {**self.describe(), "adopted": False}
+
+    def _spawn(self, settings: tuple[tuple[str, ...], dict[str, str]], cfg: LauncherConfig) -> _Run:
+        argv, _ = settings
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **cfg.env}
         env["DSROUTER_KEEPER_PARENT"] = str(os.getpid())
         if cfg.num_gpus_per_worker:
@@ -195,7 +205,7 @@ class WorkerHost:
         with os.fdopen(pid_read) as pid_file:
             line = pid_file.readline()
         self._runs += 1
-        run = _Run(self._runs, keeper, int(line) if line.strip() else -1)
+        run = _Run(self._runs, settings, keeper, int(line) if line.strip() else -1)
         self.tail.clear()
         self._emit(f"starting worker {self.index} on {self.node_ip}: {' '.join(argv)}\n")
         threading.Thread(target=self._pump, args=(out_read,), daemon=True).start()
@@ -234,6 +244,10 @@ class WorkerHost:
         run = self._run
         if run is None:
             return None
+        self._end(run, timeout_s)
+        return run.status
+
+    def _end(self, run: _Run, timeout_s: float) -> None:
         if not run.exited.is_set():
             run.keeper.send_signal(signal.SIGTERM)
             if not run.exited.wait(timeout_s + KILL_GRACE_S):
@@ -242,7 +256,6 @@ class WorkerHost:
                         with contextlib.suppress(ProcessLookupError):
                             os.killpg(group, signal.SIGKILL)
                 run.exited.wait(KILL_GRACE_S)
-        return run.status
 
     def output_tail(self) -> list[str]:
         return list(self.tail)

@@ -5,9 +5,11 @@
       RaySlot.run  x N             one per slot, for the router's whole life:
         placement group "<namespace>-worker-<i>" (one bundle: 1 CPU + its GPUs), ready
         -> actor "worker-<i>" (detached, named, in that bundle; `ray_actor.WorkerHost`),
-           re-attached if it is alive
-        -> its server started unless one runs -> wait for /health 200 -> register at
-           http://<node ip>:<port> -> wait for the server's exit or the actor's death
+           found by name if it is alive
+        -> its server started, or adopted if it already runs with these settings (a
+           restarted router re-attaching; a server with other settings is restarted)
+        -> wait for /health 200 -> register at http://<node ip>:<port>
+        -> wait for the server's exit or the actor's death
         -> deregister -> restart per policy (restarts.py) or settle as failed / stopped
 
 Each slot is its own placement group, so Ray moves it alone: when a node is lost, the
@@ -139,7 +141,7 @@ class RaySlot:
         self.restarts = RestartTracker(cfg)
         self.group: Any = None
         self.actor: Any = None
-        self.where: dict[str, Any] = {"pid": None}
+        self.where: dict[str, Any] = {}
         """The actor's last `describe()`: node, URL, pids."""
         self.url: str | None = None
         self.last_exit: str | None = None
@@ -288,9 +290,8 @@ class RaySlot:
     async def _run_once(self, on_ready: Callable[[], None]) -> RunResult:
         """One server from start (or re-attach) to exit, registered while it is ready."""
         try:
-            if self.where["pid"] is None:
-                self.where = await _get(self.actor.start.remote(self.cfg))
-            else:
+            self.where = await _get(self.actor.start.remote(self.cfg))
+            if self.where["adopted"]:
                 log.info(
                     "worker %d: re-attached to actor %s on %s (pid %s)",
                     self.index,

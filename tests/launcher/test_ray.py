@@ -118,8 +118,11 @@ def ray_cluster() -> Iterator[RayCluster]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _router_toml(cluster: RayCluster, namespace: str, workers: int, detach: bool) -> str:
+def _router_toml(
+    cluster: RayCluster, namespace: str, workers: int, detach: bool, extra_args: str = ""
+) -> str:
     launcher = {
+        "extra_args": extra_args,
         "backend": "ray",
         "model": "sim/Wan-Sim-T2V",
         "num_workers": workers,
@@ -140,13 +143,18 @@ def _router_toml(cluster: RayCluster, namespace: str, workers: int, detach: bool
 
 
 def _router(
-    cluster: RayCluster, tmp_path: Path, namespace: str, workers: int, detach: bool
+    cluster: RayCluster,
+    tmp_path: Path,
+    namespace: str,
+    workers: int,
+    detach: bool,
+    extra_args: str = "",
 ) -> AbstractAsyncContextManager[RouterProcess]:
     config_dir = tmp_path / namespace
     config_dir.mkdir(exist_ok=True)
     return router_process(
         [],
-        config=_router_toml(cluster, namespace, workers, detach),
+        config=_router_toml(cluster, namespace, workers, detach, extra_args),
         tmp_path=config_dir,
         env={**cluster.env, "DSROUTER_RUNTIME_DIR": str(tmp_path / "run")},
         start_timeout_s=ROUTER_START_S,
@@ -226,7 +234,7 @@ async def test_four_workers_on_two_nodes_serve_survive_an_actor_kill_and_leave_n
             await _stopped_and_clean(router, ray_cluster, namespace, pids)
 
 
-async def test_a_restarted_router_reattaches_to_detached_actors(
+async def test_a_restarted_router_reattaches_to_detached_actors_and_applies_new_settings(
     ray_cluster: RayCluster, tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
     namespace = "reattach"
@@ -238,7 +246,7 @@ async def test_a_restarted_router_reattaches_to_detached_actors(
         pids = _pids(before)
         assert all(alive(pid) for pid in pids), "detached workers must outlive the router"
 
-        async with _router(ray_cluster, tmp_path, namespace, 2, detach=False) as second:
+        async with _router(ray_cluster, tmp_path, namespace, 2, detach=True) as second:
             after = await _slots(http, second.url)
             keys = ("url", "pid", "actor_pid", "node_id")
             assert [{k: s[k] for k in keys} for s in after] == [
@@ -248,7 +256,17 @@ async def test_a_restarted_router_reattaches_to_detached_actors(
             assert "re-attached to actor" in "\n".join(second.output)
             response = await http.post(f"{second.url}/v1/images/generations", json=CUBE)
             assert response.status_code == 200
-            await _stopped_and_clean(second, ray_cluster, namespace, pids)
+            assert await second.stop() == 0
+
+        # Other settings: the same actors (same node, ports, URL) start new servers.
+        changed = "--default-steps 20"
+        async with _router(ray_cluster, tmp_path, namespace, 2, False, changed) as third:
+            renewed = await _slots(http, third.url)
+            for old, new in zip(before, renewed, strict=True):
+                assert (new["url"], new["actor_pid"]) == (old["url"], old["actor_pid"])
+                assert new["pid"] != old["pid"] and new["restarts"] == 0
+            await wait_dead([slot["pid"] for slot in before])
+            await _stopped_and_clean(third, ray_cluster, namespace, pids + _pids(renewed))
 
 
 async def test_workers_of_a_lost_node_come_back_on_a_node_that_joins_later(
