@@ -32,6 +32,8 @@ import httpx
 import pytest
 import trio
 
+from dsrouter.config import LauncherConfig
+from dsrouter.launcher import RayPool
 from tests.launcher.helpers import SIM_WORKER, alive, pids_running, wait_dead
 from tests.support import RouterProcess, Traffic, router_process, wait_until
 
@@ -328,6 +330,17 @@ async def test_a_launch_that_fails_says_why_and_leaves_nothing(
         # Even with detach = true: a pool that never came up is not kept.
         left = await trio.to_thread.run_sync(ray_cluster.leftovers, namespace)
         assert left == {"actors": [], "placement_groups": []}
+
+
+async def test_a_reload_applies_the_restart_policy_and_reports_the_rest_as_restart_only() -> None:
+    old = LauncherConfig(backend="ray", model="a", num_workers=2)
+    pool = RayPool(old, [])
+    new = attrs.evolve(old, model="b", max_restarts=1, stop_timeout_s=3.0)
+    change = await pool.reconfigure(new)
+    assert change.in_place == ("launcher.max_restarts", "launcher.stop_timeout_s")
+    assert change.restart_only == ("launcher.model",)
+    assert pool.apply(change, 30.0) == []  # nothing rolls
+    assert (pool.cfg.model, pool.cfg.max_restarts) == ("a", 1)
 
 
 def _answered(traffic: Traffic, count: int) -> Callable[[], Awaitable[bool]]:
