@@ -127,13 +127,10 @@ class WorkerHost:
         self._run: _Run | None = None
         self._runs = 0
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-        self._file = (
-            RotatingFile(Path(log_dir) / f"worker-{index}.log", log_max_mb * MiB)
-            if log_dir
-            else None
-        )
-        if self._file is not None:
-            self._file.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: RotatingFile | None = None
+        if log_dir:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            self._file = RotatingFile(Path(log_dir) / f"worker-{index}.log", log_max_mb * MiB)
 
     def url(self) -> str:
         return f"http://{self.node_ip}:{self.ports.http}"

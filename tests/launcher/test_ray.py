@@ -121,10 +121,9 @@ def ray_cluster() -> Iterator[RayCluster]:
 
 
 def _router_toml(
-    cluster: RayCluster, namespace: str, workers: int, detach: bool, extra_args: str = ""
+    cluster: RayCluster, namespace: str, workers: int, detach: bool, **changes: object
 ) -> str:
     launcher = {
-        "extra_args": extra_args,
         "backend": "ray",
         "model": "sim/Wan-Sim-T2V",
         "num_workers": workers,
@@ -134,6 +133,7 @@ def _router_toml(
         "backoff_max_s": 0.5,
         "wait_timeout_s": 90.0,
         "stop_timeout_s": 5.0,
+        **changes,
     }
     body = "\n".join(f"{key} = {json.dumps(value)}" for key, value in launcher.items())
     ray = {"address": cluster.address, "namespace": namespace}
@@ -150,13 +150,13 @@ def _router(
     namespace: str,
     workers: int,
     detach: bool,
-    extra_args: str = "",
+    **changes: object,
 ) -> AbstractAsyncContextManager[RouterProcess]:
     config_dir = tmp_path / namespace
     config_dir.mkdir(exist_ok=True)
     return router_process(
         [],
-        config=_router_toml(cluster, namespace, workers, detach, extra_args),
+        config=_router_toml(cluster, namespace, workers, detach, **changes),
         tmp_path=config_dir,
         env={**cluster.env, "DSROUTER_RUNTIME_DIR": str(tmp_path / "run")},
         start_timeout_s=ROUTER_START_S,
@@ -190,10 +190,17 @@ async def test_four_workers_on_two_nodes_serve_survive_an_actor_kill_and_leave_n
     ray_cluster: RayCluster, tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
     namespace = "pool4"
+    logs = tmp_path / "logs"
     with trio.fail_after(TEST_TIMEOUT_S):
-        async with _router(ray_cluster, tmp_path, namespace, 4, detach=False) as router:
+        async with _router(
+            ray_cluster, tmp_path, namespace, 4, detach=False, log_dir=str(logs)
+        ) as router:
             slots = await _slots(http, router.url)
             assert [slot["state"] for slot in slots] == ["ready"] * 4
+            for slot in slots:  # written by each actor on its node (all on this machine)
+                assert slot["log_file"] == str(logs / f"worker-{slot['index']}.log")
+                text = await trio.Path(slot["log_file"]).read_text()
+                assert f"simworker listening on {slot['url']}" in text
             # One GPU bundle each: two slots per logical node, never one GPU twice.
             nodes = [slot["node_id"] for slot in slots]
             assert sorted(nodes.count(node) for node in set(nodes)) == [2, 2]
@@ -262,7 +269,9 @@ async def test_a_restarted_router_reattaches_to_detached_actors_and_applies_new_
 
         # Other settings: the same actors (same node, ports, URL) start new servers.
         changed = "--default-steps 20"
-        async with _router(ray_cluster, tmp_path, namespace, 2, False, changed) as third:
+        async with _router(
+            ray_cluster, tmp_path, namespace, 2, detach=False, extra_args=changed
+        ) as third:
             renewed = await _slots(http, third.url)
             for old, new in zip(before, renewed, strict=True):
                 assert (new["url"], new["actor_pid"]) == (old["url"], old["actor_pid"])
