@@ -9,7 +9,8 @@
         -> its server started, or adopted if it already runs with these settings (a
            restarted router re-attaching; a server with other settings is restarted)
         -> wait for /health 200 -> register at http://<node ip>:<port>
-        -> wait for the server's exit or the actor's death
+        -> wait for the server's exit or the actor's death (or stop a server that reports
+           itself failed)
         -> deregister -> restart per policy (restarts.py) or settle as failed / stopped
 
 Each slot is its own placement group, so Ray moves it alone: when a node is lost, the
@@ -57,7 +58,7 @@ from dsrouter.launcher.progress import Progress
 from dsrouter.launcher.ray_actor import KILL_GRACE_S, WorkerHost
 from dsrouter.launcher.restarts import RestartTracker
 from dsrouter.launcher.rolling import IN_PLACE, Reconfiguration
-from dsrouter.registry import ProbeOutcome, Registry
+from dsrouter.registry import Health, ProbeOutcome, Registry
 from dsrouter.urls import normalize_worker_url, worker_id_for
 from dsrouter.workers_http import WorkerHTTP
 
@@ -312,11 +313,44 @@ class RaySlot:
                 return RunResult(True, problem if exited else f"{problem} ({status})")
             self._register()
             on_ready()
-            status = await self._wait_exit(run)
+            verdict: list[str] = []
+            async with trio.open_nursery() as watch:
+                watch.start_soon(self._end_if_reported_failed, verdict)
+                status = await self._wait_exit(run)
+                watch.cancel_scope.cancel()
+            if verdict:
+                return RunResult(True, f"{verdict[0]} ({status})")
             return RunResult(status != "exit status 0", status)
         finally:
             self.deregister()
             self.where = {**self.where, "pid": None}
+
+    async def _end_if_reported_failed(self, verdict: list[str]) -> None:
+        """Stop a running server that reports itself failed, so the restart policy applies.
+
+        As `local.Supervisor._end_if_reported_failed`: a worker whose GPU process died answers
+        `/health` 503 with an error and never recovers nor exits (WORKER_API.md §2). Once the
+        health checker marks it dead and a probe of our own reads that error, the actor
+        stops the server; the exit is then handled like any other, reason in `verdict`.
+        """
+        assert self.url is not None
+        while True:
+            changed = self.registry.changed
+            worker = self.registry.by_url(self.url)
+            if (
+                worker is not None
+                and worker.health is Health.DEAD
+                and not worker.quarantined_by_operator
+            ):
+                reading = await self.workers.probe(self.url, api_key="", timeout_s=PROBE_TIMEOUT_S)
+                if reading.reported_error is not None:
+                    verdict.append(f"reported itself failed: {reading.reported_error}")
+                    self.progress.set_detail(self.index, verdict[0])
+                    log.warning("worker %d %s; stopping it", self.index, verdict[0])
+                    await self._stop_server()
+                    return
+                await trio.sleep(PROBE_TIMEOUT_S)  # do not re-probe on every registry change
+            await changed.wait()
 
     def _actor_died(self, exc: BaseException) -> str:
         """Forget a dead actor (the next run creates another); why, for the operator."""

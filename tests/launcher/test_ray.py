@@ -238,6 +238,15 @@ async def test_four_workers_on_two_nodes_serve_survive_an_actor_kill_and_leave_n
             response = await http.post(f"{router.url}/v1/images/generations", json=CUBE)
             assert response.status_code == 200
 
+            # A server that reports itself failed (and would never exit) is stopped and
+            # restarted once the health checker has marked it dead.
+            failing = slots[3]
+            fault = {"backend_failed": "Scheduler worker exited; restart the server."}
+            await http.post(f"{failing['url']}/_sim/faults", json=fault)
+            renewed = await _back(http, router.url, 3, failing)
+            assert renewed["last_exit"].startswith("reported itself failed: Scheduler worker")
+            assert renewed["url"] == failing["url"] and renewed["pid"] != failing["pid"]
+
             final = await _slots(http, router.url)
             pids = _pids(final) + _pids(slots)
             await _stopped_and_clean(router, ray_cluster, namespace, pids)
