@@ -147,7 +147,6 @@ class WorkerHost:
             "run": None if run is None else run.number,
             "pid": None if run is None or run.exited.is_set() else run.server_pid,
             "keeper_pid": None if run is None or run.exited.is_set() else run.keeper.pid,
-            "last_exit": None if run is None else run.status,
             "log_file": None if self._file is None else str(self._file.path),
         }
 

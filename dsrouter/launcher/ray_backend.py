@@ -168,6 +168,7 @@ class RaySlot:
             "node_id": where.get("node_id"),
             "actor": f"{self.names.namespace}/{self.names.actor(self.index)}",
             "actor_pid": where.get("actor_pid"),
+            "keeper_pid": where.get("keeper_pid"),
         }
 
     def slot(self) -> dict[str, Any]:
@@ -302,6 +303,8 @@ class RaySlot:
                 )
         except self.ray.exceptions.RayActorError as exc:
             return RunResult(True, self._actor_died(exc))
+        except self.ray.exceptions.RayTaskError as exc:  # Python itself could not start
+            return RunResult(True, f"could not be started: {_first_line(exc)}")
         run = self.where["run"]
         self._set_state("starting", f"pid {self.where['pid']} on {self.where['node_ip']}")
         try:
@@ -323,7 +326,7 @@ class RaySlot:
             return RunResult(status != "exit status 0", status)
         finally:
             self.deregister()
-            self.where = {**self.where, "pid": None}
+            self.where = {**self.where, "pid": None, "keeper_pid": None}
 
     async def _end_if_reported_failed(self, verdict: list[str]) -> None:
         """Stop a running server that reports itself failed, so the restart policy applies.

@@ -34,7 +34,7 @@ import trio
 
 from dsrouter.config import LauncherConfig
 from dsrouter.launcher import RayPool
-from tests.launcher.helpers import SIM_WORKER, alive, pids_running, wait_dead
+from tests.launcher.helpers import SIM_WORKER, alive, wait_dead
 from tests.support import RouterProcess, Traffic, router_process, wait_until
 
 REQUIRE_VAR = "DSROUTER_REQUIRE_RAY"
@@ -169,12 +169,12 @@ async def _slots(http: httpx.AsyncClient, router: str) -> list[dict[str, Any]]:
 
 def _pids(slots: list[dict[str, Any]]) -> list[int]:
     """Every process the slots show: servers, actors, and the keepers between them."""
-    pids = [p for slot in slots for p in (slot["pid"], slot["actor_pid"]) if p]
-    for slot in slots:
-        if slot["url"]:
-            port = slot["url"].rsplit(":", 1)[1]
-            pids += pids_running("dsrouter.launcher.groupkeeper", f" --port {port} ")
-    return pids
+    return [
+        pid
+        for slot in slots
+        for pid in (slot["pid"], slot["keeper_pid"], slot["actor_pid"])
+        if pid is not None
+    ]
 
 
 async def _stopped_and_clean(
