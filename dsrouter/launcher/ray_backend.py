@@ -582,8 +582,9 @@ async def run_ray_pool(
         with trio.fail_after(RPC_TIMEOUT_S):
             joined = await trio.to_thread.run_sync(_connect, ray, cfg, abandon_on_cancel=True)
     except (ConnectionError, RuntimeError, trio.TooSlowError) as exc:
+        why = f"no answer within {RPC_TIMEOUT_S:g} s" if isinstance(exc, trio.TooSlowError) else exc
         raise LaunchError(
-            f"cannot connect to Ray at launcher.ray.address = {cfg.ray.address!r}: {exc}"
+            f"cannot connect to Ray at launcher.ray.address = {cfg.ray.address!r}: {why}"
         ) from None
     log.info("launching %d worker(s) on %s", cfg.num_workers, joined)
     progress = Progress(cfg.num_workers)
