@@ -146,8 +146,23 @@ class StaticWorker:
 
 
 @attrs.frozen
+class RayLauncherConfig:
+    """Where `backend = "ray"` runs its workers (`launcher.ray`); unused by the local one."""
+
+    address: str = ""
+    """`""` starts a local Ray cluster owned by the router; `"auto"`, `"HOST:PORT"` or
+    `"ray://HOST:10001"` join an existing one."""
+    namespace: str = "dsrouter"
+    """Ray namespace of the actors and placement groups; two routers sharing a cluster need
+    two namespaces."""
+    detach: bool = False
+    """Keep the actors (and their servers) running when the router stops, so the next router
+    with this namespace re-attaches to them instead of loading the models again."""
+
+
+@attrs.frozen
 class LauncherConfig:
-    backend: Literal["local"] = "local"
+    backend: Literal["local", "ray"] = "local"
     model: str = ""
     num_workers: NonNegativeInt = NonNegativeInt(0)
     num_gpus_per_worker: NonNegativeInt = NonNegativeInt(1)
@@ -176,6 +191,7 @@ class LauncherConfig:
     log_max_mb: PositiveInt = PositiveInt(64)
     log_prefix: str = ""
     """Put before every worker output line in the router's log (not in `log_dir` files)."""
+    ray: RayLauncherConfig = attrs.Factory(RayLauncherConfig)
 
 
 @attrs.frozen

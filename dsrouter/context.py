@@ -14,7 +14,7 @@ from dsrouter.status import Activity
 from dsrouter.workers_http import WorkerHTTP
 
 if TYPE_CHECKING:
-    from dsrouter.launcher import Pool
+    from dsrouter.launcher import Pool, RayPool
 
 
 @attrs.define
@@ -30,11 +30,11 @@ class RouterContext:
     starting: bool = False
     """True while the launcher brings the pool up for the first time: the port already
     answers (`/health` 503 "starting", `/workers`, `/livez`), nothing is routable yet."""
-    launch: Pool | None = None
+    launch: Pool | RayPool | None = None
     """The launched workers from their first start on (`run_pool` hands the pool over
     before its workers are ready), for `/workers` and the start-up STATUS line."""
 
-    def show_launch(self, pool: Pool) -> None:
+    def show_launch(self, pool: Pool | RayPool) -> None:
         self.launch = pool
 
     def managed_workers(self) -> list[dict[str, Any]]:

@@ -174,6 +174,8 @@ def format_slots(slots: list[dict[str, Any]]) -> str:
         if slot.get("state") == "ready":
             continue
         parts = [f"{slot.get('restarts', 0)} restart(s)"]
+        if slot.get("node"):
+            parts.append(f"node {slot['node']}")  # the Ray backend's slots
         if slot.get("last_exit"):
             parts.append(f"last exit: {slot['last_exit']}")
         if slot.get("log_file"):

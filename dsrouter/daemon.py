@@ -6,8 +6,9 @@ in one line before a worker is launched.
 
     root                 outlives every connection to the workers
       signal watcher     SIGINT/SIGTERM: drain, then stop (below)
-      launcher           supervised local workers (when `[launcher]` asks for any), and the
-                         rolling restart a reload hands to it (`reloader.pool`)
+      launcher           supervised workers (when `[launcher]` asks for any): local
+                         processes, and the rolling restart a reload hands to them
+                         (`reloader.pool`), or Ray actors (`backend = "ray"`)
       notifier           systemd STATUS lines from the moment the port serves (launch
                          progress, then the pool), WATCHDOG pings after READY=1 (notify.py)
       services           everything that talks to the workers over HTTP
@@ -39,7 +40,8 @@ Shutdown, on the first SIGINT/SIGTERM:
    workers are closed.
 5. The root scope is cancelled: the launcher stops the worker processes (SIGTERM, SIGKILL
    after `launcher.stop_timeout_s`). A worker holds no keep-alive connection of ours by
-   then, so it has nothing to wait for.
+   then, so it has nothing to wait for. The Ray backend then kills the actors and removes
+   their placement groups (unless `launcher.ray.detach`).
 A second signal cancels the root scope at once.
 """
 
@@ -68,7 +70,7 @@ from dsrouter.control import PoolControl
 from dsrouter.events import JobEvents
 from dsrouter.frontend import Frontend, MetricsOnly
 from dsrouter.health import HealthChecker
-from dsrouter.launcher import LaunchError, run_pool
+from dsrouter.launcher import LaunchError, run_pool, run_ray_pool
 from dsrouter.logs import HTTP_LOGGER, announce
 from dsrouter.metrics import Metrics
 from dsrouter.notify import Notifier, describe_pool
@@ -251,7 +253,7 @@ async def run_router(
                 if config.launcher.num_workers:
                     context.starting = True
                     reloader.pool = await root.start(
-                        run_pool,
+                        run_ray_pool if config.launcher.backend == "ray" else run_pool,
                         config.launcher,
                         registry,
                         context.metrics.count_restart,

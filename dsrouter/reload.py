@@ -40,7 +40,7 @@ from dsrouter.config import Config, ConfigError, LoadedConfig
 from dsrouter.context import RouterContext
 from dsrouter.control import PoolControl
 from dsrouter.frontend import Frontend
-from dsrouter.launcher import LaunchError, Pool, Reconfiguration
+from dsrouter.launcher import LaunchError, Pool, RayPool, Reconfiguration
 from dsrouter.notify import Notifier, describe_pool
 from dsrouter.policies import make_policy
 from dsrouter.traced import traced
@@ -73,7 +73,7 @@ class Reloader:
         self.loader = loader
         self.notifier = notifier or Notifier({})
         self.control = control
-        self.pool: Pool | None = None
+        self.pool: Pool | RayPool | None = None
         """The launched workers, once `run_pool` has brought them up (the daemon sets it)."""
         self._lock = trio.Lock()
 

@@ -66,6 +66,7 @@ async def router_process(
     tmp_path: Path | None = None,
     env: dict[str, str] | None = None,
     wait_ready: bool = True,
+    start_timeout_s: float = START_TIMEOUT_S,
 ) -> AsyncIterator[RouterProcess]:
     """Run `dsrouter run ARGS` on 127.0.0.1 with an ephemeral port; stop it afterwards.
 
@@ -92,7 +93,7 @@ async def router_process(
         nursery.start_soon(_pump, process.stdout, lines, ready, marker, eof)
         router = RouterProcess(process, "", lines)
         try:
-            with trio.fail_after(START_TIMEOUT_S):
+            with trio.fail_after(start_timeout_s):
                 await ready.wait()
             listening = next(line for line in lines if "dsrouter listening on " in line)
             if listening.startswith("{"):  # logging.format = "json"

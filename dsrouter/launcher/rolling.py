@@ -78,6 +78,7 @@ RESTART_ONLY = (
     "log_dir",
     "log_max_mb",
     "log_prefix",
+    "ray",
 )
 
 

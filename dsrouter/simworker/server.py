@@ -68,9 +68,12 @@ def choose_port(host: str, port: int, strict: bool) -> int:
 
 
 def _hold_broker_port(host: str, port: int) -> socket.socket | None:
-    """Bind port+1 as a real worker's ZMQ broker does; None when it is taken."""
+    """Bind port+1 as a real worker's ZMQ broker does (with SO_REUSEADDR, as libzmq sets on
+    every TCP listener, so a port the Ray backend's actor holds bound is usable); None when
+    it is taken."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     broker = socket.socket(family, socket.SOCK_STREAM)
+    broker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         broker.bind((host, port + 1))
         broker.listen(1)

@@ -341,3 +341,29 @@ def test_launcher_yaml_defaults_to_one_worker_and_takes_log_prefix(tmp_path: Pat
     launcher = load_config(None, Overrides(launcher_config=yaml_path)).launcher
     assert (launcher.num_workers, launcher.log_prefix) == (1, "[w]")
     assert load_config(None).launcher.num_workers == 0
+
+
+def test_the_ray_backend_reads_its_table_in_either_toml_form(tmp_path: Path) -> None:
+    inline = load_config(
+        write(
+            tmp_path,
+            '[launcher]\nbackend = "ray"\nray = { address = "auto", namespace = "pool-a" }\n',
+        )
+    )
+    table = load_config(
+        write(
+            tmp_path,
+            '[launcher]\nbackend = "ray"\n\n[launcher.ray]\naddress = "auto"\n'
+            'namespace = "pool-a"\n',
+            name="table.toml",
+        )
+    )
+    assert inline == table
+    assert inline.launcher.backend == "ray"
+    assert (inline.launcher.ray.address, inline.launcher.ray.detach) == ("auto", False)
+
+
+def test_a_misspelt_ray_key_names_its_path(tmp_path: Path) -> None:
+    problems = problems_of(tmp_path, '[launcher.ray]\ndetach = "yes"\nadress = "auto"\n')
+    assert any("launcher.ray.detach" in problem for problem in problems), problems
+    assert any("launcher.ray.adress" in problem for problem in problems), problems
