@@ -4,7 +4,9 @@
 unknown keys, an unreadable `admin_token_file`). What is left needs the machine: whether
 `server.host` resolves, and whether the launcher's plan can run here (the command on PATH,
 a model, enough GPUs, `gpu_ids` for every worker, a port plan that does not overlap). Both
-commands call `check`, so a file that `check-config` passes is one `run` accepts.
+commands call `check`, so a file that `check-config` passes is one `run` accepts. A Ray
+pool is planned on the cluster, not on this machine: `run_ray_pool` checks what it needs
+when it connects.
 
 A busy port is not checked here: the router may be running while its file is checked.
 `run` finds out when it binds, before any worker starts (`daemon.bind`).
@@ -32,7 +34,7 @@ async def check(config: Config, source: str, environ: Mapping[str, str] | None =
         await trio.socket.getaddrinfo(host, config.server.port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         problems.append(f"{source}: server.host: cannot resolve {host!r}: {exc.strerror}")
-    if config.launcher.num_workers:
+    if config.launcher.num_workers and config.launcher.backend == "local":
         try:
             await plan_pool(config.launcher, environ)
         except LaunchError as exc:
