@@ -53,18 +53,20 @@ async def test_images_through_the_openai_sdk_as_b64_by_url_and_edited(
     client = openai.OpenAI(base_url=f"{pool.url}/v1", api_key="unused", max_retries=0)
 
     def generate() -> tuple[bytes, str, bytes]:
+        # The router sends a request only to workers serving the model it names.
+        model = client.models.list().data[0].id
         as_b64 = client.images.generate(
-            model="m",
+            model=model,
             prompt="a lighthouse",
             size="64x48",
             response_format="b64_json",
             extra_body={"num_inference_steps": 4, "seed": 3},
         )
         by_url = client.images.generate(
-            model="m", prompt="a harbour", size="32x32", extra_body={"num_inference_steps": 2}
+            model=model, prompt="a harbour", size="32x32", extra_body={"num_inference_steps": 2}
         )
         edited = client.images.edit(
-            model="m",
+            model=model,
             prompt="at night",
             image=("in.jpg", media.encode_jpeg(100, 30, seed=1), "image/jpeg"),
             extra_body={"size": "48x32", "num_inference_steps": "2"},

@@ -39,10 +39,11 @@ async def test_a_video_job_through_the_router_from_create_to_delete(
     client = openai.OpenAI(base_url=f"{pool.url}/v1", api_key="unused", max_retries=0)
 
     def create() -> str:
+        model = client.models.list().data[0].id  # the router checks the model a request names
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             video = client.videos.create(
-                model="wan",
+                model=model,
                 prompt="a flowing river",
                 seconds="1",  # type: ignore[arg-type]
                 size="64x48",  # type: ignore[arg-type]
