@@ -249,9 +249,11 @@ async def run_router(
                         announce(f"dsrouter metrics on {bind_}/metrics")
                 for bind_ in binds:
                     announce(f"dsrouter listening on {bind_}")
+                # Set before the STATUS task runs, so systemd never hears "0/0 workers
+                # healthy" while the launcher has yet to create its slots.
+                context.starting = bool(config.launcher.num_workers)
                 root.start_soon(notifier.run_status, lambda: _describe(context))
                 if config.launcher.num_workers:
-                    context.starting = True
                     reloader.pool = await root.start(
                         run_ray_pool if config.launcher.backend == "ray" else run_pool,
                         config.launcher,
@@ -278,7 +280,9 @@ async def run_router(
 
 def _describe(context: RouterContext) -> str:
     """The systemd STATUS line: launch progress while starting, then the pool."""
-    if context.starting and context.launch is not None:
+    if context.starting:
+        if context.launch is None:
+            return f"starting: launching {context.config.launcher.num_workers} workers"
         return f"starting: {context.launch.progress_line()}"
     return describe_pool(context.registry.summary())
 

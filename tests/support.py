@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -15,6 +16,31 @@ import httpx
 import trio
 
 START_TIMEOUT_S = 30.0
+
+
+class NotifySocket:
+    """What systemd listens on: an AF_UNIX datagram socket, at a path in `tmp_path`.
+
+    (The abstract `@name` form is covered by tests/unit/test_notify.py.) Tests take it from
+    the `notify` fixture, which closes it however the test ends.
+    """
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.name = str(tmp_path / "notify.sock")
+        self.sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.messages: list[dict[str, str]] = []
+
+    async def bind(self) -> None:
+        await self.sock.bind(self.name)
+
+    async def next_with(self, key: str, timeout_s: float = 20.0) -> dict[str, str]:
+        with trio.fail_after(timeout_s):
+            while True:
+                data = await self.sock.recv(65536)
+                fields = dict(line.split("=", 1) for line in data.decode().splitlines())
+                self.messages.append(fields)
+                if key in fields:
+                    return fields
 
 
 @attrs.define

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 from pathlib import Path
 
 import httpx
@@ -11,41 +10,21 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.test_proxy import healthy
-from tests.support import free_port, router_process, start_simworker, wait_until
+from tests.support import (
+    NotifySocket,
+    free_port,
+    router_process,
+    start_simworker,
+    wait_until,
+)
 
 INSTANT = ("--sec-per-mpx-step", "0")
 IMAGE = {"prompt": "p", "size": "16x16", "response_format": "url"}
 
 
-class NotifySocket:
-    """What systemd listens on: an AF_UNIX datagram socket, at a path in `tmp_path`.
-
-    (The abstract `@name` form is covered by tests/unit/test_notify.py.)
-    """
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.name = str(tmp_path / "notify.sock")
-        self.sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.messages: list[dict[str, str]] = []
-
-    async def bind(self) -> None:
-        await self.sock.bind(self.name)
-
-    async def next_with(self, key: str, timeout_s: float = 20.0) -> dict[str, str]:
-        with trio.fail_after(timeout_s):
-            while True:
-                data = await self.sock.recv(65536)
-                fields = dict(line.split("=", 1) for line in data.decode().splitlines())
-                self.messages.append(fields)
-                if key in fields:
-                    return fields
-
-
 async def test_notify_protocol_ready_status_watchdog_stopping(
-    tmp_path: Path, http: httpx.AsyncClient
+    tmp_path: Path, http: httpx.AsyncClient, notify: NotifySocket
 ) -> None:
-    notify = NotifySocket(tmp_path)
-    await notify.bind()
     async with trio.open_nursery() as nursery:
         worker = await start_simworker(nursery, *INSTANT)
         env = {"NOTIFY_SOCKET": notify.name, "WATCHDOG_USEC": "200000"}
@@ -61,14 +40,11 @@ async def test_notify_protocol_ready_status_watchdog_stopping(
             stopping = await notify.next_with("STOPPING")
             assert stopping["STOPPING"] == "1"
         nursery.cancel_scope.cancel()
-    notify.sock.close()
 
 
 async def test_sighup_applies_a_new_worker_list_and_keeps_the_old_config_when_invalid(
-    tmp_path: Path, http: httpx.AsyncClient
+    tmp_path: Path, http: httpx.AsyncClient, notify: NotifySocket
 ) -> None:
-    notify = NotifySocket(tmp_path)
-    await notify.bind()
     async with trio.open_nursery() as nursery:
         first = await start_simworker(nursery, *INSTANT)
         second = await start_simworker(nursery, *INSTANT)
@@ -127,7 +103,6 @@ async def test_sighup_applies_a_new_worker_list_and_keeps_the_old_config_when_in
             assert any("health.interval_s" in line for line in router.output)
             assert statuses and set(statuses) == {200}, set(statuses)
         nursery.cancel_scope.cancel()
-    notify.sock.close()
 
 
 async def _at_least(statuses: list[int], count: int) -> bool:

@@ -15,9 +15,8 @@ from typing import Any
 import httpx
 import trio
 
-from tests.integration.test_ops import NotifySocket
 from tests.launcher.helpers import FAKE_WORKER, launcher_settings
-from tests.support import free_port, router_process
+from tests.support import NotifySocket, free_port, router_process
 
 TEST_TIMEOUT_S = 45.0
 
@@ -31,11 +30,9 @@ def _gated_pool(gate: Path, tmp_path: Path, num_workers: int = 2) -> str:
 
 
 async def test_the_port_answers_while_workers_start_and_systemd_hears_progress(
-    tmp_path: Path, http: httpx.AsyncClient
+    tmp_path: Path, http: httpx.AsyncClient, notify: NotifySocket
 ) -> None:
     gate = tmp_path / "models-loaded"
-    notify = NotifySocket(tmp_path)
-    await notify.bind()
     env = {"NOTIFY_SOCKET": notify.name, "DSROUTER_RUNTIME_DIR": str(tmp_path / "run")}
     with trio.fail_after(TEST_TIMEOUT_S):
         async with router_process(
@@ -56,9 +53,14 @@ async def test_the_port_answers_while_workers_start_and_systemd_hears_progress(
             )
             header = status.stdout.decode().splitlines()[0]
             assert f"router {router.url}: starting, 0/2 workers routable, 2 starting" in header
-            starting = await notify.next_with("STATUS")
-            assert "READY" not in starting
-            assert starting["STATUS"].startswith("starting: 0/2 ready")
+            # The first lines may come before the launcher has its slots ("launching 2
+            # workers"); every line before READY says the router is starting.
+            while True:
+                starting = await notify.next_with("STATUS")
+                assert "READY" not in starting
+                assert starting["STATUS"].startswith("starting: "), starting
+                if starting["STATUS"].startswith("starting: 0/2 ready"):
+                    break
 
             gate.touch()
             ready_message = await notify.next_with("READY")
@@ -66,7 +68,6 @@ async def test_the_port_answers_while_workers_start_and_systemd_hears_progress(
             assert not any("READY" in m for m in notify.messages[:-1])
             assert (await http.get(f"{router.url}/health")).status_code == 200
             assert (await http.get(f"{router.url}/readyz")).json() == {"status": "ready"}
-    notify.sock.close()
 
 
 async def _run_expecting_failure(argv: list[str], tmp_path: Path) -> tuple[int, list[str]]:
