@@ -7,7 +7,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -48,6 +48,8 @@ class RouterProcess:
     process: trio.Process
     url: str
     output: list[str]
+    workers: list[SimWorker] = attrs.Factory(list)
+    """The simulated workers `routed_pool` started behind it, in `--worker-urls` order."""
 
     @property
     def pid(self) -> int:
@@ -261,6 +263,40 @@ async def start_simworker(
         with trio.fail_after(START_TIMEOUT_S):
             await ready.wait()
     return worker
+
+
+async def healthy(http: httpx.AsyncClient, router: str, count: int) -> None:
+    """Wait until `count` workers are healthy with their model known (probed at least once)."""
+
+    async def check() -> bool:
+        workers = (await http.get(f"{router}/workers")).json()["workers"]
+        return sum(w["state"] == "healthy" and w["model"] is not None for w in workers) == count
+
+    await wait_until(check)
+
+
+@asynccontextmanager
+async def routed_pool(
+    http: httpx.AsyncClient,
+    tmp_path: Path,
+    *workers: Sequence[str],
+    args: Sequence[str] = (),
+    config: str | None = None,
+    env: dict[str, str] | None = None,
+) -> AsyncIterator[RouterProcess]:
+    """Simulated workers (one per argument list) behind a router process, all healthy.
+
+    The set-up most tests share: the workers are in the router's `workers`, killed (and the
+    router stopped) on exit.
+    """
+    async with trio.open_nursery() as nursery:
+        started = [await start_simworker(nursery, *spec) for spec in workers]
+        argv = ["--worker-urls", *[w.url for w in started], *args]
+        async with router_process(argv, config=config, tmp_path=tmp_path, env=env) as router:
+            router.workers = started
+            await healthy(http, router.url, len(started))
+            yield router
+        nursery.cancel_scope.cancel()
 
 
 @attrs.frozen

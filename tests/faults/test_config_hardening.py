@@ -16,8 +16,7 @@ import pytest
 import trio
 
 from tests.faults.test_faults import INSTANT
-from tests.integration.test_proxy import healthy
-from tests.support import router_process, start_simworker, wait_until
+from tests.support import healthy, router_process, start_simworker, wait_until
 
 TOKEN = "adm1n-t0ken"
 KEY = "inference-k3y"

@@ -17,9 +17,10 @@ import httpx
 import pytest
 import trio
 
-from tests.integration.test_proxy import healthy
 from tests.support import (
     SimWorker,
+    healthy,
+    routed_pool,
     router_process,
     start_simworker,
     wait_until,
@@ -54,60 +55,54 @@ async def in_flight(http: httpx.AsyncClient, router: str) -> int:
 async def test_sigkill_between_requests_costs_no_request(
     tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
-    async with trio.open_nursery() as nursery:
-        workers = [await start_simworker(nursery, *INSTANT) for _ in range(3)]
-        async with router_process(
-            ["--worker-urls", *[w.url for w in workers]], config=CONFIG, tmp_path=tmp_path
-        ) as router:
-            await healthy(http, router.url, 3)
-            await workers[0].kill()
-            statuses = Counter()
-            for _ in range(60):
-                answer = await http.post(f"{router.url}/v1/images/generations", json=IMAGE)
-                statuses[answer.status_code] += 1
-            assert statuses == {200: 60}
-            assert await in_flight(http, router.url) == 0
-        nursery.cancel_scope.cancel()
+    async with routed_pool(http, tmp_path, *[INSTANT] * 3, config=CONFIG) as router:
+        workers = router.workers
+        await workers[0].kill()
+        statuses = Counter()
+        for _ in range(60):
+            answer = await http.post(f"{router.url}/v1/images/generations", json=IMAGE)
+            statuses[answer.status_code] += 1
+        assert statuses == {200: 60}
+        assert await in_flight(http, router.url) == 0
 
 
 async def test_sigkill_mid_request_is_retried_on_another_worker(
     tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
     """The killed worker sent no answer byte, so the request is replayed elsewhere."""
-    async with trio.open_nursery() as nursery:
-        slow = await start_simworker(nursery, "--sec-per-mpx-step", "50")
-        fast = await start_simworker(nursery, *INSTANT)
-        async with router_process(
-            ["--worker-urls", slow.url, fast.url, "--routing-algorithm", "round-robin"],
-            config=CONFIG,
-            tmp_path=tmp_path,
-        ) as router:
-            await healthy(http, router.url, 2)
-            answers: list[httpx.Response] = []
+    async with routed_pool(
+        http,
+        tmp_path,
+        ("--sec-per-mpx-step", "50"),
+        INSTANT,
+        args=["--routing-algorithm", "round-robin"],
+        config=CONFIG,
+    ) as router:
+        slow, fast = router.workers
+        answers: list[httpx.Response] = []
 
-            async def request() -> None:
-                answers.append(
-                    await http.post(
-                        f"{router.url}/v1/images/generations", json={**IMAGE, "size": "512x512"}
-                    )
+        async def request() -> None:
+            answers.append(
+                await http.post(
+                    f"{router.url}/v1/images/generations", json={**IMAGE, "size": "512x512"}
                 )
+            )
 
-            async with trio.open_nursery() as inner:
-                for _ in range(2):
-                    inner.start_soon(request)
+        async with trio.open_nursery() as inner:
+            for _ in range(2):
+                inner.start_soon(request)
 
-                async def slow_busy() -> bool:
-                    state = (await http.get(f"{slow.url}/_sim/state")).json()
-                    return state["in_flight"] >= 1
+            async def slow_busy() -> bool:
+                state = (await http.get(f"{slow.url}/_sim/state")).json()
+                return state["in_flight"] >= 1
 
-                await wait_until(slow_busy)
-                os.kill(slow.pid, signal.SIGKILL)
-            assert [a.status_code for a in answers] == [200, 200]
-            fast_name = fast.url.removeprefix("http://")
-            assert all(a.headers["x-dsrouter-worker"] == fast_name for a in answers)
-            assert sorted(a.headers["x-dsrouter-attempts"] for a in answers) == ["1", "2"]
-            assert await in_flight(http, router.url) == 0
-        nursery.cancel_scope.cancel()
+            await wait_until(slow_busy)
+            os.kill(slow.pid, signal.SIGKILL)
+        assert [a.status_code for a in answers] == [200, 200]
+        fast_name = fast.url.removeprefix("http://")
+        assert all(a.headers["x-dsrouter-worker"] == fast_name for a in answers)
+        assert sorted(a.headers["x-dsrouter-attempts"] for a in answers) == ["1", "2"]
+        assert await in_flight(http, router.url) == 0
 
 
 async def test_worker_dying_mid_answer_is_replayed_until_the_client_saw_a_byte(
@@ -115,49 +110,45 @@ async def test_worker_dying_mid_answer_is_replayed_until_the_client_saw_a_byte(
 ) -> None:
     """A create answer is read before it is relayed, so its loss is invisible to the client;
     an image answer already streaming to the client can only be cut."""
-    async with trio.open_nursery() as nursery:
-        dying = await start_simworker(nursery, "--task-type", "T2V", *INSTANT)
-        spare = await start_simworker(nursery, "--task-type", "T2I,T2V", *INSTANT)
-        async with router_process(
-            ["--worker-urls", dying.url, spare.url, "--routing-algorithm", "round-robin"],
-            config=CONFIG,
-            tmp_path=tmp_path,
-        ) as router:
-            await healthy(http, router.url, 2)
-            await sim_faults(http, dying.url, exit_after=1)
-            attempts = []
-            for _ in range(2):
-                job = await http.post(f"{router.url}/v1/videos", json={"prompt": "p"})
-                assert job.status_code == 200, job.text
-                attempts.append(job.headers["x-dsrouter-attempts"])
-                status = await http.get(f"{router.url}/v1/videos/{job.json()['id']}")
-                assert status.status_code == 200
-            assert "2" in attempts, attempts
-            await sim_faults(http, spare.url, exit_after=1)
-            cut = None
-            with contextlib.suppress(httpx.HTTPError):
-                cut = await http.post(f"{router.url}/v1/images/generations", json=IMAGE)
-            assert cut is None or cut.status_code >= 500
-            with trio.fail_after(10):
-                assert await spare.process.wait() == 3, "the worker died mid-answer"
-            assert await in_flight(http, router.url) == 0
-        nursery.cancel_scope.cancel()
+    async with routed_pool(
+        http,
+        tmp_path,
+        ("--task-type", "T2V", *INSTANT),
+        ("--task-type", "T2I,T2V", *INSTANT),
+        args=["--routing-algorithm", "round-robin"],
+        config=CONFIG,
+    ) as router:
+        dying, spare = router.workers
+        await sim_faults(http, dying.url, exit_after=1)
+        attempts = []
+        for _ in range(2):
+            job = await http.post(f"{router.url}/v1/videos", json={"prompt": "p"})
+            assert job.status_code == 200, job.text
+            attempts.append(job.headers["x-dsrouter-attempts"])
+            status = await http.get(f"{router.url}/v1/videos/{job.json()['id']}")
+            assert status.status_code == 200
+        assert "2" in attempts, attempts
+        await sim_faults(http, spare.url, exit_after=1)
+        cut = None
+        with contextlib.suppress(httpx.HTTPError):
+            cut = await http.post(f"{router.url}/v1/images/generations", json=IMAGE)
+        assert cut is None or cut.status_code >= 500
+        with trio.fail_after(10):
+            assert await spare.process.wait() == 3, "the worker died mid-answer"
+        assert await in_flight(http, router.url) == 0
 
 
 async def test_hung_worker_gives_504_and_frees_its_lease(
     tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
-    async with trio.open_nursery() as nursery:
-        worker = await start_simworker(nursery, "--task-type", "T2V", *INSTANT)
-        async with router_process(
-            ["--worker-urls", worker.url], config=CONFIG, tmp_path=tmp_path
-        ) as router:
-            await healthy(http, router.url, 1)
-            await sim_faults(http, worker.url, hang_rate=1.0)
-            answer = await http.post(f"{router.url}/v1/videos", json={"prompt": "p"})
-            assert answer.status_code == 504 and "did not answer" in answer.json()["error"]
-            assert await in_flight(http, router.url) == 0
-        nursery.cancel_scope.cancel()
+    async with routed_pool(
+        http, tmp_path, ("--task-type", "T2V", *INSTANT), config=CONFIG
+    ) as router:
+        [worker] = router.workers
+        await sim_faults(http, worker.url, hang_rate=1.0)
+        answer = await http.post(f"{router.url}/v1/videos", json={"prompt": "p"})
+        assert answer.status_code == 504 and "did not answer" in answer.json()["error"]
+        assert await in_flight(http, router.url) == 0
 
 
 async def _burst_until_dead(
@@ -195,17 +186,11 @@ async def test_503_burst_opens_the_breaker_and_traffic_moves_away(
     config = CONFIG.replace(
         "failure_threshold = 2", "failure_threshold = 2\nrecovery_threshold = 1000"
     )
-    async with trio.open_nursery() as nursery:
-        bad = await start_simworker(nursery, *INSTANT)
-        good = await start_simworker(nursery, *INSTANT)
-        async with router_process(
-            ["--worker-urls", bad.url, good.url], config=config, tmp_path=tmp_path
-        ) as router:
-            await healthy(http, router.url, 2)
-            await sim_faults(http, bad.url, unavailable_rate=1.0)
-            await _burst_until_dead(http, router.url, bad, good)
-            await _all_served_by(http, router.url, good)
-        nursery.cancel_scope.cancel()
+    async with routed_pool(http, tmp_path, INSTANT, INSTANT, config=config) as router:
+        bad, good = router.workers
+        await sim_faults(http, bad.url, unavailable_rate=1.0)
+        await _burst_until_dead(http, router.url, bad, good)
+        await _all_served_by(http, router.url, good)
 
 
 async def test_good_probes_do_not_close_a_breaker_opened_by_failed_requests(
@@ -215,59 +200,49 @@ async def test_good_probes_do_not_close_a_breaker_opened_by_failed_requests(
     tell, so once request failures open its breaker it must stay out of rotation for
     `breaker_open_s` (30 s here), however many good probes it answers meanwhile (README,
     "Failover and breaker")."""
-    async with trio.open_nursery() as nursery:
-        bad = await start_simworker(nursery, *INSTANT)
-        good = await start_simworker(nursery, *INSTANT)
-        async with router_process(
-            ["--worker-urls", bad.url, good.url], config=CONFIG, tmp_path=tmp_path
-        ) as router:
-            await healthy(http, router.url, 2)
-            await sim_faults(http, bad.url, unavailable_rate=1.0)
-            await _burst_until_dead(http, router.url, bad, good)
-            probes: set[float] = set()
+    async with routed_pool(http, tmp_path, INSTANT, INSTANT, config=CONFIG) as router:
+        bad, good = router.workers
+        await sim_faults(http, bad.url, unavailable_rate=1.0)
+        await _burst_until_dead(http, router.url, bad, good)
+        probes: set[float] = set()
 
-            async def probed_thrice() -> bool:
-                """Three more probe rounds answered: more than recovery_threshold (2)."""
-                probes.add((await worker_state(http, router.url, bad.url))["last_probe_at"])
-                return len(probes) > 3
+        async def probed_thrice() -> bool:
+            """Three more probe rounds answered: more than recovery_threshold (2)."""
+            probes.add((await worker_state(http, router.url, bad.url))["last_probe_at"])
+            return len(probes) > 3
 
-            await wait_until(probed_thrice)
-            assert (await worker_state(http, router.url, bad.url))["is_dead"] is True
-            await _all_served_by(http, router.url, good)
-        nursery.cancel_scope.cancel()
+        await wait_until(probed_thrice)
+        assert (await worker_state(http, router.url, bad.url))["is_dead"] is True
+        await _all_served_by(http, router.url, good)
 
 
 async def test_truncated_and_slow_bodies(tmp_path: Path, http: httpx.AsyncClient) -> None:
-    async with trio.open_nursery() as nursery:
-        worker = await start_simworker(
-            nursery, "--task-type", "T2V", *INSTANT, "--video-bytes", str(256 * 1024)
+    async with routed_pool(
+        http,
+        tmp_path,
+        ("--task-type", "T2V", *INSTANT, "--video-bytes", str(256 * 1024)),
+        config=CONFIG,
+    ) as router:
+        [worker] = router.workers
+        job = (await http.post(f"{router.url}/v1/videos", json={"prompt": "p"})).json()
+
+        async def done() -> bool:
+            answer = await http.get(f"{router.url}/v1/videos/{job['id']}")
+            return answer.json()["status"] == "completed"
+
+        await wait_until(done)
+        await sim_faults(http, worker.url, slow_body_bps=512 * 1024)
+        dripped = await http.get(f"{router.url}/v1/videos/{job['id']}/content")
+        assert dripped.status_code == 200 and len(dripped.content) == 256 * 1024
+        await sim_faults(http, worker.url, slow_body_bps=0, exit_after=1)
+        try:
+            truncated = await http.get(f"{router.url}/v1/videos/{job['id']}/content")
+        except httpx.HTTPError:
+            truncated = None
+        assert (
+            truncated is None or truncated.status_code >= 500 or len(truncated.content) < 256 * 1024
         )
-        async with router_process(
-            ["--worker-urls", worker.url], config=CONFIG, tmp_path=tmp_path
-        ) as router:
-            await healthy(http, router.url, 1)
-            job = (await http.post(f"{router.url}/v1/videos", json={"prompt": "p"})).json()
-
-            async def done() -> bool:
-                answer = await http.get(f"{router.url}/v1/videos/{job['id']}")
-                return answer.json()["status"] == "completed"
-
-            await wait_until(done)
-            await sim_faults(http, worker.url, slow_body_bps=512 * 1024)
-            dripped = await http.get(f"{router.url}/v1/videos/{job['id']}/content")
-            assert dripped.status_code == 200 and len(dripped.content) == 256 * 1024
-            await sim_faults(http, worker.url, slow_body_bps=0, exit_after=1)
-            try:
-                truncated = await http.get(f"{router.url}/v1/videos/{job['id']}/content")
-            except httpx.HTTPError:
-                truncated = None
-            assert (
-                truncated is None
-                or truncated.status_code >= 500
-                or len(truncated.content) < 256 * 1024
-            )
-            await wait_until(lambda: _zero_in_flight(http, router.url))
-        nursery.cancel_scope.cancel()
+        await wait_until(lambda: _zero_in_flight(http, router.url))
 
 
 async def _zero_in_flight(http: httpx.AsyncClient, router: str) -> bool:
@@ -305,38 +280,33 @@ async def test_worker_stalling_mid_body_is_cut_after_idle_read_s_and_frees_its_l
     size = 256 * 1024
     idle_read_s = 0.5
     config = CONFIG.replace("job_s = 3", f"job_s = 3\nidle_read_s = {idle_read_s}")
-    async with trio.open_nursery() as nursery:
-        worker = await start_simworker(
-            nursery, "--task-type", "T2V", *INSTANT, "--video-bytes", str(size)
-        )
-        async with router_process(
-            ["--worker-urls", worker.url], config=config, tmp_path=tmp_path
-        ) as router:
-            await healthy(http, router.url, 1)
-            video_id = await _video_job(http, router.url)
-            await sim_faults(http, worker.url, slow_body_bps=512)
-            received = 0
-            started = trio.current_time()
-            with pytest.raises(httpx.RemoteProtocolError):
-                async with http.stream(
-                    "GET",
-                    f"{router.url}/v1/videos/{video_id}/content",
-                ) as stalled:
-                    assert stalled.status_code == 200
-                    async for chunk in stalled.aiter_raw():
-                        received += len(chunk)
-            assert trio.current_time() - started >= idle_read_s
-            assert 0 < received < size, received
-            await wait_until(lambda: _zero_in_flight(http, router.url), timeout_s=10)
+    async with routed_pool(
+        http, tmp_path, ("--task-type", "T2V", *INSTANT, "--video-bytes", str(size)), config=config
+    ) as router:
+        [worker] = router.workers
+        video_id = await _video_job(http, router.url)
+        await sim_faults(http, worker.url, slow_body_bps=512)
+        received = 0
+        started = trio.current_time()
+        with pytest.raises(httpx.RemoteProtocolError):
+            async with http.stream(
+                "GET",
+                f"{router.url}/v1/videos/{video_id}/content",
+            ) as stalled:
+                assert stalled.status_code == 200
+                async for chunk in stalled.aiter_raw():
+                    received += len(chunk)
+        assert trio.current_time() - started >= idle_read_s
+        assert 0 < received < size, received
+        await wait_until(lambda: _zero_in_flight(http, router.url), timeout_s=10)
 
-            async def worker_idle() -> bool:
-                return await _sim_in_flight(http, worker.url) == 0
+        async def worker_idle() -> bool:
+            return await _sim_in_flight(http, worker.url) == 0
 
-            await wait_until(worker_idle, timeout_s=15)
-            await sim_faults(http, worker.url, slow_body_bps=0)
-            whole = await http.get(f"{router.url}/v1/videos/{video_id}/content")
-            assert whole.status_code == 200 and len(whole.content) == size
-        nursery.cancel_scope.cancel()
+        await wait_until(worker_idle, timeout_s=15)
+        await sim_faults(http, worker.url, slow_body_bps=0)
+        whole = await http.get(f"{router.url}/v1/videos/{video_id}/content")
+        assert whole.status_code == 200 and len(whole.content) == size
 
 
 async def test_client_disconnect_mid_download_releases_the_worker(
@@ -346,45 +316,40 @@ async def test_client_disconnect_mid_download_releases_the_worker(
     so while the client reads nothing more the download is stuck halfway: the worker is
     still serving it when the client hangs up, and must be told at once."""
     size = 64 << 20
-    async with trio.open_nursery() as nursery:
-        worker = await start_simworker(
-            nursery, "--task-type", "T2V", *INSTANT, "--video-bytes", str(size)
+    async with routed_pool(
+        http, tmp_path, ("--task-type", "T2V", *INSTANT, "--video-bytes", str(size)), config=CONFIG
+    ) as router:
+        [worker] = router.workers
+        video_id = await _video_job(http, router.url)
+        # A raw socket: an httpx stream left early leaves async generators unfinished.
+        host, port = router.url.removeprefix("http://").split(":")
+        client = await trio.open_tcp_stream(host, int(port))
+        await client.send_all(
+            f"GET /v1/videos/{video_id}/content HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
         )
-        async with router_process(
-            ["--worker-urls", worker.url], config=CONFIG, tmp_path=tmp_path
-        ) as router:
-            await healthy(http, router.url, 1)
-            video_id = await _video_job(http, router.url)
-            # A raw socket: an httpx stream left early leaves async generators unfinished.
-            host, port = router.url.removeprefix("http://").split(":")
-            client = await trio.open_tcp_stream(host, int(port))
-            await client.send_all(
-                f"GET /v1/videos/{video_id}/content HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
-            )
-            received = b""
-            while len(received) < 1 << 20:
-                chunk = await client.receive_some(1 << 16)
-                assert chunk, "the router closed the download"
-                received += chunk
-            head = received.split(b"\r\n\r\n", 1)[0].decode().lower()
-            assert head.startswith("http/1.1 200") and f"content-length: {size}" in head
-            assert await in_flight(http, router.url) == 1
-            assert await _sim_in_flight(http, worker.url) == 1
-            await client.aclose()
-            assert len(received) < size
+        received = b""
+        while len(received) < 1 << 20:
+            chunk = await client.receive_some(1 << 16)
+            assert chunk, "the router closed the download"
+            received += chunk
+        head = received.split(b"\r\n\r\n", 1)[0].decode().lower()
+        assert head.startswith("http/1.1 200") and f"content-length: {size}" in head
+        assert await in_flight(http, router.url) == 1
+        assert await _sim_in_flight(http, worker.url) == 1
+        await client.aclose()
+        assert len(received) < size
 
-            async def released() -> bool:
-                return (
-                    await in_flight(http, router.url) == 0
-                    and await _sim_in_flight(http, worker.url) == 0
-                )
-
-            await wait_until(released, timeout_s=10)
-            ranged = await http.get(
-                f"{router.url}/v1/videos/{video_id}/content", headers={"range": "bytes=0-1023"}
+        async def released() -> bool:
+            return (
+                await in_flight(http, router.url) == 0
+                and await _sim_in_flight(http, worker.url) == 0
             )
-            assert ranged.status_code == 206 and len(ranged.content) == 1024
-        nursery.cancel_scope.cancel()
+
+        await wait_until(released, timeout_s=10)
+        ranged = await http.get(
+            f"{router.url}/v1/videos/{video_id}/content", headers={"range": "bytes=0-1023"}
+        )
+        assert ranged.status_code == 206 and len(ranged.content) == 1024
 
 
 # The router answers 413 before httpx has sent the whole body; httpx then leaves its body
@@ -394,46 +359,40 @@ async def test_bad_inputs_get_clear_errors_and_harm_nothing(
     tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
     config = CONFIG + "[server]\nmax_body_mb = 1\n"
-    async with trio.open_nursery() as nursery:
-        worker = await start_simworker(nursery, *INSTANT)
-        async with router_process(
-            ["--worker-urls", worker.url], config=config, tmp_path=tmp_path
-        ) as router:
-            await healthy(http, router.url, 1)
-            malformed = await http.post(
-                f"{router.url}/v1/images/generations",
-                content=b"{not json",
-                headers={"content-type": "application/json"},
-            )
-            assert 400 <= malformed.status_code < 500
-            # `connection: close`: the router closes a connection whose body it refused
-            # without saying so (see the next test), so httpx must not reuse it.
-            once = {"connection": "close"}
-            big = await http.post(
-                f"{router.url}/v1/images/edits", content=b"x" * (2 << 20), headers=once
-            )
-            assert big.status_code == 413 and "1 MiB" in big.json()["error"]
+    async with routed_pool(http, tmp_path, INSTANT, config=config) as router:
+        malformed = await http.post(
+            f"{router.url}/v1/images/generations",
+            content=b"{not json",
+            headers={"content-type": "application/json"},
+        )
+        assert 400 <= malformed.status_code < 500
+        # `connection: close`: the router closes a connection whose body it refused
+        # without saying so (see the next test), so httpx must not reuse it.
+        once = {"connection": "close"}
+        big = await http.post(
+            f"{router.url}/v1/images/edits", content=b"x" * (2 << 20), headers=once
+        )
+        assert big.status_code == 413 and "1 MiB" in big.json()["error"]
 
-            async def chunked():
-                for _ in range(3):
-                    yield b"y" * (1 << 20)
+        async def chunked():
+            for _ in range(3):
+                yield b"y" * (1 << 20)
 
-            big_chunked = await http.post(
-                f"{router.url}/v1/images/edits", content=chunked(), headers=once
-            )
-            assert big_chunked.status_code == 413
-            bad_multipart = await http.post(
-                f"{router.url}/v1/images/edits",
-                content=b"--x\r\nnonsense",
-                headers={"content-type": "multipart/form-data; boundary=x"},
-            )
-            assert 400 <= bad_multipart.status_code < 500
-            undecodable = await http.get(f"{router.url}/workers/%C3%28")
-            assert undecodable.status_code == 400
-            ok = await http.post(f"{router.url}/v1/images/generations", json=IMAGE)
-            assert ok.status_code == 200
-            assert await in_flight(http, router.url) == 0
-        nursery.cancel_scope.cancel()
+        big_chunked = await http.post(
+            f"{router.url}/v1/images/edits", content=chunked(), headers=once
+        )
+        assert big_chunked.status_code == 413
+        bad_multipart = await http.post(
+            f"{router.url}/v1/images/edits",
+            content=b"--x\r\nnonsense",
+            headers={"content-type": "multipart/form-data; boundary=x"},
+        )
+        assert 400 <= bad_multipart.status_code < 500
+        undecodable = await http.get(f"{router.url}/workers/%C3%28")
+        assert undecodable.status_code == 400
+        ok = await http.post(f"{router.url}/v1/images/generations", json=IMAGE)
+        assert ok.status_code == 200
+        assert await in_flight(http, router.url) == 0
 
 
 async def test_an_early_413_tells_the_client_the_connection_closes(tmp_path: Path) -> None:
@@ -460,32 +419,27 @@ async def test_an_early_413_tells_the_client_the_connection_closes(tmp_path: Pat
 async def test_client_disconnect_mid_upload_releases_everything(
     tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
-    async with trio.open_nursery() as nursery:
-        worker = await start_simworker(nursery, *INSTANT)
-        async with router_process(
-            ["--worker-urls", worker.url], config=CONFIG, tmp_path=tmp_path
-        ) as router:
-            await healthy(http, router.url, 1)
-            host, port = router.url.removeprefix("http://").split(":")
-            stream = await trio.open_tcp_stream(host, int(port))
-            await stream.send_all(
-                b"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\n"
-                b"Content-Type: multipart/form-data; boundary=b\r\n"
-                b"Content-Length: 100000000\r\n\r\n" + b"z" * (4 << 20)
-            )
+    async with routed_pool(http, tmp_path, INSTANT, config=CONFIG) as router:
+        [worker] = router.workers
+        host, port = router.url.removeprefix("http://").split(":")
+        stream = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(
+            b"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 100000000\r\n\r\n" + b"z" * (4 << 20)
+        )
 
-            async def busy() -> bool:
-                return await in_flight(http, router.url) == 1
+        async def busy() -> bool:
+            return await in_flight(http, router.url) == 1
 
-            await wait_until(busy)
-            await stream.aclose()
-            await wait_until(lambda: _zero_in_flight(http, router.url), timeout_s=10)
+        await wait_until(busy)
+        await stream.aclose()
+        await wait_until(lambda: _zero_in_flight(http, router.url), timeout_s=10)
 
-            async def worker_idle() -> bool:
-                return (await http.get(f"{worker.url}/_sim/state")).json()["in_flight"] == 0
+        async def worker_idle() -> bool:
+            return (await http.get(f"{worker.url}/_sim/state")).json()["in_flight"] == 0
 
-            await wait_until(worker_idle, timeout_s=10)
-        nursery.cancel_scope.cancel()
+        await wait_until(worker_idle, timeout_s=10)
 
 
 async def test_sleep_during_traffic_loses_no_accepted_request(
@@ -494,31 +448,27 @@ async def test_sleep_during_traffic_loses_no_accepted_request(
     config = CONFIG.replace(
         "retry_backoff_s = 0.01", "retry_backoff_s = 0.01\nqueue_while_asleep = true"
     )
-    async with trio.open_nursery() as nursery:
-        workers = [await start_simworker(nursery, "--sec-per-mpx-step", "0.5") for _ in range(2)]
-        async with router_process(
-            ["--worker-urls", *[w.url for w in workers]], config=config, tmp_path=tmp_path
-        ) as router:
-            await healthy(http, router.url, 2)
-            statuses: Counter = Counter()
+    async with routed_pool(
+        http, tmp_path, *[("--sec-per-mpx-step", "0.5")] * 2, config=config
+    ) as router:
+        statuses: Counter = Counter()
 
-            async def client() -> None:
-                for _ in range(10):
-                    answer = await http.post(
-                        f"{router.url}/v1/images/generations", json={**IMAGE, "size": "64x64"}
-                    )
-                    statuses[answer.status_code] += 1
+        async def client() -> None:
+            for _ in range(10):
+                answer = await http.post(
+                    f"{router.url}/v1/images/generations", json={**IMAGE, "size": "64x64"}
+                )
+                statuses[answer.status_code] += 1
 
-            async with trio.open_nursery() as traffic:
-                for _ in range(4):
-                    traffic.start_soon(client)
-                await wait_until(lambda: _some_served(statuses))
-                slept = await http.post(f"{router.url}/release_memory_occupation")
-                assert slept.status_code == 200
-                woke = await http.post(f"{router.url}/resume_memory_occupation")
-                assert woke.status_code == 200
-            assert statuses == {200: 40}, statuses
-        nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as traffic:
+            for _ in range(4):
+                traffic.start_soon(client)
+            await wait_until(lambda: _some_served(statuses))
+            slept = await http.post(f"{router.url}/release_memory_occupation")
+            assert slept.status_code == 200
+            woke = await http.post(f"{router.url}/resume_memory_occupation")
+            assert woke.status_code == 200
+        assert statuses == {200: 40}, statuses
 
 
 async def _some_served(statuses: Counter) -> bool:

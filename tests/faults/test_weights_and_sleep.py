@@ -10,8 +10,16 @@ from pathlib import Path
 import httpx
 import trio
 
-from tests.integration.test_proxy import healthy
-from tests.support import Answer, SimWorker, Traffic, router_process, start_simworker, wait_until
+from tests.support import (
+    Answer,
+    SimWorker,
+    Traffic,
+    healthy,
+    routed_pool,
+    router_process,
+    start_simworker,
+    wait_until,
+)
 
 NEW = "sim/step-1"
 IMAGE = {"prompt": "a cube", "size": "64x64"}
@@ -152,35 +160,30 @@ async def test_requests_waiting_through_a_release_get_asleep_once_the_pool_sleep
     slow = ("--task-type", "T2I", "--sec-per-mpx-step", "0.5")
     config = CONFIG + "max_inflight_per_worker = 1\n"
     with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            worker = await start_simworker(nursery, *slow)
-            async with router_process(
-                ["--worker-urls", worker.url], config=config, tmp_path=tmp_path
-            ) as router:
-                await healthy(http, router.url, 1)
-                # About 10 s of work: the release below arrives while it runs.
-                long = {"prompt": "big", "size": "1024x1024", "num_inference_steps": 20}
-                answers: dict[str, httpx.Response] = {}
+        async with routed_pool(http, tmp_path, slow, config=config) as router:
+            [worker] = router.workers
+            # About 10 s of work: the release below arrives while it runs.
+            long = {"prompt": "big", "size": "1024x1024", "num_inference_steps": 20}
+            answers: dict[str, httpx.Response] = {}
 
-                async def post(label: str, path: str, body: dict) -> None:
-                    answers[label] = await http.post(f"{router.url}{path}", json=body)
+            async def post(label: str, path: str, body: dict) -> None:
+                answers[label] = await http.post(f"{router.url}{path}", json=body)
 
-                async def queued() -> bool:
-                    return (await http.get(f"{router.url}/health")).json()["queued"] == 1
+            async def queued() -> bool:
+                return (await http.get(f"{router.url}/health")).json()["queued"] == 1
 
-                async with trio.open_nursery() as clients:
-                    clients.start_soon(post, "long", "/v1/images/generations", long)
-                    await wait_until(lambda: _busy(http, worker))
-                    clients.start_soon(post, "waiting", "/v1/images/generations", IMAGE)
-                    await wait_until(queued)
-                    clients.start_soon(post, "release", "/release_memory_occupation", {})
-                    # Nobody wakes the pool: the waiting request must end by itself.
-                assert answers["long"].status_code == 200
-                assert answers["release"].status_code == 200, answers["release"].text
-                assert answers["waiting"].status_code == 503
-                assert answers["waiting"].json() == {"error": "pool is asleep"}
-                assert int(answers["waiting"].headers["retry-after"]) > 0
-            nursery.cancel_scope.cancel()
+            async with trio.open_nursery() as clients:
+                clients.start_soon(post, "long", "/v1/images/generations", long)
+                await wait_until(lambda: _busy(http, worker))
+                clients.start_soon(post, "waiting", "/v1/images/generations", IMAGE)
+                await wait_until(queued)
+                clients.start_soon(post, "release", "/release_memory_occupation", {})
+                # Nobody wakes the pool: the waiting request must end by itself.
+            assert answers["long"].status_code == 200
+            assert answers["release"].status_code == 200, answers["release"].text
+            assert answers["waiting"].status_code == 503
+            assert answers["waiting"].json() == {"error": "pool is asleep"}
+            assert int(answers["waiting"].headers["retry-after"]) > 0
 
 
 async def _busy(http: httpx.AsyncClient, worker: SimWorker) -> bool:

@@ -7,9 +7,7 @@ bodies have their own (configurable) size limit, and a weight change reaches the
 the exact bytes the trainer sent, tagged with the request's id.
 """
 
-import contextlib
 import hashlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -17,32 +15,24 @@ import httpx
 import pytest
 import trio
 
-from tests.integration.test_proxy import healthy, start_pool
-from tests.support import RouterProcess, SimWorker, router_process, wait_until, worker_state
+from tests.integration.test_proxy import start_pool
+from tests.support import (
+    SimWorker,
+    healthy,
+    routed_pool,
+    router_process,
+    wait_until,
+    worker_state,
+)
 
 CONFIG = """
 [health]
 interval_s = 0.2
 timeout_s = 2.0
 """
-T2I = ("--task-type", "T2I")
+T2I = ("--task-type", "T2I", "--sec-per-mpx-step", "0")
 CATCH_UP_DEADLINE_S = 30.0
 """Catch-up retries back off from 1 s, doubling: enough for the first few attempts."""
-
-
-@contextlib.asynccontextmanager
-async def routed_pool(
-    tmp_path: Path, http: httpx.AsyncClient, count: int, config: str = CONFIG
-) -> AsyncIterator[tuple[RouterProcess, list[SimWorker]]]:
-    """`count` image workers behind a real router, every one probed healthy."""
-    async with trio.open_nursery() as nursery:
-        workers = await start_pool(nursery, *[T2I] * count)
-        async with router_process(
-            ["--worker-urls", *[w.url for w in workers]], config=config, tmp_path=tmp_path
-        ) as router:
-            await healthy(http, router.url, count)
-            yield router, workers
-        nursery.cancel_scope.cancel()
 
 
 async def set_faults(http: httpx.AsyncClient, worker: SimWorker, **faults: object) -> None:
@@ -57,7 +47,8 @@ async def sim_state(http: httpx.AsyncClient, worker: SimWorker) -> dict:
 async def test_worker_that_failed_a_refit_is_caught_up_once_the_fault_clears(
     tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
-    async with routed_pool(tmp_path, http, 2) as (router, [_, laggard]):
+    async with routed_pool(http, tmp_path, *[T2I] * 2, config=CONFIG) as router:
+        _, laggard = router.workers
         await set_faults(http, laggard, refit_fails=True)
         for step in ("sim/step-1", "sim/step-2"):
             refit = await http.post(
@@ -83,7 +74,8 @@ async def test_worker_that_failed_a_refit_is_caught_up_once_the_fault_clears(
 async def test_worker_drained_during_a_refit_is_caught_up_when_undrained(
     tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
-    async with routed_pool(tmp_path, http, 2) as (router, [active, drained]):
+    async with routed_pool(http, tmp_path, *[T2I] * 2, config=CONFIG) as router:
+        active, drained = router.workers
         path = f"{router.url}/workers/{quote(drained.url, safe='')}"
         drain = await http.put(path, json={"draining": True, "remove_when_drained": False})
         assert drain.status_code == 200, drain.text
@@ -106,7 +98,8 @@ async def test_worker_drained_during_a_refit_is_caught_up_when_undrained(
 async def test_checksum_mismatch_keeps_a_worker_stale_through_its_catch_ups(
     tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
-    async with routed_pool(tmp_path, http, 3) as (router, workers):
+    async with routed_pool(http, tmp_path, *[T2I] * 3, config=CONFIG) as router:
+        workers = router.workers
         corrupt = workers[2]
         await set_faults(http, corrupt, corrupt_weights=True)
         refit = await http.post(
@@ -139,7 +132,8 @@ async def test_checksum_mismatch_keeps_a_worker_stale_through_its_catch_ups(
 async def test_checksums_without_a_majority_mark_nobody_and_report_no_success(
     tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
-    async with routed_pool(tmp_path, http, 2) as (router, workers):
+    async with routed_pool(http, tmp_path, *[T2I] * 2, config=CONFIG) as router:
+        workers = router.workers
         await set_faults(http, workers[1], corrupt_weights=True)
         refit = await http.post(
             f"{router.url}/update_weights_from_disk",
@@ -155,7 +149,7 @@ async def test_checksums_without_a_majority_mark_nobody_and_report_no_success(
 async def test_models_while_the_pool_sleeps_is_503_asleep_with_retry_after(
     tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
-    async with routed_pool(tmp_path, http, 2) as (router, _):
+    async with routed_pool(http, tmp_path, *[T2I] * 2, config=CONFIG) as router:
         assert (await http.post(f"{router.url}/release_memory_occupation")).status_code == 200
         asleep = await http.get(f"{router.url}/v1/models")
         assert asleep.status_code == 503
@@ -212,7 +206,8 @@ async def test_oversize_bodies_get_json_413_naming_their_limit(
     tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
     config = CONFIG + "[server]\nmax_control_body_mb = 3\n"
-    async with routed_pool(tmp_path, http, 2, config=config) as (router, workers):
+    async with routed_pool(http, tmp_path, *[T2I] * 2, config=config) as router:
+        workers = router.workers
         # Over the 1 MiB of worker management, within the control limit: delivered.
         tensors = {"serialized_named_tensors": ["t" * (2 * 1024 * 1024)]}
         within = await http.post(f"{router.url}/update_weights_from_tensor", json=tensors)
@@ -243,7 +238,8 @@ async def test_oversize_bodies_get_json_413_naming_their_limit(
 async def test_weight_change_reaches_every_worker_byte_for_byte_with_the_request_id(
     tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
-    async with routed_pool(tmp_path, http, 2) as (router, workers):
+    async with routed_pool(http, tmp_path, *[T2I] * 2, config=CONFIG) as router:
+        workers = router.workers
         # Spacing, key order and a \\u escape that any re-encoding would change.
         raw = b'{ "flush_cache" : false,\n  "model_path": "sim/caf\\u00e9-1" }'
         refit = await http.post(

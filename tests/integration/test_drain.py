@@ -19,9 +19,8 @@ import attrs
 import httpx
 import trio
 
-from tests.integration.test_proxy import healthy
 from tests.launcher.helpers import alive, free_port_block
-from tests.support import SimWorker, router_process, start_simworker, wait_until
+from tests.support import SimWorker, healthy, router_process, start_simworker, wait_until
 
 SLOW_WORKER = ("--sec-per-mpx-step", "100")
 """With this, `slow_image(n)` (100x100 pixels, n steps) keeps the worker busy n seconds."""

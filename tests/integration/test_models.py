@@ -6,8 +6,8 @@ from pathlib import Path
 import httpx
 import trio
 
-from tests.integration.test_proxy import CONFIG, healthy, start_pool
-from tests.support import router_process
+from tests.integration.test_proxy import CONFIG, start_pool
+from tests.support import healthy, router_process
 
 NOT_FOUND = {
     "error": {

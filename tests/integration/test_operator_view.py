@@ -11,8 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dsrouter import __version__
 from tests.integration.test_ops import IMAGE, INSTANT
-from tests.integration.test_proxy import healthy
-from tests.support import router_process, start_simworker, wait_until
+from tests.support import routed_pool, router_process, start_simworker, wait_until
 
 TEST_TIMEOUT_S = 40.0
 TOKEN = {"authorization": "Bearer admin-secret"}
@@ -65,21 +64,20 @@ async def test_metrics_name_the_worker_and_carry_build_and_process_series(
 ) -> None:
     config = "[health]\ninterval_s = 0.2\nfailure_threshold = 100\n"
     with trio.fail_after(TEST_TIMEOUT_S):
-        async with trio.open_nursery() as nursery:
-            good = await start_simworker(nursery, *INSTANT)
-            doomed = await start_simworker(nursery, *INSTANT)
-            async with router_process(
-                ["--worker-urls", good.url, doomed.url, "--routing-algorithm", "round-robin"],
-                config=config,
-                tmp_path=tmp_path,
-            ) as router:
-                await healthy(http, router.url, 2)
-                await doomed.kill()
-                for _ in range(2):  # round-robin: one of them is sent to the dead worker first
-                    answer = await http.post(f"{router.url}/v1/images/generations", json=IMAGE)
-                    assert answer.status_code == 200
-                text = (await http.get(f"{router.url}/metrics")).text
-            nursery.cancel_scope.cancel()
+        async with routed_pool(
+            http,
+            tmp_path,
+            INSTANT,
+            INSTANT,
+            args=["--routing-algorithm", "round-robin"],
+            config=config,
+        ) as router:
+            good, doomed = router.workers
+            await doomed.kill()
+            for _ in range(2):  # round-robin: one of them is sent to the dead worker first
+                answer = await http.post(f"{router.url}/v1/images/generations", json=IMAGE)
+                assert answer.status_code == 200
+            text = (await http.get(f"{router.url}/metrics")).text
     samples = _samples(text)
     good_id, doomed_id = good.url.removeprefix("http://"), doomed.url.removeprefix("http://")
     assert not [name for name in samples if name.endswith("_created")]
@@ -104,16 +102,13 @@ async def test_json_logs_are_json_on_every_line_and_debug_shows_decisions_and_pr
 ) -> None:
     config = '[logging]\nformat = "json"\n[health]\ninterval_s = 0.2\n'
     with trio.fail_after(TEST_TIMEOUT_S):
-        async with trio.open_nursery() as nursery:
-            worker = await start_simworker(nursery, *INSTANT)
-            async with router_process(
-                ["--worker-urls", worker.url, "--verbose"], config=config, tmp_path=tmp_path
-            ) as router:
-                await healthy(http, router.url, 1)
-                answer = await http.post(f"{router.url}/v1/images/generations", json=IMAGE)
-                assert answer.status_code == 200
-                assert await router.stop() == 0
-            nursery.cancel_scope.cancel()
+        async with routed_pool(
+            http, tmp_path, INSTANT, args=["--verbose"], config=config
+        ) as router:
+            [worker] = router.workers
+            answer = await http.post(f"{router.url}/v1/images/generations", json=IMAGE)
+            assert answer.status_code == 200
+            assert await router.stop() == 0
     records = [json.loads(line) for line in router.output if line.strip()]  # each one JSON
     messages = [(r["logger"], r["level"], r["msg"]) for r in records]
     display = worker.url.removeprefix("http://")

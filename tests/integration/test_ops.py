@@ -9,10 +9,11 @@ import httpx
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.test_proxy import healthy
 from tests.support import (
     NotifySocket,
     free_port,
+    healthy,
+    routed_pool,
     router_process,
     start_simworker,
     wait_until,
@@ -112,25 +113,21 @@ async def _at_least(statuses: list[int], count: int) -> bool:
 async def test_metrics_parse_and_count_the_requests_sent(
     tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
-    async with trio.open_nursery() as nursery:
-        worker = await start_simworker(nursery, *INSTANT)
-        async with router_process(["--worker-urls", worker.url], tmp_path=tmp_path) as router:
-            await healthy(http, router.url, 1)
-            for _ in range(7):
-                ok = await http.post(f"{router.url}/v1/images/generations", json=IMAGE)
-                assert ok.status_code == 200
-            for _ in range(3):
-                bad = await http.post(f"{router.url}/v1/images/generations", json={})
-                assert bad.status_code == 422
-            text = (await http.get(f"{router.url}/metrics")).text
-            samples = {}
-            for family in text_string_to_metric_families(text):
-                for sample in family.samples:
-                    if sample.name == "dsrouter_requests_total":
-                        samples[(sample.labels["route"], sample.labels["status"])] = sample.value
-            assert samples[("/v1/images/generations", "200")] == 7
-            assert samples[("/v1/images/generations", "422")] == 3
-        nursery.cancel_scope.cancel()
+    async with routed_pool(http, tmp_path, INSTANT) as router:
+        for _ in range(7):
+            ok = await http.post(f"{router.url}/v1/images/generations", json=IMAGE)
+            assert ok.status_code == 200
+        for _ in range(3):
+            bad = await http.post(f"{router.url}/v1/images/generations", json={})
+            assert bad.status_code == 422
+        text = (await http.get(f"{router.url}/metrics")).text
+        samples = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "dsrouter_requests_total":
+                    samples[(sample.labels["route"], sample.labels["status"])] = sample.value
+        assert samples[("/v1/images/generations", "200")] == 7
+        assert samples[("/v1/images/generations", "422")] == 3
 
 
 async def test_a_separate_metrics_port_serves_metrics_only(

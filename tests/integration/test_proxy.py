@@ -9,7 +9,7 @@ import httpx
 import msgpack
 import trio
 
-from tests.support import router_process, start_simworker, wait_until
+from tests.support import healthy, router_process, start_simworker, wait_until
 
 CONFIG = """
 [health]
@@ -35,14 +35,6 @@ def image_size(data: bytes) -> tuple[int, int]:
 
 async def start_pool(nursery: trio.Nursery, *specs: tuple[str, ...]) -> list:
     return [await start_simworker(nursery, "--sec-per-mpx-step", "0", *spec) for spec in specs]
-
-
-async def healthy(http: httpx.AsyncClient, router: str, count: int) -> None:
-    async def check() -> bool:
-        workers = (await http.get(f"{router}/workers")).json()["workers"]
-        return sum(w["state"] == "healthy" and w["model"] is not None for w in workers) == count
-
-    await wait_until(check)
 
 
 async def test_images_generate_edit_and_sticky_content(

@@ -24,8 +24,15 @@ from trio_websocket import (
 )
 
 from dsrouter.workers_http.websocket import close_socket
-from tests.integration.test_proxy import healthy
-from tests.support import RawAnswer, raw_request, router_process, start_simworker, wait_until
+from tests.support import (
+    RawAnswer,
+    healthy,
+    raw_request,
+    routed_pool,
+    router_process,
+    start_simworker,
+    wait_until,
+)
 
 PATH = "/v1/realtime_video/generate"
 KEY = "rt-key"
@@ -175,32 +182,23 @@ async def _client_close_is(http: httpx.AsyncClient, worker_url: str, expected: l
 async def test_two_sessions_take_two_workers_and_a_third_gets_the_refusal(
     tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
-    async with trio.open_nursery() as nursery:
-        workers = [await start_simworker(nursery, *VIDEO) for _ in range(2)]
-        async with router_process(
-            ["--worker-urls", *[w.url for w in workers]], config=CONFIG, tmp_path=tmp_path
-        ) as router:
-            await healthy(http, router.url, 2)
-            async with session(router.url), session(router.url) as second:
-                await wait_until(
-                    lambda: _sessions_are(http, router.url, {w.url: 1 for w in workers})
-                )
-                async with session(router.url) as third:
-                    messages, code, reason = await until_closed(third)
-                busy = "another realtime session is already active on every worker"
-                assert [msgpack.unpackb(m) for m in messages] == [
-                    {"type": "error", "content": busy}
-                ]
-                assert (code, reason) == (1008, busy)
-                await second.aclose()
-                await wait_until(lambda: _sessions_total_is(http, router.url, 1))
-                # The slot is free again: a new session gets a worker, and it generates.
-                async with session(router.url) as fourth:
-                    init = {"type": "init", "prompt": "x", "size": "8x8", "max_chunks": 1}
-                    await fourth.send_message(msgpack.packb(init))
-                    _, code, _ = await until_closed(fourth)
-                    assert code == 1000
-        nursery.cancel_scope.cancel()
+    async with routed_pool(http, tmp_path, *[VIDEO] * 2, config=CONFIG) as router:
+        workers = router.workers
+        async with session(router.url), session(router.url) as second:
+            await wait_until(lambda: _sessions_are(http, router.url, {w.url: 1 for w in workers}))
+            async with session(router.url) as third:
+                messages, code, reason = await until_closed(third)
+            busy = "another realtime session is already active on every worker"
+            assert [msgpack.unpackb(m) for m in messages] == [{"type": "error", "content": busy}]
+            assert (code, reason) == (1008, busy)
+            await second.aclose()
+            await wait_until(lambda: _sessions_total_is(http, router.url, 1))
+            # The slot is free again: a new session gets a worker, and it generates.
+            async with session(router.url) as fourth:
+                init = {"type": "init", "prompt": "x", "size": "8x8", "max_chunks": 1}
+                await fourth.send_message(msgpack.packb(init))
+                _, code, _ = await until_closed(fourth)
+                assert code == 1000
 
 
 async def _sessions_total_is(http: httpx.AsyncClient, router: str, expected: int) -> bool:
@@ -256,59 +254,44 @@ async def _router_waits(http: httpx.AsyncClient, router: str) -> bool:
 async def test_killing_the_worker_closes_the_session_with_1011(
     tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
-    async with trio.open_nursery() as nursery:
-        worker = await start_simworker(nursery, *VIDEO)
-        async with router_process(
-            ["--worker-urls", worker.url], config=CONFIG, tmp_path=tmp_path
-        ) as router:
-            await healthy(http, router.url, 1)
-            async with session(router.url) as ws:
-                await wait_until(lambda: _sessions_are(http, router.url, {worker.url: 1}))
-                await worker.kill()
-                _, code, reason = await until_closed(ws)
-            assert code == 1011 and "connection lost" in reason
-            await wait_until(lambda: _sessions_are(http, router.url, {worker.url: 0}))
-        nursery.cancel_scope.cancel()
+    async with routed_pool(http, tmp_path, VIDEO, config=CONFIG) as router:
+        [worker] = router.workers
+        async with session(router.url) as ws:
+            await wait_until(lambda: _sessions_are(http, router.url, {worker.url: 1}))
+            await worker.kill()
+            _, code, reason = await until_closed(ws)
+        assert code == 1011 and "connection lost" in reason
+        await wait_until(lambda: _sessions_are(http, router.url, {worker.url: 0}))
 
 
 async def test_idle_sessions_are_closed_with_1001(tmp_path: Path, http: httpx.AsyncClient) -> None:
     config = CONFIG + "\n[realtime]\nidle_timeout_s = 0.5\n"
-    async with trio.open_nursery() as nursery:
-        worker = await start_simworker(nursery, *VIDEO)
-        async with router_process(
-            ["--worker-urls", worker.url], config=config, tmp_path=tmp_path
-        ) as router:
-            await healthy(http, router.url, 1)
-            async with session(router.url) as ws:
-                _, code, reason = await until_closed(ws)
-            assert code == 1001 and "idle_timeout_s" in reason
-            await wait_until(lambda: _client_close_is(http, worker.url, [1001, reason]))
-        nursery.cancel_scope.cancel()
+    async with routed_pool(http, tmp_path, VIDEO, config=config) as router:
+        [worker] = router.workers
+        async with session(router.url) as ws:
+            _, code, reason = await until_closed(ws)
+        assert code == 1001 and "idle_timeout_s" in reason
+        await wait_until(lambda: _client_close_is(http, worker.url, [1001, reason]))
 
 
 async def test_a_draining_router_closes_sessions_with_1001(
     tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
     config = CONFIG + "\n[server]\ndrain_timeout_s = 1.0\n"
-    async with trio.open_nursery() as nursery:
-        worker = await start_simworker(nursery, *VIDEO)
-        async with router_process(
-            ["--worker-urls", worker.url], config=config, tmp_path=tmp_path
-        ) as router:
-            await healthy(http, router.url, 1)
-            async with session(router.url) as ws:
-                await wait_until(lambda: _sessions_are(http, router.url, {worker.url: 1}))
-                router.process.send_signal(signal.SIGTERM)
-                await wait_until(lambda: _draining(http, router.url))
-                refused = await upgrade_without_websocket_client(router.url, AUTH)
-                assert refused.status == 503 and "draining" in refused.json()["error"]
-                _, code, reason = await until_closed(ws)
-            assert code == 1001 and "shutting down" in reason
-            with trio.fail_after(10):
-                assert await router.process.wait() == 0
-            record = await sim_realtime(http, worker.url)
-            assert record["client_close"] == [1001, reason]
-        nursery.cancel_scope.cancel()
+    async with routed_pool(http, tmp_path, VIDEO, config=config) as router:
+        [worker] = router.workers
+        async with session(router.url) as ws:
+            await wait_until(lambda: _sessions_are(http, router.url, {worker.url: 1}))
+            router.process.send_signal(signal.SIGTERM)
+            await wait_until(lambda: _draining(http, router.url))
+            refused = await upgrade_without_websocket_client(router.url, AUTH)
+            assert refused.status == 503 and "draining" in refused.json()["error"]
+            _, code, reason = await until_closed(ws)
+        assert code == 1001 and "shutting down" in reason
+        with trio.fail_after(10):
+            assert await router.process.wait() == 0
+        record = await sim_realtime(http, worker.url)
+        assert record["client_close"] == [1001, reason]
 
 
 async def _draining(http: httpx.AsyncClient, router: str) -> bool:
@@ -319,31 +302,27 @@ async def test_job_events_stream_until_the_video_completes(
     tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
     config = CONFIG + "\n[realtime]\nevents_poll_s = 0.1\n"
-    async with trio.open_nursery() as nursery:
-        worker = await start_simworker(nursery, "--task-type", "T2V", "--sec-per-mpx-step", "0.05")
-        async with router_process(
-            ["--worker-urls", worker.url], config=config, tmp_path=tmp_path
-        ) as router:
-            await healthy(http, router.url, 1)
-            headers = dict(AUTH)
-            unknown = await http.get(f"{router.url}/v1/videos/nope/events", headers=headers)
-            assert unknown.status_code == 404
-            created = await http.post(
-                f"{router.url}/v1/videos",
-                json={"prompt": "a fox", "size": "64x64", "seconds": 1, "fps": 8},
-                headers=headers,
-            )
-            job_id = created.json()["id"]
-            streams = await _two_listeners(http, f"{router.url}/v1/videos/{job_id}/events", headers)
-            for events in streams:
-                names = [name for name, _ in events]
-                assert names[-1] == "completed", names
-                assert set(names) <= {"queued", "in_progress", "completed"}
-                final = events[-1][1]
-                assert final["id"] == job_id and final["progress"] == 100
-                progress = [job["progress"] for _, job in events]
-                assert progress == sorted(progress)
-        nursery.cancel_scope.cancel()
+    async with routed_pool(
+        http, tmp_path, ("--task-type", "T2V", "--sec-per-mpx-step", "0.05"), config=config
+    ) as router:
+        headers = dict(AUTH)
+        unknown = await http.get(f"{router.url}/v1/videos/nope/events", headers=headers)
+        assert unknown.status_code == 404
+        created = await http.post(
+            f"{router.url}/v1/videos",
+            json={"prompt": "a fox", "size": "64x64", "seconds": 1, "fps": 8},
+            headers=headers,
+        )
+        job_id = created.json()["id"]
+        streams = await _two_listeners(http, f"{router.url}/v1/videos/{job_id}/events", headers)
+        for events in streams:
+            names = [name for name, _ in events]
+            assert names[-1] == "completed", names
+            assert set(names) <= {"queued", "in_progress", "completed"}
+            final = events[-1][1]
+            assert final["id"] == job_id and final["progress"] == 100
+            progress = [job["progress"] for _, job in events]
+            assert progress == sorted(progress)
 
 
 async def _two_listeners(

@@ -12,11 +12,11 @@ from pathlib import Path
 import httpx
 import trio
 
-from tests.integration.test_proxy import healthy
 from tests.support import (
     Answer,
     SimWorker,
     Traffic,
+    healthy,
     router_process,
     start_simworker,
     wait_until,

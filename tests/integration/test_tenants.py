@@ -6,8 +6,8 @@ from pathlib import Path
 import httpx
 import trio
 
-from tests.integration.test_proxy import healthy, start_pool
-from tests.support import router_process, start_simworker, wait_until
+from tests.integration.test_proxy import start_pool
+from tests.support import healthy, router_process, start_simworker, wait_until
 
 ADMIN = {"authorization": "Bearer root"}
 SMALL = {"prompt": "a fox", "size": "64x64", "num_inference_steps": 1}

@@ -14,9 +14,8 @@ from pathlib import Path
 import httpx
 import trio
 
-from tests.integration.test_proxy import healthy
 from tests.launcher.helpers import SIM_WORKER, launcher_settings
-from tests.support import router_process, start_simworker
+from tests.support import healthy, router_process, start_simworker
 
 KEY = "pool-behind-a-proxy"
 CONFIG = f'[security]\nworker_api_key = "{KEY}"\n[health]\ninterval_s = 0.25\n'
