@@ -52,6 +52,7 @@ from dsrouter.launcher.process import Child, describe_exit, spawn
 from dsrouter.launcher.progress import Progress
 from dsrouter.launcher.restarts import RestartTracker
 from dsrouter.launcher.rolling import Pool
+from dsrouter.launcher.startup import StartFailed, no_restart_metrics, start_all
 from dsrouter.registry import Health, ProbeOutcome, Registry
 from dsrouter.units import MiB
 from dsrouter.urls import display_id_for, worker_id_for
@@ -65,10 +66,6 @@ PROBE_TIMEOUT_S = 5.0
 PUMP_GRACE_S = 2.0
 """How long output is still read after a worker's group is gone (a descendant that left the
 group may hold the pipe open forever)."""
-
-
-class StartFailed(Exception):
-    """A worker did not become ready during its first start (turned into a `LaunchError`)."""
 
 
 @attrs.define
@@ -449,10 +446,6 @@ def _result(verdict: _Verdict, failed: bool, reason: str) -> RunResult:
     return RunResult(failed, reason)
 
 
-def _no_metrics(worker: str) -> None:
-    """Nothing counts restarts (tests, or a router without metrics)."""
-
-
 def _not_shown(pool: Pool) -> None:
     """Nobody shows the pool while it starts (tests)."""
 
@@ -460,7 +453,7 @@ def _not_shown(pool: Pool) -> None:
 async def run_pool(
     cfg: LauncherConfig,
     registry: Registry,
-    on_restart: Callable[[str], None] = _no_metrics,
+    on_restart: Callable[[str], None] = no_restart_metrics,
     workers: WorkerHTTP | None = None,
     show: Callable[[Pool], None] = _not_shown,
     task_status: trio.TaskStatus[Pool | None] = trio.TASK_STATUS_IGNORED,
@@ -505,14 +498,8 @@ async def run_pool(
             ]
             handle = Pool(cfg, supervisors, registry, pool)
             show(handle)
-            try:
-                async with trio.open_nursery() as starting:
-                    for supervisor in supervisors:
-                        starting.start_soon(pool.start, supervisor.run)
-            except* StartFailed as group:
-                failures = [str(exc) for exc in _leaves(group)]
-                pool.cancel_scope.cancel()
-            else:
+            failures = await start_all(pool, [supervisor.run for supervisor in supervisors])
+            if not failures:
                 log.info("all %d worker(s) ready", len(plans))
                 task_status.started(handle)
     finally:
@@ -521,13 +508,3 @@ async def run_pool(
             output.close()
     if failures:
         raise LaunchError("\n".join(failures))
-
-
-def _leaves(group: BaseExceptionGroup[StartFailed]) -> list[StartFailed]:
-    found: list[StartFailed] = []
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            found += _leaves(exc)
-        else:
-            found.append(exc)
-    return found

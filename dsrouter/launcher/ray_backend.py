@@ -47,17 +47,12 @@ import trio
 
 from dsrouter.config import LauncherConfig
 from dsrouter.launcher.errors import LaunchError
-from dsrouter.launcher.local import (
-    POLL_INTERVAL_S,
-    PROBE_TIMEOUT_S,
-    RunResult,
-    StartFailed,
-    _leaves,
-)
+from dsrouter.launcher.local import POLL_INTERVAL_S, PROBE_TIMEOUT_S, RunResult
 from dsrouter.launcher.progress import Progress
 from dsrouter.launcher.ray_actor import KILL_GRACE_S, WorkerHost
 from dsrouter.launcher.restarts import RestartTracker
 from dsrouter.launcher.rolling import IN_PLACE, Reconfiguration
+from dsrouter.launcher.startup import StartFailed, no_restart_metrics, start_all
 from dsrouter.registry import Health, ProbeOutcome, Registry
 from dsrouter.urls import display_id_for, normalize_worker_url, worker_id_for
 from dsrouter.workers_http import WorkerHTTP
@@ -567,14 +562,10 @@ def _not_shown(pool: RayPool) -> None:
     """Nobody shows the pool before it is up (tests)."""
 
 
-def _no_metrics(worker: str) -> None:
-    """Nothing counts restarts (tests, or a router without metrics)."""
-
-
 async def run_ray_pool(
     cfg: LauncherConfig,
     registry: Registry,
-    on_restart: Callable[[str], None] = _no_metrics,
+    on_restart: Callable[[str], None] = no_restart_metrics,
     workers: WorkerHTTP | None = None,
     show: Callable[[RayPool], None] = _not_shown,
     task_status: trio.TaskStatus[RayPool | None] = trio.TASK_STATUS_IGNORED,
@@ -613,14 +604,8 @@ async def run_ray_pool(
     try:
         async with trio.open_nursery() as pool:
             pool.start_soon(progress.run)
-            try:
-                async with trio.open_nursery() as starting:
-                    for slot in slots:
-                        starting.start_soon(pool.start, slot.run)
-            except* StartFailed as group:
-                failures = [str(exc) for exc in _leaves(group)]
-                pool.cancel_scope.cancel()
-            else:
+            failures = await start_all(pool, [slot.run for slot in slots])
+            if not failures:
                 log.info("all %d worker(s) ready", cfg.num_workers)
                 task_status.started(handle)
     finally:
