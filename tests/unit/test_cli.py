@@ -81,3 +81,21 @@ def test_the_predecessors_defaults_and_the_settings_that_bring_them_back(
     assert dumped["routing"]["algorithm"] == "least-request"
     assert dumped["routing"]["max_attempts"] == 1
     assert dumped["routing"]["match_model"] is False
+
+
+@pytest.mark.parametrize(
+    "flag",
+    [
+        "--health-check-interval",
+        "--health-check-failure-threshold",
+        "--timeout",
+        "--max-connections",
+    ],
+)
+def test_a_zero_sglang_d_router_took_but_could_not_serve_with_is_a_config_error(
+    flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """sglang-d-router accepted 0 here (a busy probe loop, or requests that all failed);
+    MIGRATING.md lists the refusal, which names the flag."""
+    assert main(["check-config", flag, "0"]) == 2
+    assert f"config error: {flag}: expected" in capsys.readouterr().err
