@@ -46,7 +46,9 @@ ShellArgs = NewType("ShellArgs", list[str])
 Command = NewType("Command", list[str])
 
 RoutingAlgorithm = Literal["least-work", "least-request", "round-robin", "random"]
-LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+LogLevel = Literal["trace", "debug", "info", "warning", "error", "critical"]
+"""`trace` is sglang-d-router's (uvicorn's) most verbose level; the router has nothing finer
+than DEBUG, so it logs as `debug` does (`logs.setup_logging`)."""
 LogFormat = Literal["text", "json"]
 RestartPolicy = Literal["never", "on-failure", "always"]
 WhenBusy = Literal["refuse", "wait"]
@@ -100,6 +102,9 @@ class RoutingConfig:
     retry_buffer_mb: NonNegativeInt = NonNegativeInt(16)
     retry_backoff_s: NonNegativeFloat = NonNegativeFloat(0.05)
     max_jobs: PositiveInt = PositiveInt(100_000)
+    match_model: bool = True
+    """Send a request naming a `model` only to workers serving it (404 when none does).
+    False: ignore the field, as sglang-d-router did (workers do not check it either)."""
 
 
 @attrs.frozen
@@ -648,7 +653,8 @@ FLAGS = (
         + f" (default {attrs.fields(RoutingConfig).algorithm.default})",
     ),
     Flag("launcher_config", None, Path, "sglang-d-router launcher YAML (launcher: ...)"),
-    Flag("log_level", ("logging", "level"), None, "debug | info | warning | error | critical"),
+    # Any case, as uvicorn took sglang-d-router's `--log-level WARNING`.
+    Flag("log_level", ("logging", "level"), str.lower, " | ".join(get_args(LogLevel))),
 )
 
 

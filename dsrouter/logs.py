@@ -12,7 +12,7 @@ import logging
 import sys
 import time
 
-from dsrouter.config import LoggingConfig
+from dsrouter.config import LoggingConfig, LogLevel
 
 HTTP_LOGGER = "dsrouter.http"
 """hypercorn's error log: its messages are the router's own HTTP server speaking."""
@@ -53,13 +53,19 @@ def announce(message: str) -> None:
     logging.getLogger(ANNOUNCE_LOGGER).info(message)
 
 
+def python_level(level: LogLevel) -> int:
+    """The `logging` level of a configured one. `trace` is accepted because sglang-d-router
+    passed `--log-level` to uvicorn, which knows it; nothing here logs below DEBUG."""
+    return logging.DEBUG if level == "trace" else logging.getLevelName(level.upper())
+
+
 def setup_logging(config: LoggingConfig) -> None:
     json_lines = config.format == "json"
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(config.level.upper())
+    root.setLevel(python_level(config.level))
     stdout = logging.StreamHandler(sys.stdout)
     stdout.setFormatter(JsonFormatter() if json_lines else logging.Formatter("%(message)s"))
     announcements = logging.getLogger(ANNOUNCE_LOGGER)

@@ -383,7 +383,8 @@ class Proxy:
         (a JSON field or a multipart text field the router could read), serving that model.
         Workers do not check `model` themselves, so this is the only place that does; a model
         no registered worker serves gets the 404 a worker's `/v1/models/{model}` gives, one
-        whose workers cannot produce the route's output the 400 such a worker gives.
+        whose workers cannot produce the route's output the 400 such a worker gives. With
+        `routing.match_model = false` the field is not looked at (MIGRATING.md).
         """
         body = exchange.body
         route = exchange.route
@@ -393,7 +394,7 @@ class Proxy:
             fields, video=route.path.startswith("/v1/videos")
         )
         model = fields.get("model") if isinstance(fields.get("model"), str) else None
-        model = model or None
+        model = (model or None) if self.config.routing.match_model else None
         workers = self.registry.workers()
         if model is not None and workers and not any(w.capabilities.serves(model) for w in workers):
             await exchange.respond_json(404, model_not_found(model))

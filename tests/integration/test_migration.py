@@ -203,23 +203,49 @@ async def test_miles_remove_worker_and_a_worker_registered_while_the_pool_sleeps
             nursery.cancel_scope.cancel()
 
 
+async def _sglang_d_router_output(http: httpx.AsyncClient, flags: list[str]) -> str:
+    """Run the console script's function as the script would, with `flags`, until it
+    answers /health with 200; stop it and return what it wrote (stdout and stderr)."""
+    port = free_port()
+    argv = [
+        sys.executable,
+        "-c",
+        "import sys; from dsrouter.cli import sglang_d_router; sys.exit(sglang_d_router())",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *flags,
+    ]
+    process = await trio.lowlevel.open_process(argv, stdout=-1, stderr=-2)
+    try:
+
+        async def serving() -> bool:
+            try:
+                return (await http.get(f"http://127.0.0.1:{port}/health")).is_success
+            except httpx.TransportError:
+                return False
+
+        await wait_until(serving, timeout_s=30)
+    finally:
+        process.terminate()
+        await process.wait()
+    assert process.stdout is not None
+    chunks = []
+    while chunk := await process.stdout.receive_some(1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
 async def test_sglang_d_router_command_takes_the_predecessors_flags(
     http: httpx.AsyncClient,
 ) -> None:
-    """The console script's function, run as the script would run it, with the
-    predecessor's flags; `--log-level critical` silences the router's info lines."""
-    port = free_port()
+    """The predecessor's flags; `--log-level critical` silences the router's info lines,
+    `--log-level trace` (uvicorn's, which it passed on) shows the debug ones."""
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             (worker,) = await start_pool(nursery, T2I)
-            argv = [
-                sys.executable,
-                "-c",
-                "import sys; from dsrouter.cli import sglang_d_router; sys.exit(sglang_d_router())",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
+            flags = [
                 "--worker-urls",
                 worker.url,
                 "--routing-algorithm",
@@ -228,29 +254,70 @@ async def test_sglang_d_router_command_takes_the_predecessors_flags(
                 "1",
                 "--timeout",
                 "120",
-                "--log-level",
-                "critical",
             ]
-            process = await trio.lowlevel.open_process(argv, stdout=-1, stderr=-2)
-            try:
-
-                async def serving() -> bool:
-                    try:
-                        return (await http.get(f"http://127.0.0.1:{port}/health")).is_success
-                    except httpx.TransportError:
-                        return False
-
-                await wait_until(serving, timeout_s=30)
-            finally:
-                process.terminate()
-                await process.wait()
-            assert process.stdout is not None
-            chunks = []
-            while chunk := await process.stdout.receive_some(1 << 16):
-                chunks.append(chunk)
-            output = b"".join(chunks).decode()
-            assert " INFO " not in output and " WARNING " not in output, output
+            quiet = await _sglang_d_router_output(http, [*flags, "--log-level", "critical"])
+            assert " INFO " not in quiet and " WARNING " not in quiet, quiet
+            # A worker is routable only after a probe, and the probe's result is a DEBUG line.
+            loud = await _sglang_d_router_output(http, [*flags, "--log-level", "TRACE"])
+            assert " DEBUG " in loud, loud
             nursery.cancel_scope.cancel()
+
+
+async def test_the_predecessors_settings_bring_back_one_attempt_and_any_model(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    """MIGRATING.md's recipe for sglang-d-router's behaviour: with `routing.max_attempts =
+    1` a dead worker's 502 reaches the client (no second worker is tried), and with
+    `routing.match_model = false` a model name no worker serves is not a 404."""
+    old = NO_PROBES + "[routing]\nmax_attempts = 1\nmatch_model = false\n"
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            workers = await start_pool(nursery, T2I, T2I)
+            async with router_process(
+                [
+                    "--worker-urls",
+                    *[w.url for w in workers],
+                    "--routing-algorithm",
+                    "round-robin",
+                    "--timeout",
+                    "120",
+                    "--max-connections",
+                    "100",
+                ],
+                config=old,
+                tmp_path=tmp_path,
+            ) as router:
+                await healthy(http, router.url, 2)
+                image = {"prompt": "x", "size": "8x8", "model": "a-name-no-worker-serves"}
+                any_model = await http.post(f"{router.url}/v1/images/generations", json=image)
+                assert any_model.status_code == 200, any_model.text
+
+                await workers[1].kill()
+                answers = [
+                    await http.post(f"{router.url}/v1/images/generations", json=image)
+                    for _ in range(4)
+                ]
+                statuses = [a.status_code for a in answers]
+                assert 200 in statuses and 502 in statuses, statuses
+                failed = next(a for a in answers if a.status_code == 502)
+                assert failed.json()["error"].startswith("Worker request failed")
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_worker_is_not_tried_before_its_first_good_probe(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    """Kept: sglang-d-router routed to a registered worker at once, so a client of a pool
+    whose only worker is unreachable got 502 "Worker request failed"; dsrouter routes only
+    to probed workers, so the pool has none to offer: 503, which a client may retry."""
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    with trio.fail_after(60):
+        async with router_process(
+            ["--worker-urls", nowhere], config=CONFIG, tmp_path=tmp_path
+        ) as router:
+            answer = await http.post(f"{router.url}/v1/images/generations", json={"prompt": "t"})
+            assert answer.status_code == 503
+            assert answer.json()["error"] == "No healthy workers available in the pool"
 
 
 async def test_a_router_runs_inside_a_trio_program_and_inside_a_thread(
