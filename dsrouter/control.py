@@ -250,7 +250,8 @@ class PoolControl:
             )
             if result != "success":
                 span.fail(answer.get("message") or f"refit {result}")
-            return status, answer
+        self.metrics.refits.labels(result).inc()
+        return status, answer
 
     async def _change_weights(
         self,
