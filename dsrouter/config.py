@@ -25,6 +25,7 @@ import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, NewType, get_args, get_origin
+from urllib.parse import urlsplit
 
 import attrs
 import cattrs
@@ -44,6 +45,8 @@ NetworkEntry = NewType("NetworkEntry", str)
 GpuGroup = NewType("GpuGroup", list[str])
 ShellArgs = NewType("ShellArgs", list[str])
 Command = NewType("Command", list[str])
+Ratio = NewType("Ratio", float)
+OtlpEndpoint = NewType("OtlpEndpoint", str)
 
 RoutingAlgorithm = Literal["least-work", "least-request", "round-robin", "random"]
 LogLevel = Literal["trace", "debug", "info", "warning", "error", "critical"]
@@ -52,11 +55,15 @@ than DEBUG, so it logs as `debug` does (`logs.setup_logging`)."""
 LogFormat = Literal["text", "json"]
 RestartPolicy = Literal["never", "on-failure", "always"]
 WhenBusy = Literal["refuse", "wait"]
+OtlpProtocol = Literal["http/protobuf"]
 
 SECRET = {"secret": True}
 """Field metadata: the value is masked by `dump_config` (a `dict` field: values whose name
 looks like a credential, see `_SECRET_NAME`)."""
 ARGV = {"argv": True}
+SECRET_VALUES = {"secret_values": True}
+"""Field metadata (a `dict` field): every value is masked by `dump_config`, whatever its
+name (OTLP headers carry credentials under names like `Authorization` or `x-api-team`)."""
 """Field metadata: a command line; `dump_config` masks the values of secret flags in it."""
 
 
@@ -283,6 +290,25 @@ class RealtimeConfig:
 
 
 @attrs.frozen
+class TracingConfig:
+    """OpenTelemetry traces (`dsrouter.tracing`), exported over OTLP/HTTP; off without an
+    `endpoint`. Read at start-up only: a reload that changes it says it needs a restart
+    (the exporter's thread and the sampler are built once)."""
+
+    endpoint: OtlpEndpoint = OtlpEndpoint("")
+    """The collector's OTLP/HTTP URL (`http://collector:4318`); spans go to
+    `/v1/traces` under it unless the URL has a path of its own. `""`: tracing off."""
+    protocol: OtlpProtocol = "http/protobuf"
+    sample_ratio: Ratio = Ratio(1.0)
+    """Share of new traces recorded; a request that brings a `traceparent` follows its
+    caller's decision (parent-based)."""
+    service_name: str = "dsrouter"
+    headers: dict[str, str] = attrs.field(factory=dict, metadata=SECRET_VALUES)
+    """Sent with every export (a collector's credentials)."""
+    timeout_s: PositiveFloat = PositiveFloat(10.0)
+
+
+@attrs.frozen
 class Config:
     server: ServerConfig = attrs.Factory(ServerConfig)
     timeouts: TimeoutsConfig = attrs.Factory(TimeoutsConfig)
@@ -295,6 +321,7 @@ class Config:
     tenants: TenantsConfig = attrs.Factory(TenantsConfig)
     logging: LoggingConfig = attrs.Factory(LoggingConfig)
     realtime: RealtimeConfig = attrs.Factory(RealtimeConfig)
+    tracing: TracingConfig = attrs.Factory(TracingConfig)
 
 
 class ConfigError(Exception):
@@ -342,6 +369,27 @@ def _percent(value: Any, _: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 100:
         raise ValueError(f"expected a percentage 0..100, got {value!r}")
     return value
+
+
+def _ratio(value: Any, _: Any) -> float:
+    if not _is_number(value) or not 0 <= value <= 1:
+        raise ValueError(f"expected a number 0..1, got {value!r}")
+    return float(value)
+
+
+def _otlp_endpoint(value: Any, _: Any) -> str:
+    """An http(s) URL with a host; a trailing slash is dropped (`tracing.otlp_traces_url`
+    appends `/v1/traces` to a bare origin)."""
+    if value == "":
+        return value
+    if isinstance(value, str):
+        parts = urlsplit(value)
+        if parts.scheme in ("http", "https") and parts.hostname and not parts.query:
+            return value.rstrip("/")
+    raise ValueError(
+        f"expected an http(s) URL of an OTLP/HTTP collector like 'http://localhost:4318', "
+        f"got {value!r}"
+    )
 
 
 def _worker_url(value: Any, _: Any) -> str:
@@ -511,6 +559,8 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook(PortStride, _number_hook(int, 2, False, "an integer >= 2"))
     conv.register_structure_hook(Port, _port)
     conv.register_structure_hook(Percent, _percent)
+    conv.register_structure_hook(Ratio, _ratio)
+    conv.register_structure_hook(OtlpEndpoint, _otlp_endpoint)
     conv.register_structure_hook(WorkerURL, _worker_url)
     conv.register_structure_hook(NetworkEntry, _network_entry)
     conv.register_structure_hook(GpuGroup, _gpu_group)
@@ -783,6 +833,8 @@ def _mask_secrets(obj: Any, data: dict[str, Any]) -> dict[str, Any]:
         value = getattr(obj, field.name)
         if field.metadata.get("secret"):
             data[field.name] = _mask(value)
+        elif field.metadata.get("secret_values"):
+            data[field.name] = {name: MASK for name in value}
         elif field.metadata.get("argv"):
             data[field.name] = mask_argv(value)
         elif attrs.has(type(value)):

@@ -11,6 +11,7 @@ from dsrouter.health import HealthChecker
 from dsrouter.metrics import Metrics
 from dsrouter.registry import Registry
 from dsrouter.status import Activity
+from dsrouter.tracing import Tracing
 from dsrouter.workers_http import WorkerHTTP
 
 if TYPE_CHECKING:
@@ -26,6 +27,9 @@ class RouterContext:
     """Every request to a worker goes through it (see `workers_http`)."""
     metrics: Metrics
     activity: Activity = attrs.Factory(Activity)
+    tracing: Tracing = attrs.Factory(Tracing)
+    """Spans of requests, refits and broadcasts; `Tracing()` (does nothing) when off.
+    Built once at start-up from `[tracing]` (a reload does not change it)."""
     """The last minutes of traffic, for `/status`."""
     starting: bool = False
     """True while the launcher brings the pool up for the first time: the port already

@@ -25,6 +25,7 @@ from dsrouter.access import new_request_id
 from dsrouter.config import Config
 from dsrouter.context import RouterContext
 from dsrouter.registry import Health, Worker
+from dsrouter.tracing import Span
 from dsrouter.workers_http import fan_out
 
 log = logging.getLogger("dsrouter.control")
@@ -119,15 +120,28 @@ class PoolControl:
         """
         request_id = request_id or new_request_id()
         timeout = self.config.timeouts.control_s
-        calls = await fan_out(
-            workers, lambda w: self._call(w, method, path, body, request_id), timeout
-        )
-        results = [
-            call
-            if call is not None
-            else _unanswered(worker, f"Worker request timed out after {timeout:g}s")
-            for worker, call in zip(workers, calls, strict=True)
-        ]
+        attributes = {
+            "dsrouter.control.path": path,
+            "http.request.method": method,
+            "dsrouter.request_id": request_id,
+            "dsrouter.broadcast.workers": len(workers),
+        }
+        with self.context.tracing.span("dsrouter.broadcast", attributes) as span:
+            calls = await fan_out(
+                workers,
+                lambda w: self._call(w, method, path, body, request_id, parent=span),
+                timeout,
+            )
+            results = [
+                call
+                if call is not None
+                else _unanswered(worker, f"Worker request timed out after {timeout:g}s")
+                for worker, call in zip(workers, calls, strict=True)
+            ]
+            answered = sum(r["status_code"] == 200 for r in results)
+            span.set_attributes({"dsrouter.broadcast.ok": answered})
+            if answered < len(results):
+                span.fail(f"{len(results) - answered} of {len(results)} workers did not answer 200")
         ok = all(r["status_code"] == 200 for r in results)
         self.metrics.broadcasts.labels(path, "ok" if ok else "partial").inc()
         return results
@@ -139,20 +153,41 @@ class PoolControl:
         path: str,
         body: bytes | None,
         request_id: str | None = None,
+        *,
+        parent: Span | None = None,
     ) -> dict[str, Any]:
-        headers = [(b"x-request-id", (request_id or new_request_id()).encode())]
-        with self.registry.lease_worker(worker):
-            answer = await self.workers.call(
-                worker.url,
-                method,
-                path,
-                api_key=worker.api_key,
-                body=body,
-                headers=headers,
-                timeout_s=self.config.timeouts.control_s,
-            )
-        if answer.status is None:
-            return _unanswered(worker, answer.error or "no answer")
+        """One control call; its span is a child of `parent` (a broadcast's), else of the
+        task's current span (a refit's or catch-up's), and the worker gets it as its
+        `traceparent`."""
+        tracing = self.context.tracing
+        attributes = {
+            "dsrouter.control.path": path,
+            "dsrouter.worker.url": worker.url,
+            "dsrouter.worker.id": worker.display_id,
+        }
+        with tracing.span(
+            "dsrouter.control_call", attributes, parent=parent, kind="client"
+        ) as span:
+            headers = [
+                (b"x-request-id", (request_id or new_request_id()).encode()),
+                *tracing.headers(span),
+            ]
+            with self.registry.lease_worker(worker):
+                answer = await self.workers.call(
+                    worker.url,
+                    method,
+                    path,
+                    api_key=worker.api_key,
+                    body=body,
+                    headers=headers,
+                    timeout_s=self.config.timeouts.control_s,
+                )
+            if answer.status is None:
+                span.fail(answer.error or "no answer")
+                return _unanswered(worker, answer.error or "no answer")
+            span.set_attributes({"http.response.status_code": answer.status})
+            if answer.status != 200:
+                span.fail(f"worker answered {answer.status}")
         try:
             body = answer.json()
         except ValueError:  # the predecessors' shape for a plain-text answer (SEEDS.md)
@@ -195,6 +230,36 @@ class PoolControl:
         request_id: str | None = None,
         target_names: str | None = None,
     ) -> tuple[int, dict[str, Any]]:
+        """`_change_weights` inside a `dsrouter.refit` span saying the version reached and
+        how it went (`success`, `partial`: some workers confirmed, `failed`: none)."""
+        request_id = request_id or new_request_id()
+        attributes = {"dsrouter.refit.path": path, "dsrouter.request_id": request_id}
+        with self.context.tracing.span("dsrouter.refit", attributes) as span:
+            status, answer = await self._change_weights(path, raw, request_id, target_names)
+            confirmed = sum(_succeeded(r) for r in answer["results"])
+            result = "success" if answer["success"] else "partial" if confirmed else "failed"
+            span.set_attributes(
+                {
+                    "dsrouter.refit.version": answer["version"] or "",
+                    "dsrouter.refit.result": result,
+                    "dsrouter.refit.workers": len(answer["results"]),
+                    "dsrouter.refit.confirmed": confirmed,
+                    "dsrouter.refit.stale_workers": answer["stale_workers"],
+                    "http.response.status_code": status,
+                }
+            )
+            if result != "success":
+                span.fail(answer.get("message") or f"refit {result}")
+        self.metrics.refits.labels(result).inc()
+        return status, answer
+
+    async def _change_weights(
+        self,
+        path: str,
+        raw: bytes,
+        request_id: str,
+        target_names: str | None,
+    ) -> tuple[int, dict[str, Any]]:
         """A weight change (disk, tensor, LoRA) applied to the pool as one transaction.
 
         The body is parsed only to read the router's own options (`ROUTER_FIELDS`). Workers
@@ -202,7 +267,6 @@ class PoolControl:
         workers would reject those, so then it is re-encoded without them. The bytes sent
         are also what a catch-up replays.
         """
-        request_id = request_id or new_request_id()
         options = _json_object(raw)
         version = options.get("weight_version")
         if version is not None and not isinstance(version, str):
@@ -464,7 +528,7 @@ class PoolControl:
                     )
                     return
                 async with self.registry.control_lock:
-                    await self._replay(worker, new_request_id())
+                    await self._traced_replay(worker)
                 if not worker.stale:
                     return
             await trio.sleep(delay * self._rng.uniform(0.8, 1.2))
@@ -514,6 +578,21 @@ class PoolControl:
                     _reason(result),
                     request_id,
                 )
+
+    async def _traced_replay(self, worker: Worker) -> None:
+        """`_replay` in a `dsrouter.catch_up` span of its own (a new trace: nobody asked)."""
+        request_id = new_request_id()
+        attributes = {
+            "dsrouter.worker.url": worker.url,
+            "dsrouter.worker.id": worker.display_id,
+            "dsrouter.refit.version": self.registry.target_version or "",
+            "dsrouter.request_id": request_id,
+        }
+        with self.context.tracing.span("dsrouter.catch_up", attributes) as span:
+            await self._replay(worker, request_id)
+            span.set_attributes({"dsrouter.catch_up.confirmed": not worker.stale})
+            if worker.stale:
+                span.fail("the worker is still stale after the catch-up")
 
     async def _replay(self, worker: Worker, request_id: str) -> None:
         """One catch-up attempt: the recipe, then the checksum check if the pool has one.

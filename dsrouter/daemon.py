@@ -52,6 +52,7 @@ import ipaddress
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import attrs
 import trio
@@ -80,6 +81,7 @@ from dsrouter.realtime import Realtime
 from dsrouter.registry import Registry
 from dsrouter.reload import Reloader
 from dsrouter.traced import traced
+from dsrouter.tracing import Tracing, TracingUnavailable, make_tracing
 from dsrouter.units import KiB, MiB
 from dsrouter.workers_http import WorkerHTTP
 
@@ -151,14 +153,31 @@ async def run_router(
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
     *,
     handle_signals: bool = True,
+    span_exporter: Any = None,
 ) -> None:
     """Run the router until SIGINT/SIGTERM (or cancellation); reports bound addresses.
 
     `loader` re-reads the configuration for SIGHUP and `POST /admin/reload`. An embedded
     router (`embed.py`) leaves the signals to its host (`handle_signals=False`): they belong
-    to the host program, and only the main thread may receive them.
+    to the host program, and only the main thread may receive them. `span_exporter` (an
+    OpenTelemetry `SpanExporter`) turns tracing on and receives every span, whatever
+    `tracing.endpoint` says (see `dsrouter.tracing.make_tracing`).
     """
     wire.install()
+    tracing = make_tracing(config.tracing, span_exporter)
+    try:
+        await _run_router(config, loader, task_status, handle_signals, tracing)
+    finally:
+        await tracing.aclose()
+
+
+async def _run_router(
+    config: Config,
+    loader: Callable[[], LoadedConfig] | None,
+    task_status: trio.TaskStatus[list[str]],
+    handle_signals: bool,
+    tracing: Tracing,
+) -> None:
     shutdown = trio.Event()
     started = trio.Event()
     # Reads the context's configuration at each call (the context is built below), so a
@@ -193,6 +212,7 @@ async def run_router(
                     health=health,
                     workers=workers,
                     metrics=Metrics(registry),
+                    tracing=tracing,
                 )
                 auth = Auth(config.security, config.tenants)
                 control = PoolControl(context)
@@ -461,7 +481,7 @@ def main_run(config: Config, loader: Callable[[], LoadedConfig]) -> int:
         trio.run(run_router, config, loader)
     except KeyboardInterrupt:
         return 130
-    except BindError as exc:
+    except (BindError, TracingUnavailable) as exc:
         log.error("%s", exc)
         return 1
     except BaseExceptionGroup as group:

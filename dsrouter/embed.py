@@ -57,13 +57,24 @@ def _config(config: Config | None, config_file: Path | None, flags: dict[str, An
 
 @asynccontextmanager
 async def open_router(
-    config: Config | None = None, *, config_file: Path | None = None, **flags: Any
+    config: Config | None = None,
+    *,
+    config_file: Path | None = None,
+    span_exporter: Any = None,
+    **flags: Any,
 ) -> AsyncIterator[RunningRouter]:
     """Run a router while the block runs; it listens (and its launched workers are ready)
-    when the block starts. Leaving the block stops it, launched workers included."""
+    when the block starts. Leaving the block stops it, launched workers included.
+
+    `span_exporter`, an OpenTelemetry `SpanExporter`, receives the router's spans (each as
+    it ends) instead of `[tracing] endpoint`: a host that has its own exporter uses it."""
     effective = _config(config, config_file, flags)
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(functools.partial(run_router, effective, handle_signals=False))
+        binds = await nursery.start(
+            functools.partial(
+                run_router, effective, handle_signals=False, span_exporter=span_exporter
+            )
+        )
         try:
             yield RunningRouter(binds)
         finally:

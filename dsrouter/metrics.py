@@ -58,6 +58,8 @@ LATENCY_BUCKETS = (
     1800,
 )
 """1 ms (router overhead) to 30 min (long generations)."""
+LAUNCH_WEIGHTS = "launch"
+"""The version label of a worker (or pool) on the weights it started with (no refit yet)."""
 STATES = ("starting", "healthy", "stale", "dead", "sleeping", "draining")
 """Every value of `Worker.state`: exactly one is 1 for each worker."""
 
@@ -88,8 +90,15 @@ class _WorkerCollector(Collector):
             "Learned seconds per megapixel-step",
             labels=["worker"],
         )
+        weights = GaugeMetricFamily(
+            "dsrouter_worker_weight_version",
+            'The weight version the worker last confirmed: 1, labelled by it ("launch": the '
+            "weights it started with)",
+            labels=["worker", "version"],
+        )
         for worker in self.registry.workers():
             name = worker.display_id
+            weights.add_metric([name, worker.weights or LAUNCH_WEIGHTS], 1.0)
             for candidate in STATES:
                 state.add_metric([name, candidate], 1.0 if worker.state == candidate else 0.0)
             in_flight.add_metric([name], worker.in_flight)
@@ -103,6 +112,12 @@ class _WorkerCollector(Collector):
         )
         for tenant, count in sorted(self.registry.queued_by_tenant().items()):
             tenant_queued.add_metric([tenant], count)
+        pool_weights = GaugeMetricFamily(
+            "dsrouter_pool_weight_version",
+            "The weight version the pool is to serve (the last refit's): 1, labelled by it",
+            labels=["version"],
+        )
+        pool_weights.add_metric([self.registry.target_version or LAUNCH_WEIGHTS], 1.0)
         queued = GaugeMetricFamily(
             "dsrouter_queued", "Requests waiting in the router queue", value=summary["queued"]
         )
@@ -134,6 +149,8 @@ class _WorkerCollector(Collector):
             sessions,
             failures,
             speed,
+            weights,
+            pool_weights,
             queued,
             tenant_queued,
             total,
@@ -192,6 +209,13 @@ class Metrics:
             "dsrouter_broadcasts",
             "Control broadcasts by route and outcome",
             ["route", "outcome"],
+            registry=r,
+        )
+        self.refits = Counter(
+            "dsrouter_refits",
+            "Weight changes of the pool by result: success, partial (some workers confirmed, "
+            "the rest are stale) or failed",
+            ["result"],
             registry=r,
         )
         self.restarts = Counter(

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 
 import trio
 
+from dsrouter import tracing
 from dsrouter.config import Config
 from dsrouter.launcher import LaunchError
 from dsrouter.launcher.plan import plan_pool
@@ -34,6 +35,11 @@ async def check(config: Config, source: str, environ: Mapping[str, str] | None =
         await trio.socket.getaddrinfo(host, config.server.port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         problems.append(f"{source}: server.host: cannot resolve {host!r}: {exc.strerror}")
+    if config.tracing.endpoint and not tracing.available():
+        problems.append(
+            f"{source}: tracing.endpoint: set, but the OpenTelemetry packages are not "
+            "installed: pip install 'dsrouter[tracing]'"
+        )
     if config.launcher.num_workers and config.launcher.backend == "local":
         try:
             await plan_pool(config.launcher, environ)

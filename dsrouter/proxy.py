@@ -52,6 +52,7 @@ from dsrouter.registry import (
 )
 from dsrouter.routes import Route
 from dsrouter.tenants import OverLimit, Quotas, Tenant
+from dsrouter.tracing import RequestTrace
 from dsrouter.units import KiB, MiB
 from dsrouter.workers_http import InvalidRequest, UpstreamError, UpstreamResponse
 
@@ -117,6 +118,8 @@ class Exchange:
     suspects: list[tuple[Worker, str, str]] = attrs.Factory(list)
     """Failures of this request not yet charged to their workers: (worker, kind, error).
     See `Proxy._judge`."""
+    trace: RequestTrace | None = None
+    """Its spans while tracing is on; None (and never looked at further) when off."""
 
     @property
     def method(self) -> str:
@@ -225,6 +228,26 @@ class Proxy:
         )
         record.tenant = tenant.name
         exchange = Exchange(scope, send, record, route, body, headers, tenant)
+        tracing = self.context.tracing
+        if not tracing.enabled:
+            await self._serve(exchange, receive, length, content_length)
+            return
+        trace = exchange.trace = tracing.request(
+            scope["method"], scope["path"], record.route, headers, record
+        )
+        try:
+            await self._serve(exchange, receive, length, content_length)
+        finally:
+            trace.finish(record, body.received)
+
+    async def _serve(
+        self,
+        exchange: Exchange,
+        receive: Receive,
+        length: bytes | None,
+        content_length: int | None,
+    ) -> None:
+        body, headers, record = exchange.body, exchange.headers, exchange.record
         if length is not None and b"transfer-encoding" in headers:
             # RFC 9112 6.3: a request with both is a smuggling attempt or a broken client;
             # which length the worker would believe is anyone's guess.
@@ -428,14 +451,22 @@ class Proxy:
         last_error: UpstreamFailed | None = None
         max_attempts = self.config.routing.max_attempts
         learn = route.kind == routes.CREATE
+        trace = exchange.trace
         while True:
             asked_at = trio.current_time()
+            waiting_since = 0 if trace is None else trace.now_ns()
             try:
                 lease = await self.registry.acquire(accept, tried, cost, place)
             except NoWorkerAvailable:
                 if last_error is None:
                     raise
                 raise last_error from None
+            except QueueTimeout as exc:
+                if trace is not None:
+                    trace.queued(waiting_since, str(exc))
+                raise
+            if trace is not None and lease.queued:
+                trace.queued(waiting_since)
             worker = lease.worker
             exchange.record.waited.append((worker.display_id, trio.current_time() - asked_at))
             self.context.metrics.tenant_queue_wait.labels(place.tenant).observe(
@@ -514,8 +545,9 @@ class Proxy:
         (a plain-text 500 is how a worker says a generation failed, often for the
         request's own reasons) count as neither.
         """
-        exchange.record.attempts += 1
-        exchange.record.worker = worker.display_id
+        record = exchange.record
+        record.attempts += 1
+        record.worker = worker.display_id
         log.debug(
             "%s %s: attempt %d on %s [%s]",
             exchange.method,
@@ -524,6 +556,20 @@ class Proxy:
             worker.display_id,
             exchange.request_id,
         )
+        trace = exchange.trace
+        if trace is None:
+            return await self._forward(exchange, worker, learn, watch_status, may_retry)
+        with trace.attempt(worker.url, worker.display_id, record.attempts):
+            sent_before = record.bytes_out
+            try:
+                return await self._forward(exchange, worker, learn, watch_status, may_retry)
+            finally:
+                trace.sent(exchange.body.received, record.bytes_out - sent_before)
+
+    async def _forward(
+        self, exchange: Exchange, worker: Worker, learn: bool, watch_status: bool, may_retry: bool
+    ) -> int:
+        """The exchange with the worker of one attempt (see `_attempt`)."""
         timeout = self._timeout(exchange.route)
         response: UpstreamResponse | None = None
         with trio.move_on_after(timeout) as deadline:
@@ -542,6 +588,8 @@ class Proxy:
             exchange.suspects.append((worker, "timeout", f"no answer within {timeout:g}s"))
             raise UpstreamFailed(504, f"Worker did not answer within {timeout:g}s ({worker.url})")
         status = response.status_code
+        if exchange.trace is not None:
+            exchange.trace.answered(status)
         try:
             if status in GATEWAY_FAILURES:
                 exchange.suspects.append((worker, f"status {status}", f"answered {status}"))
@@ -591,6 +639,8 @@ class Proxy:
         if not forward_auth:
             headers.extend(self.workers.auth(worker.api_key))
         headers.append((b"x-request-id", exchange.request_id.encode()))
+        if exchange.trace is not None:
+            headers = exchange.trace.propagate(headers)
         content = exchange.body.content()
         if not isinstance(content, bytes | None) and exchange.body.content_length is not None:
             headers.append((b"content-length", b"%d" % exchange.body.content_length))

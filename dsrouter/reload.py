@@ -56,7 +56,9 @@ RESTART_ONLY = (
     "server.max_header_kb",
     "logging.format",
     "realtime.max_message_mb",
+    "tracing",
 )
+"""Also `tracing`: the exporter, its thread and the sampler are built once, at start-up."""
 
 
 class Reloader:

@@ -12,6 +12,7 @@ names (`PoolControl.resolve_targets`).
 from __future__ import annotations
 
 import json
+from contextlib import AbstractContextManager
 from typing import Any
 
 from quart import Blueprint, Response, current_app, request
@@ -39,6 +40,15 @@ def request_id() -> str:
     return request.headers.get("x-request-id") or new_request_id()
 
 
+def client_trace() -> AbstractContextManager[None]:
+    """The spans of this call continue the caller's trace (its `traceparent`), so a
+    trainer that traces sees its refit's broadcasts under its own span."""
+    headers = request.headers
+    return control().context.tracing.continue_trace(
+        headers.get("traceparent"), headers.get("tracestate")
+    )
+
+
 @bp.errorhandler(ControlError)
 async def _control_error(exc: ControlError) -> tuple[Response, int]:
     return error(exc.status, str(exc))
@@ -46,9 +56,11 @@ async def _control_error(exc: ControlError) -> tuple[Response, int]:
 
 def _weight_route(path: str) -> None:
     async def handler() -> Any:
-        status, answer = await control().change_weights(
-            path, await request.get_data(), request_id(), request.headers.get(TARGET_HEADER)
-        )
+        body = await request.get_data()
+        with client_trace():
+            status, answer = await control().change_weights(
+                path, body, request_id(), request.headers.get(TARGET_HEADER)
+            )
         return answer, status
 
     handler.__name__ = "weights_" + path.strip("/").replace("/", "_")
@@ -58,21 +70,27 @@ def _weight_route(path: str) -> None:
 def _read_route(path: str, method: str) -> None:
     async def handler() -> Any:
         pool = control()
-        async with pool.registry.control_lock:
-            workers = pool.resolve_targets(request.headers.get(TARGET_HEADER))
-            if workers is None:
-                workers = [w for w in pool.registry.workers() if active(w)]
-            if not workers:
-                raise no_active_workers(pool.registry.workers())
-            body = (await request.get_data() or b"{}") if method == "POST" else None
-            results = await pool.broadcast(workers, method, path, body, request_id())
-        answer: dict[str, Any] = {"results": results}
-        if path == "/get_weights_checksum":
-            answer["consistent"] = _checksums_agree(results)
-        return answer
+        with client_trace():
+            return await _read(pool, path, method)
 
     handler.__name__ = "read_" + path.strip("/").replace("/", "_")
     bp.add_url_rule(path, view_func=handler, methods=[method])
+
+
+async def _read(pool: PoolControl, path: str, method: str) -> dict[str, Any]:
+    """A weight read (checksums, LoRA list) from every active worker or the named ones."""
+    async with pool.registry.control_lock:
+        workers = pool.resolve_targets(request.headers.get(TARGET_HEADER))
+        if workers is None:
+            workers = [w for w in pool.registry.workers() if active(w)]
+        if not workers:
+            raise no_active_workers(pool.registry.workers())
+        body = (await request.get_data() or b"{}") if method == "POST" else None
+        results = await pool.broadcast(workers, method, path, body, request_id())
+    answer: dict[str, Any] = {"results": results}
+    if path == "/get_weights_checksum":
+        answer["consistent"] = _checksums_agree(results)
+    return answer
 
 
 def _checksums_agree(results: list[dict[str, Any]]) -> bool:
@@ -91,9 +109,13 @@ _read_route("/v1/list_loras", "GET")
 
 @bp.post("/release_memory_occupation")
 async def release_memory() -> Any:
-    return await control().release(await request.get_data(), request_id())
+    body = await request.get_data()
+    with client_trace():
+        return await control().release(body, request_id())
 
 
 @bp.post("/resume_memory_occupation")
 async def resume_memory() -> Any:
-    return await control().resume(await request.get_data(), request_id())
+    body = await request.get_data()
+    with client_trace():
+        return await control().resume(body, request_id())

@@ -58,7 +58,7 @@ class PoolAsleep(Exception):
 class Lease:
     """One request's claim on a worker. Released exactly once, however the request ends."""
 
-    __slots__ = ("_dispatcher", "cost", "released", "session", "trial", "worker")
+    __slots__ = ("_dispatcher", "cost", "queued", "released", "session", "trial", "worker")
 
     def __init__(self, dispatcher: Dispatcher, worker: Worker, cost: float) -> None:
         self._dispatcher = dispatcher
@@ -69,6 +69,8 @@ class Lease:
         """True when this request is the half-open breaker's one trial."""
         self.session = False
         """True when this lease holds the worker's realtime slot (`lease_session`)."""
+        self.queued = False
+        """True when the request waited in the router queue for it (a trace's queue span)."""
 
     def release(self) -> None:
         if not self.released:
@@ -229,6 +231,7 @@ class Dispatcher:
         if waiter.lease is None:
             self._leave_queue(waiter)
             raise QueueTimeout(f"No worker became free within {self.routing.queue_timeout_s:g}s")
+        waiter.lease.queued = True
         return waiter.lease
 
     def lease_worker(self, worker: Worker, cost: float = 0.0) -> Lease:

@@ -180,6 +180,11 @@ async def sim_state(worker: SimWorker, request: Request) -> Response:
     return json_response(200, worker.state())
 
 
+async def sim_traces(worker: SimWorker, request: Request) -> Response:
+    """The trace headers of the last requests, oldest first (test aid, never proxied)."""
+    return json_response(200, {"requests": list(worker.trace_headers)})
+
+
 async def sim_faults(worker: SimWorker, request: Request) -> Response:
     try:
         changes = json.loads(await request.read() or b"{}")
@@ -225,6 +230,7 @@ ROUTES: dict[tuple[str, str], Handler] = {
     ("GET", "/v1/list_loras"): control.list_loras,
     ("GET", "/_sim/state"): sim_state,
     ("POST", "/_sim/faults"): sim_faults,
+    ("GET", "/_sim/traces"): sim_traces,
 }
 _JOB = re.compile(r"^/v1/(videos|meshes)/([^/]+)(/content)?$")
 _IMAGE = re.compile(r"^/v1/images/([^/]+)/content$")
@@ -323,6 +329,10 @@ class SimApp:
         await realtime.serve(worker, scope, receive, send)
 
 
+def _latin1(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("latin-1")
+
+
 def _as_parsed_by_httptools(scope: Scope) -> Scope:
     """The path a real worker routes by: uvicorn's httptools parser reduces an
     absolute-form target (`http://host/path`) to its path and drops a `#fragment`, so the
@@ -342,6 +352,15 @@ async def _serve_one(worker: SimWorker, request: Request, send: Send) -> None:
     if counted:
         worker.in_flight += 1
         worker.requests_total += 1
+        headers = dict(request.scope["headers"])
+        worker.trace_headers.append(
+            {
+                "method": request.method,
+                "path": path,
+                "traceparent": _latin1(headers.get(b"traceparent")),
+                "tracestate": _latin1(headers.get(b"tracestate")),
+            }
+        )
         if worker.faults.exit_after is not None:
             worker.faults.exit_after -= 1
             dies = worker.faults.exit_after <= 0

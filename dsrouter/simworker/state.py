@@ -13,7 +13,7 @@ import math
 import random
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -161,6 +161,9 @@ class SimWorker:
     """A realtime WebSocket session runs (one at a time, as on a real worker)."""
     realtime_freed: trio.Event = attrs.Factory(trio.Event)
     realtime: RealtimeLog = attrs.Factory(RealtimeLog)
+    trace_headers: deque[dict[str, str | None]] = attrs.Factory(lambda: deque(maxlen=64))
+    """The W3C trace headers of the last requests (`GET /_sim/traces`), so tests can see
+    what a router propagated; a real worker only passes them to its own tracing."""
 
     @classmethod
     def create(cls, options: SimOptions, port: int, nursery: trio.Nursery) -> SimWorker:

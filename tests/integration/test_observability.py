@@ -106,6 +106,19 @@ async def test_dashboard_and_alerts_use_only_metrics_a_live_router_exports(
             scrape = await http.get(f"{router.url}/metrics")
             nursery.cancel_scope.cancel()
 
+    # The weight panels: the refit's version for the pool and the worker that still serves.
+    samples = {f.name: f.samples for f in text_string_to_metric_families(scrape.text)}
+    assert [s.labels for s in samples["dsrouter_pool_weight_version"]] == [
+        {"version": "sim/step-1"}
+    ]
+    versions = {
+        s.labels["worker"]: s.labels["version"] for s in samples["dsrouter_worker_weight_version"]
+    }
+    assert versions[workers[0].url.removeprefix("http://")] == "sim/step-1"
+    refits = {
+        s.labels["result"]: s.value for s in samples["dsrouter_refits"] if s.name.endswith("_total")
+    }
+    assert refits == {"success": 1.0}
     series = exported(scrape.text)
     missing = {
         name: labels - TARGET_LABELS
