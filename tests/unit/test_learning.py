@@ -62,6 +62,39 @@ def test_a_worker_looks_far_from_the_pool_median_only_after_many_consistent_samp
     assert spu == pytest.approx(0.001, rel=0.1)
 
 
+def test_a_new_worker_four_times_faster_than_the_pool_shows_it_after_one_request() -> None:
+    speed = SpeedEstimate()
+    speed.observe(BIG, 0.005 + 0.025 * BIG, PRIOR, now=0.0)
+    spu, _ = speed.effective(PRIOR, now=0.0)
+    assert spu == pytest.approx(0.025, rel=0.1)
+
+
+def test_an_early_outlier_counts_as_one_sample_of_the_average() -> None:
+    speed = SpeedEstimate()
+    speed.observe(BIG, 1000 * 0.1 * BIG, PRIOR, now=0.0)  # a first sample 1000x off
+    for _ in range(2):
+        speed.observe(BIG, 0.005 + 0.1 * BIG, PRIOR, now=0.0)
+    spu, _ = speed.effective(PRIOR, now=0.0)
+    assert 0.1 < spu < 0.1 * 1.6
+    for _ in range(6):
+        speed.observe(BIG, 0.005 + 0.1 * BIG, PRIOR, now=0.0)
+    spu, _ = speed.effective(PRIOR, now=0.0)
+    assert spu == pytest.approx(0.1, rel=0.1)
+
+
+def test_tiny_requests_do_not_use_up_the_fast_start_of_the_per_unit_time() -> None:
+    """A tiny warm-up is evidence about the overhead only: the first real request still
+    counts as the first sample of the per-unit time."""
+    speed = SpeedEstimate()
+    for _ in range(8):
+        speed.observe(TINY, 0.005, PRIOR, now=0.0)
+    assert speed.unsure(now=0.0)
+    speed.observe(BIG, 0.005 + 0.025 * BIG, PRIOR, now=0.0)
+    spu, overhead = speed.effective(PRIOR, now=0.0)
+    assert spu == pytest.approx(0.025, rel=0.1)
+    assert overhead == pytest.approx(0.005, rel=0.2)
+
+
 def test_a_speed_change_is_followed_within_a_few_requests() -> None:
     for factor in (4.0, 0.25):
         speed = trained(0.1)
