@@ -137,11 +137,23 @@ async def test_an_idle_unsure_worker_gets_a_request_that_would_wait_elsewhere() 
     clock = Clock()
     registry = pool(2, clock)
     known, fresh = registry.workers()
-    learn(known, 0.01)
-    learn(fresh, 10.0)  # looks a thousand times slower
-    fresh.speed.samples = 0.0  # but on no evidence
+    learn(known, 1.0)
+    learn(fresh, 3.0)  # 3 s for the request; known finishes it at 2 s, after its backlog
+    fresh.speed.samples = 1.0  # but on little evidence
     registry.lease_worker(known, 1.0)
     assert (await registry.acquire(cost=1.0)).worker is fresh
+
+
+async def test_an_unsure_worker_is_not_given_a_request_it_would_finish_far_later() -> None:
+    clock = Clock()
+    registry = pool(2, clock)
+    known, fresh = registry.workers()
+    learn(known, 1.0)
+    learn(fresh, 4.5)  # 4.5 s for the request, more than twice known's 2 s
+    fresh.speed.samples = 1.0
+    registry.lease_worker(known, 1.0)
+    assert fresh.speed.unsure(clock.now)
+    assert (await registry.acquire(cost=1.0)).worker is known
 
 
 async def test_a_long_idle_worker_gets_work_that_would_wait_elsewhere() -> None:
