@@ -5,13 +5,18 @@ megapixel-steps, see `cost.py`). The overhead is what every request pays whateve
 (network, HTTP, encoding); without it, a warm-up of 16x16 one-step requests divided a few
 milliseconds by a near-zero cost and made a worker look a thousand times slower than it is.
 
-Learning is a robust regression in log space with bounded memory (two numbers and a count):
-each sample's ratio of measured to predicted time is clipped to within `CLIP` (so one outlier
-moves nothing far, the first sample included), and its log is shared between the two terms
-by how much of the predicted time each explains. A sample whose cost is small next to the
-overhead moves the overhead, not the per-unit time; a big one moves the per-unit time. The
-gain is large for the first samples and `ALPHA` after, so a worker that slows down or speeds
-up is followed within a few requests.
+Learning is a robust regression in log space with bounded memory (two numbers and two
+counts): each sample's ratio of measured to predicted time is clipped to within `CLIP` (so
+one outlier moves nothing far, the first sample included), and its log is shared between the
+two terms by how much of the predicted time each explains. A sample whose cost is small next
+to the overhead moves the overhead, not the per-unit time; a big one moves the per-unit time.
+
+Each term's gain follows its own evidence: a running average (1/n) over its first samples,
+then `ALPHA`. A worker that joins a pool four times faster than the median therefore shows
+its speed after its first real request instead of after five, while one outlier still moves
+it at most `CLIP` and counts as one sample of the average (two consistent samples after it
+leave it within 1.6x). Later, the fixed `ALPHA` follows a worker that slows down or speeds up
+within a few requests.
 
 Read through `Prior`: an estimate starts from the pool's (a worker's first sample updates the
 pool's figures, not nothing), may stray from the pool's median per-unit time only by a factor
@@ -30,7 +35,8 @@ import attrs
 CLIP = math.log(4.0)
 """A sample moves the estimate as if it were at most 4x off the prediction."""
 ALPHA = 0.3
-"""The gain once a worker has a few samples: a 4x change is within 1.3x after 5 requests."""
+"""The gain once a term has about 1 / ALPHA - 1 samples (the running average's 1/n is no
+larger): a 4x change is within 1.3x after 5 requests."""
 DEFAULT_OVERHEAD_S = 0.05
 """The fixed time per request assumed before any worker has taught otherwise."""
 AGE_S = 120.0
@@ -61,6 +67,8 @@ class SpeedEstimate:
     samples: float = 0.0
     """Evidence about the per-unit time: each sample counts by the share of its time that
     the work explains (a tiny request counts for almost nothing)."""
+    overhead_samples: float = 0.0
+    """Evidence about the overhead: the rest of each sample's share."""
     updated_at: float = -math.inf
     seconds_per_unit: float | None = None
     """The worker's own learnt figure (operators read it: `/workers`, metrics)."""
@@ -75,10 +83,12 @@ class SpeedEstimate:
         work = spu * cost
         share = work / (work + overhead)
         ratio = min(max(math.log(seconds / (work + overhead)), -CLIP), CLIP)
-        gain = max(ALPHA, 1.0 / (self.samples + 2.0))
-        self.log_seconds_per_unit = log_spu + gain * share * ratio
-        self.log_overhead = log_over + gain * (1.0 - share) * ratio
-        self.samples = self._aged_samples(now) + share
+        weight = _decay(now - self.updated_at)
+        samples, overhead_samples = self.samples * weight, self.overhead_samples * weight
+        self.log_seconds_per_unit = log_spu + _gain(samples, share) * share * ratio
+        self.log_overhead = log_over + _gain(overhead_samples, 1.0 - share) * (1.0 - share) * ratio
+        self.samples = samples + share
+        self.overhead_samples = overhead_samples + 1.0 - share
         self.updated_at = now
         self.seconds_per_unit = math.exp(self.log_seconds_per_unit)
         self.overhead_s = math.exp(self.log_overhead)
@@ -102,6 +112,13 @@ class SpeedEstimate:
         bound = math.log(min(BOUND * 2.0 ** (self.samples * weight / BOUND_SAMPLES), MAX_BOUND))
         log_spu = min(max(log_spu, pool_spu - bound), pool_spu + bound)
         return math.exp(log_spu), math.exp(log_over)
+
+
+def _gain(samples: float, evidence: float) -> float:
+    """The step towards a sample carrying `evidence` (0-1) for a term that has `samples`:
+    a running average of the evidence so far (1 for the first whole sample), never below
+    `ALPHA`, so the pool's prior counts for nothing once the worker has evidence of its own."""
+    return max(ALPHA, min(1.0, 1.0 / (samples + max(evidence, 1e-9))))
 
 
 def _decay(age: float) -> float:

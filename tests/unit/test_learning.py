@@ -62,6 +62,39 @@ def test_a_worker_looks_far_from_the_pool_median_only_after_many_consistent_samp
     assert spu == pytest.approx(0.001, rel=0.1)
 
 
+def test_a_new_worker_four_times_faster_than_the_pool_shows_it_after_one_request() -> None:
+    speed = SpeedEstimate()
+    speed.observe(BIG, 0.005 + 0.025 * BIG, PRIOR, now=0.0)
+    spu, _ = speed.effective(PRIOR, now=0.0)
+    assert spu == pytest.approx(0.025, rel=0.1)
+
+
+def test_an_early_outlier_counts_as_one_sample_of_the_average() -> None:
+    speed = SpeedEstimate()
+    speed.observe(BIG, 1000 * 0.1 * BIG, PRIOR, now=0.0)  # a first sample 1000x off
+    for _ in range(2):
+        speed.observe(BIG, 0.005 + 0.1 * BIG, PRIOR, now=0.0)
+    spu, _ = speed.effective(PRIOR, now=0.0)
+    assert 0.1 < spu < 0.1 * 1.6
+    for _ in range(6):
+        speed.observe(BIG, 0.005 + 0.1 * BIG, PRIOR, now=0.0)
+    spu, _ = speed.effective(PRIOR, now=0.0)
+    assert spu == pytest.approx(0.1, rel=0.1)
+
+
+def test_tiny_requests_do_not_use_up_the_fast_start_of_the_per_unit_time() -> None:
+    """A tiny warm-up is evidence about the overhead only: the first real request still
+    counts as the first sample of the per-unit time."""
+    speed = SpeedEstimate()
+    for _ in range(8):
+        speed.observe(TINY, 0.005, PRIOR, now=0.0)
+    assert speed.unsure(now=0.0)
+    speed.observe(BIG, 0.005 + 0.025 * BIG, PRIOR, now=0.0)
+    spu, overhead = speed.effective(PRIOR, now=0.0)
+    assert spu == pytest.approx(0.025, rel=0.1)
+    assert overhead == pytest.approx(0.005, rel=0.2)
+
+
 def test_a_speed_change_is_followed_within_a_few_requests() -> None:
     for factor in (4.0, 0.25):
         speed = trained(0.1)
@@ -104,11 +137,23 @@ async def test_an_idle_unsure_worker_gets_a_request_that_would_wait_elsewhere() 
     clock = Clock()
     registry = pool(2, clock)
     known, fresh = registry.workers()
-    learn(known, 0.01)
-    learn(fresh, 10.0)  # looks a thousand times slower
-    fresh.speed.samples = 0.0  # but on no evidence
+    learn(known, 1.0)
+    learn(fresh, 3.0)  # 3 s for the request; known finishes it at 2 s, after its backlog
+    fresh.speed.samples = 1.0  # but on little evidence
     registry.lease_worker(known, 1.0)
     assert (await registry.acquire(cost=1.0)).worker is fresh
+
+
+async def test_an_unsure_worker_is_not_given_a_request_it_would_finish_far_later() -> None:
+    clock = Clock()
+    registry = pool(2, clock)
+    known, fresh = registry.workers()
+    learn(known, 1.0)
+    learn(fresh, 4.5)  # 4.5 s for the request, more than twice known's 2 s
+    fresh.speed.samples = 1.0
+    registry.lease_worker(known, 1.0)
+    assert fresh.speed.unsure(clock.now)
+    assert (await registry.acquire(cost=1.0)).worker is known
 
 
 async def test_a_long_idle_worker_gets_work_that_would_wait_elsewhere() -> None:
