@@ -57,15 +57,40 @@ the best prediction."""
 EXPLORE_SLACK = 2.0
 
 
+OVERRUN_FLOOR = 0.25
+"""A running request past its prediction counts as at least this share of it still to go:
+the worker has not finished, and may be slower than believed."""
+
+
 def predicted_finish(worker: Worker, cost: float, prior: Prior, now: float) -> float:
     """Seconds until `worker` would finish a request of `cost` taken now: its remaining
     backlog plus this request's time (what least-work ranks by; see `LeastWork`)."""
     spu, overhead = worker.speed.effective(prior, now)
     finish = overhead + cost * spu
     if worker.in_flight:
-        backlog = worker.in_flight * overhead + worker.outstanding_cost * spu
-        finish += abs(backlog - (now - worker.work_started_at))
+        finish += remaining_work(worker, spu, overhead, now)
     return finish
+
+
+def remaining_work(worker: Worker, spu: float, overhead: float, now: float) -> float:
+    """Seconds of work `worker` has left, predicted with `spu` and `overhead`.
+
+    Only the running request (the oldest, `Worker.running_cost`) has made progress: the
+    time since it began comes off its own prediction, never off the requests behind it.
+    Until that prediction is reached it is trusted as it is. Past it, the running request
+    still has `OVERRUN_FLOOR` of it to go, or as long again as it has overrun; and the
+    overrun is evidence that the worker is slower than its estimate (which learns only
+    when a request completes), so the requests behind it are scaled by the same ratio.
+    Otherwise a worker whose first request at a new, slower speed overran would look
+    nearly free and keep receiving requests.
+    """
+    running = overhead + worker.running_cost * spu
+    queued = (worker.in_flight - 1) * overhead
+    queued += max(0.0, worker.outstanding_cost - worker.running_cost) * spu
+    elapsed = now - worker.work_started_at
+    if elapsed <= running:
+        return running - elapsed + queued
+    return max(elapsed - running, OVERRUN_FLOOR * running) + queued * elapsed / running
 
 
 class LeastWork:
@@ -76,10 +101,10 @@ class LeastWork:
     per-unit time x the cost (`speed.SpeedEstimate.effective`). The backlog shrinks while
     the worker runs: a worker halfway through a long job is closer to free than one that just
     took it (the worker runs its requests one at a time, and `work_started_at` is when the
-    current one began). Once a worker overruns its prediction the backlog grows again with
-    the overrun: a hung or suddenly slow worker must not look free. Ties go to the worker
-    with fewer requests in flight, then rotate. Above `SAMPLE_ABOVE` candidates it compares
-    a random sample (see `_sample`).
+    current one began). A worker that overruns its prediction does not look free: its
+    backlog grows with the overrun (`remaining_work`). Ties go to the worker with fewer
+    requests in flight, then rotate. Above `SAMPLE_ABOVE` candidates it compares a random
+    sample (see `_sample`).
 
     Exploration: predictions are only as good as the evidence, and a worker nobody sends
     work to never corrects a wrong one. So when the best choice is busy (the request would

@@ -15,8 +15,8 @@ Who assigns which `Worker` field (one file each, `worker.py` only defines them):
   `quarantined_by_operator`, `opened_at`, `half_open_after`, `tripped_by_requests`,
   `trial_in_flight`, and `last_error`, which `weights.py` also sets when a refit fails.
 - `dispatch.py` (`Dispatcher`, the router queue and leases): `in_flight`,
-  `realtime_sessions`, `requests_total`, `outstanding_cost`, `work_started_at`,
-  `last_completion_at`, `speed`.
+  `realtime_sessions`, `requests_total`, `outstanding_cost`, `lease_costs`,
+  `work_started_at`, `last_completion_at`, `speed`.
 - `weights.py` (`PoolWeights`, versions and sleep): `weights`, `stale`, `sleeping`.
 
 The parts talk through the `Registry` that builds them: a health transition

@@ -135,7 +135,8 @@ class _Waiter:
 
 class Dispatcher:
     """Owns the router queue and each worker's load: `in_flight`, `requests_total`,
-    `outstanding_cost`, `work_started_at`, and the speed learnt from completed requests."""
+    `outstanding_cost`, `lease_costs`, `work_started_at`, and the speed learnt from
+    completed requests."""
 
     def __init__(
         self,
@@ -242,6 +243,7 @@ class Dispatcher:
         worker.requests_total += 1
         worker.outstanding_cost += cost
         lease = Lease(self, worker, cost)
+        worker.lease_costs[id(lease)] = cost
         lease.trial = self._breaker.begin_trial(worker)
         return lease
 
@@ -346,6 +348,7 @@ class Dispatcher:
         if lease.session:
             worker.realtime_sessions -= 1
         worker.outstanding_cost = max(0.0, worker.outstanding_cost - lease.cost)
+        del worker.lease_costs[id(lease)]
         worker.work_started_at = self._clock()
         assert worker.in_flight >= 0, "lease released twice"
         if lease.trial:

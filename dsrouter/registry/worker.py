@@ -118,6 +118,14 @@ class Worker:
     work_started_at: float = 0.0
     """When the request at the head of this worker's FIFO began (predicted): set when the
     worker takes a request while idle and whenever one of its requests ends."""
+    lease_costs: dict[int, float] = attrs.Factory(dict)
+    """The estimated cost of each request in flight, by lease, oldest first: the worker runs
+    them in that order, so the first is the one running since `work_started_at`."""
+
+    @property
+    def running_cost(self) -> float:
+        """The estimated cost of the request this worker is running (0 when idle)."""
+        return next(iter(self.lease_costs.values()), 0.0)
 
     @property
     def state(self) -> str:

@@ -6,7 +6,7 @@ import trio.testing
 
 from dsrouter.config import CostConfig, HealthConfig, ModelCost, RoutingConfig
 from dsrouter.cost import CostModel
-from dsrouter.policies import LeastWork
+from dsrouter.policies import LeastWork, predicted_finish
 from dsrouter.registry import (
     NoWorkerAvailable,
     ProbeOutcome,
@@ -127,6 +127,45 @@ async def test_least_work_counts_the_progress_of_the_running_job() -> None:
     clock.now = 30.0
     # both overran their estimates: the one overrunning by more (a, 20 s) looks busier
     assert (await registry.acquire(cost=1.0)).worker is b
+
+
+async def test_a_worker_overrunning_its_running_request_does_not_look_free() -> None:
+    clock = Clock()
+    registry = pool(2, clock)
+    busy, slow = registry.workers()
+    learn(busy, 1.0)
+    learn(slow, 3.0)
+    for _ in range(3):
+        registry.lease_worker(busy, 1.0)
+    clock.now = 3.0
+    # busy's first request (predicted ~1 s) has run 3 s and two more wait behind it: the
+    # time spent is not progress through those two, and they will likely run slow too
+    assert (await registry.acquire(cost=1.0)).worker is slow
+
+
+def test_requests_not_yet_started_always_count_in_full() -> None:
+    registry = pool(1, Clock())
+    (worker,) = registry.workers()
+    learn(worker, 1.0)
+    prior = Prior(1.0, 0.05)
+    registry.lease_worker(worker, 2.0)
+    registry.lease_worker(worker, 1.0)
+    registry.lease_worker(worker, 1.0)
+    for elapsed in (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 10.0):
+        # the two 1-unit requests behind the running one: at least 2 s whatever has elapsed
+        assert predicted_finish(worker, 0.0, prior, elapsed) >= 2.0, elapsed
+
+
+def test_the_oldest_request_in_flight_is_the_one_running() -> None:
+    clock = Clock()
+    registry = pool(1, clock)
+    (worker,) = registry.workers()
+    first = registry.lease_worker(worker, 4.0)
+    registry.lease_worker(worker, 1.0)
+    assert worker.running_cost == 4.0
+    clock.now = 4.0
+    first.release()
+    assert worker.running_cost == 1.0 and worker.work_started_at == 4.0
 
 
 def test_observe_discounts_time_spent_behind_the_previous_request() -> None:
