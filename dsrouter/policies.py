@@ -90,6 +90,8 @@ def remaining_work(worker: Worker, spu: float, overhead: float, now: float) -> f
     elapsed = now - worker.work_started_at
     if elapsed <= running:
         return running - elapsed + queued
+    if running <= 0.0:  # a prediction that underflowed to nothing gives no ratio to scale by
+        return elapsed + queued
     return max(elapsed - running, OVERRUN_FLOOR * running) + queued * elapsed / running
 
 

@@ -6,7 +6,7 @@ import trio.testing
 
 from dsrouter.config import CostConfig, HealthConfig, ModelCost, RoutingConfig
 from dsrouter.cost import CostModel
-from dsrouter.policies import LeastWork, predicted_finish
+from dsrouter.policies import LeastWork, predicted_finish, remaining_work
 from dsrouter.registry import (
     NoWorkerAvailable,
     ProbeOutcome,
@@ -332,3 +332,13 @@ async def test_no_worker_at_all_fails_at_once() -> None:
     with pytest.raises(NoWorkerAvailable):
         await registry.acquire()
     assert math.isfinite(registry.routing.queue_timeout_s)
+
+
+def test_remaining_work_of_a_request_predicted_at_nothing_is_its_elapsed_time() -> None:
+    clock = Clock()
+    registry = pool(1, clock)
+    (worker,) = registry.workers()
+    registry.lease_worker(worker, 0.0)
+    registry.lease_worker(worker, 0.0)
+    clock.now = 2.0
+    assert remaining_work(worker, 1.0, 0.0, clock.now) == 2.0
