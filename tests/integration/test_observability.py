@@ -17,7 +17,13 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.test_proxy import CONFIG, healthy, start_pool
-from tests.support import router_process, start_simworker, wait_until, worker_state
+from tests.support import (
+    routed_pool,
+    router_process,
+    start_simworker,
+    wait_until,
+    worker_state,
+)
 
 CONTRIB = Path(__file__).resolve().parents[2] / "contrib"
 ALERTS = CONTRIB / "prometheus" / "alerts.yml"
@@ -78,33 +84,32 @@ def test_the_rules_and_the_dashboard_select_by_known_labels_only() -> None:
     assert all(name.startswith("dsrouter_") or name in PROMETHEUS_SERIES for name in names)
 
 
+T2I = ("--task-type", "T2I", "--sec-per-mpx-step", "0")
+"""What `start_pool` gives each worker: image tasks, answered at once."""
+
+
 async def test_dashboard_and_alerts_use_only_metrics_a_live_router_exports(
     tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
-    async with trio.open_nursery() as nursery:
-        workers = await start_pool(nursery, ("--task-type", "T2I"), ("--task-type", "T2I"))
-        async with router_process(
-            ["--worker-urls", *[w.url for w in workers]], config=CONFIG, tmp_path=tmp_path
-        ) as router:
-            await healthy(http, router.url, 2)
-            for seed in range(4):
-                answer = await http.post(
-                    f"{router.url}/v1/images/generations",
-                    json={"prompt": "a fox", "size": "64x64", "seed": seed},
-                )
-                assert answer.status_code == 200
-            refit = await http.post(
-                f"{router.url}/update_weights_from_disk", json={"model_path": "sim/step-1"}
+    async with routed_pool(http, tmp_path, *[T2I] * 2, config=CONFIG) as router:
+        workers = router.workers
+        for seed in range(4):
+            answer = await http.post(
+                f"{router.url}/v1/images/generations",
+                json={"prompt": "a fox", "size": "64x64", "seed": seed},
             )
-            assert refit.status_code == 200
-            await workers[1].kill()
+            assert answer.status_code == 200
+        refit = await http.post(
+            f"{router.url}/update_weights_from_disk", json={"model_path": "sim/step-1"}
+        )
+        assert refit.status_code == 200
+        await workers[1].kill()
 
-            async def dead() -> bool:
-                return (await worker_state(http, router.url, workers[1].url))["state"] == "dead"
+        async def dead() -> bool:
+            return (await worker_state(http, router.url, workers[1].url))["state"] == "dead"
 
-            await wait_until(dead)
-            scrape = await http.get(f"{router.url}/metrics")
-            nursery.cancel_scope.cancel()
+        await wait_until(dead)
+        scrape = await http.get(f"{router.url}/metrics")
 
     # The weight panels: the refit's version for the pool and the worker that still serves.
     samples = {f.name: f.samples for f in text_string_to_metric_families(scrape.text)}
